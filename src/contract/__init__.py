@@ -1,0 +1,33 @@
+"""The contract between coordinator and workers: wire messages, errors, layer ranges.
+
+Coordinator and worker both import this package; neither imports the other.
+"""
+
+from contract.errors import (
+    ClusterError,
+    InvalidArgument,
+    KVCapacityExceeded,
+    NotLoaded,
+    OffsetMismatch,
+    SessionExists,
+    SessionNotFound,
+    WorkerUnavailable,
+)
+from contract.layers import LayerRange, split_evenly, split_by_counts
+from contract.rpc import CHANNEL_OPTIONS, PROTOCOL_VERSION
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "PROTOCOL_VERSION",
+    "ClusterError",
+    "InvalidArgument",
+    "KVCapacityExceeded",
+    "LayerRange",
+    "NotLoaded",
+    "OffsetMismatch",
+    "SessionExists",
+    "SessionNotFound",
+    "WorkerUnavailable",
+    "split_by_counts",
+    "split_evenly",
+]

@@ -1,0 +1,76 @@
+"""Half-open layer ranges [start, end) and simple ways to split a model into them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    """Layers [start, end) of a model with `total` layers."""
+
+    start: int
+    end: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= self.total:
+            raise ValueError(
+                f"layer range [{self.start}, {self.end}) is not inside a model "
+                f"of {self.total} layers"
+            )
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.total
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end})"
+
+
+def split_by_counts(counts: list[int], total: int) -> list[LayerRange]:
+    """Contiguous ranges holding counts[i] layers each, in order.
+
+    Raises:
+        ValueError: if a count is not positive or the counts do not sum to total.
+    """
+    if any(c <= 0 for c in counts) or sum(counts) != total:
+        raise ValueError(f"layer counts {counts} must be positive and sum to {total} layers")
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append(LayerRange(start, start + count, total))
+        start += count
+    return ranges
+
+
+def split_evenly(total: int, parts: int) -> list[LayerRange]:
+    """Split `total` layers into `parts` contiguous ranges; earlier parts get the extras."""
+    if parts <= 0 or parts > total:
+        raise ValueError(f"cannot split {total} layers into {parts} parts")
+    base, extra = divmod(total, parts)
+    return split_by_counts([base + (1 if i < extra else 0) for i in range(parts)], total)
+
+
+def check_coverage(ranges: list[LayerRange]) -> None:
+    """Raise ValueError unless the ranges cover every layer exactly once, in order."""
+    if not ranges:
+        raise ValueError("no layer ranges")
+    total = ranges[0].total
+    expected = 0
+    for r in ranges:
+        if r.total != total:
+            raise ValueError(f"range {r} is of a {r.total}-layer model, expected {total}")
+        if r.start != expected:
+            kind = "gap" if r.start > expected else "overlap"
+            raise ValueError(f"layer ranges have a {kind} at layer {expected}: next range is {r}")
+        expected = r.end
+    if expected != total:
+        raise ValueError(f"layer ranges end at {expected}, model has {total} layers")

@@ -1,0 +1,1 @@
+"""The coordinator: tokenizer, embedding and head, and the chain of workers between them."""

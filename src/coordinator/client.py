@@ -1,0 +1,173 @@
+"""The coordinator's handle on one worker: unary calls with deadlines, and Forward streams.
+
+gRPC statuses come back as contract errors naming the worker, so callers deal
+with one kind of failure whatever the transport said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import mlx.core as mx
+
+import tensor
+from contract.errors import ClusterError, InvalidArgument, error_from_status
+from contract.proto import layer_service_pb2 as pb
+from contract.proto import layer_service_pb2_grpc as pb_grpc
+from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESSION_DEADLINE_S
+
+R = TypeVar("R")
+
+
+@dataclass
+class HopTiming:
+    """Where the time of one step on one worker went (seconds)."""
+
+    encode: float = 0.0
+    round_trip: float = 0.0  # send to receive, worker compute included
+    compute: float = 0.0  # as the worker measured it
+    decode: float = 0.0
+
+
+class WorkerClient:
+    """Calls to one worker at `address`; `name` is filled in from Info."""
+
+    def __init__(self, address: str, name: str | None = None) -> None:
+        self.address = address
+        self.name = name or address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.LayerServiceStub(self._channel)
+        self.last_round_trip_s: float | None = None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, call: Callable[[], Awaitable[R]]) -> R:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_status(exc.code(), exc.details() or "", self.name) from exc
+
+    async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
+        started = time.perf_counter()
+        reply = await self._call(lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout))
+        self.last_round_trip_s = time.perf_counter() - started
+        if reply.name:
+            self.name = reply.name
+        return reply
+
+    async def wait_ready(self, timeout: float) -> pb.InfoResponse:
+        """Wait for the channel to connect, then return Info."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError as exc:
+            raise ClusterError(f"worker at {self.address} not reachable after {timeout:.0f} s") from exc
+        return await self.info()
+
+    async def load_layers(
+        self, model: str, start: int, end: int, kv_budget_tokens: int = 0
+    ) -> pb.LoadLayersResponse:
+        request = pb.LoadLayersRequest(
+            model=model, start=start, end=end, kv_budget_tokens=kv_budget_tokens
+        )
+        return await self._call(lambda: self._stub.LoadLayers(request, timeout=LOAD_DEADLINE_S))
+
+    async def open_session(self, session_id: str, reserve_tokens: int = 0) -> None:
+        request = pb.OpenSessionRequest(session_id=session_id, reserve_tokens=reserve_tokens)
+        await self._call(lambda: self._stub.OpenSession(request, timeout=SESSION_DEADLINE_S))
+
+    async def end_sessions(self, session_ids: list[str]) -> int:
+        request = pb.EndSessionRequest(session_ids=session_ids)
+        reply = await self._call(lambda: self._stub.EndSession(request, timeout=SESSION_DEADLINE_S))
+        return reply.ended
+
+    async def truncate_session(self, session_id: str, length: int) -> int:
+        request = pb.TruncateSessionRequest(session_id=session_id, length=length)
+        reply = await self._call(
+            lambda: self._stub.TruncateSession(request, timeout=SESSION_DEADLINE_S)
+        )
+        return reply.length
+
+    def open_stream(self, timeout: float | None = None) -> ForwardStream:
+        """A Forward stream for one generation; steps on it are answered in order."""
+        return ForwardStream(self, self._stub.Forward(timeout=timeout))
+
+
+class ForwardStream:
+    """One persistent bidirectional Forward stream: write a step, read its answer."""
+
+    def __init__(self, client: WorkerClient, call: grpc.aio.StreamStreamCall) -> None:
+        self._client = client
+        self._call = call
+        self._step_id = 0
+
+    async def step(
+        self,
+        session_ids: list[str],
+        hidden: mx.array,
+        offsets: list[int],
+        last_position_only: bool = False,
+        timing: HopTiming | None = None,
+    ) -> mx.array:
+        """Send hidden states [B, L, D] through the worker's layers; returns its output."""
+        t0 = time.perf_counter()
+        self._step_id += 1
+        request = pb.ForwardRequest(
+            step_id=self._step_id,
+            session_ids=session_ids,
+            offsets=offsets,
+            last_position_only=last_position_only,
+        )
+        tensor.encode(hidden, out=request.hidden)
+        t1 = time.perf_counter()
+        try:
+            await self._call.write(request)
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_status(exc.code(), exc.details() or "", self._client.name) from exc
+        if reply is grpc.aio.EOF:
+            raise await self._stream_error()
+        t2 = time.perf_counter()
+        if reply.step_id != self._step_id:
+            raise ClusterError(
+                f"worker {self._client.name}: answer to step {reply.step_id}, "
+                f"expected {self._step_id}"
+            )
+        try:
+            out = tensor.decode(reply.hidden)
+        except ValueError as exc:
+            raise InvalidArgument(f"worker {self._client.name} sent a bad tensor: {exc}") from exc
+        if timing is not None:
+            timing.encode += t1 - t0
+            timing.round_trip += t2 - t1
+            timing.compute += reply.compute_seconds
+            timing.decode += time.perf_counter() - t2
+        self._client.last_round_trip_s = t2 - t1 - reply.compute_seconds
+        return out
+
+    async def _stream_error(self) -> ClusterError:
+        code = await self._call.code()
+        details = await self._call.details()
+        return error_from_status(code, details or "stream closed", self._client.name)
+
+    async def close(self) -> None:
+        """Half-close and let the worker end the call; cancels it if it does not."""
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(self._drain(), 5.0)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            self._call.cancel()
+
+    async def _drain(self) -> None:
+        async for _ in _responses(self._call):
+            pass
+
+
+async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ForwardResponse]:
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        yield reply

@@ -1,0 +1,125 @@
+"""The coordinator's view of a running cluster: workers, their layers, the model's ends.
+
+`Cluster.start` connects to the workers, gives each its layers, loads the
+tokenizer and the embedding/norm/head, and checks that the slices chain up.
+`Cluster.generate` is the Python API the HTTP layer wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer
+
+import tensor
+from contract.errors import ClusterError, InvalidArgument
+from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
+from coordinator.client import WorkerClient
+from coordinator.generation import TextChunk, generate_text
+from coordinator.pipeline import Pipeline, Stage
+from coordinator.sampling import SamplingParams
+from models.slicing import ModelEdges, load_edges
+
+log = logging.getLogger(__name__)
+
+
+class Cluster:
+    """A model served by a chain of workers."""
+
+    def __init__(self, model: Path, pipeline: Pipeline, tokenizer: TokenizerWrapper) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.pipeline.stages
+
+    @classmethod
+    async def start(
+        cls,
+        model: Path,
+        addresses: Sequence[str],
+        layer_counts: Sequence[int] | None = None,
+        kv_budget_tokens: int = 0,
+        ready_timeout: float = 60.0,
+    ) -> Cluster:
+        """Connect to the workers (in chain order), load their slices and the model's ends.
+
+        Args:
+            model: a model directory every worker and the coordinator can read.
+            addresses: worker "host:port" addresses; the first gets the first layers.
+            layer_counts: layers per worker; default an even split.
+            kv_budget_tokens: each worker's KV budget in tokens; 0 = the worker's default.
+            ready_timeout: seconds to wait for each worker to answer.
+        """
+        if not addresses:
+            raise InvalidArgument("a cluster needs at least one worker")
+        clients = [WorkerClient(a) for a in addresses]
+        try:
+            await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
+            edges = await asyncio.to_thread(load_edges, model)
+            total = edges.num_layers
+            ranges = (
+                split_by_counts(list(layer_counts), total)
+                if layer_counts
+                else split_evenly(total, len(clients))
+            )
+            check_coverage(ranges)
+            stages = [Stage(c, r) for c, r in zip(clients, ranges, strict=True)]
+            await asyncio.gather(*(_load(s, model, kv_budget_tokens, edges) for s in stages))
+            tokenizer = await asyncio.to_thread(
+                load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
+            )
+        except BaseException:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            raise
+        return cls(model, Pipeline(edges, stages), tokenizer)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.client.close() for s in self.stages), return_exceptions=True)
+
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids for a prompt: text (optionally as a one-message chat) or ids as given."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return list(self.tokenizer.encode(prompt))
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        chat: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TextChunk]:
+        """Stream the completion of `prompt` as TextChunks; the last has finish_reason."""
+        tokens = self.encode(prompt, chat)
+        async for chunk in generate_text(self.pipeline, self.tokenizer, tokens, params, timeout):
+            yield chunk
+
+
+async def _load(stage: Stage, model: Path, kv_budget_tokens: int, edges: ModelEdges) -> None:
+    r: LayerRange = stage.layers
+    reply = await stage.client.load_layers(str(model), r.start, r.end, kv_budget_tokens)
+    info = reply.info
+    expected_dtype = tensor.dtype_name(edges.dtype)
+    if info.hidden_size != edges.hidden_size or info.dtype != expected_dtype:
+        raise ClusterError(
+            f"worker {stage.client.name} loaded hidden size {info.hidden_size} {info.dtype}, "
+            f"the model's embedding gives {edges.hidden_size} {expected_dtype}"
+        )
+    log.info(
+        "worker %s at %s holds layers %s (%.1f MB)",
+        stage.client.name,
+        stage.client.address,
+        r,
+        info.weight_bytes / 1e6,
+    )
+

@@ -1,0 +1,163 @@
+"""Generation through the pipeline: tokens as mlx-lm's generate_step makes them, then text.
+
+`generate_tokens` mirrors mlx-lm's `generate_step` step for step (prefill of all
+but the last prompt token in chunks, then one step per token, processors on
+the running token history, logprobs = logits - logsumexp), so the pipeline
+produces the tokens and logprobs single-process mlx-lm produces.
+`generate_text` adds streaming detokenization, stop strings, end-of-sequence
+and timing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from contract.errors import InvalidArgument
+from coordinator.pipeline import Pipeline, PipelineSession
+from coordinator.sampling import SamplingParams
+
+PREFILL_STEP_SIZE = 2048  # mlx-lm's default prompt chunk
+
+
+async def generate_tokens(
+    session: PipelineSession,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+) -> AsyncIterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic."""
+    if not prompt:
+        raise InvalidArgument("prompt must hold at least one token")
+    sampler, processors = params.sampler(), params.logits_processors()
+    pending = mx.array(list(prompt), dtype=mx.uint32)
+    history: mx.array | None = None
+    while pending.shape[0] > 1:
+        chunk = pending[: min(prefill_step_size, pending.shape[0] - 1)]
+        await session.forward(chunk)
+        history = chunk if history is None else mx.concatenate([history, chunk])
+        pending = pending[chunk.shape[0] :]
+    for step in range(params.max_tokens):
+        logits = await session.logits(pending)
+        if processors:
+            history = pending if history is None else mx.concatenate([history, pending])
+            for processor in processors:
+                logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        params.reseed(step)
+        token = sampler(logprobs)
+        yield int(token.item()), logprobs.squeeze(0)
+        pending = token.reshape(1).astype(mx.uint32)
+
+
+@dataclass
+class Performance:
+    """Timing of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # request start to first token
+    total_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode_s = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
+
+
+@dataclass
+class TextChunk:
+    """A piece of generated text; the last chunk has finish_reason set."""
+
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    performance: Performance | None = None  # on the last chunk
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; returns (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((self._overlap(s) for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def _overlap(self, stop: str) -> int:
+        for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+async def generate_text(
+    pipeline: Pipeline,
+    tokenizer: TokenizerWrapper,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    timeout: float | None = None,
+) -> AsyncIterator[TextChunk]:
+    """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens."""
+    started = time.perf_counter()
+    perf = Performance(prompt_tokens=len(prompt))
+    detokenizer = tokenizer.detokenizer
+    stops = StopMatcher(params.stop)
+    eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
+    finish, stopped = "length", False
+    async with pipeline.session(len(prompt) + params.max_tokens, timeout) as session:
+        async for token, logprobs in generate_tokens(session, prompt, params):
+            if perf.completion_tokens == 0:
+                perf.ttft_s = time.perf_counter() - started
+            perf.completion_tokens += 1
+            if token in eos:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            text, stopped = stops.feed(detokenizer.last_segment)
+            chunk = TextChunk(text, token, float(logprobs[token].item()))
+            if params.top_logprobs:
+                chunk.top_logprobs = _top(logprobs, params.top_logprobs)
+            yield chunk
+            if stopped:
+                finish = "stop"
+                break
+    tail = ""
+    if not stopped:  # text the detokenizer or the stop matcher still holds
+        detokenizer.finalize()
+        tail, stopped = stops.feed(detokenizer.last_segment)
+        tail += "" if stopped else stops.flush()
+        finish = "stop" if stopped else finish
+    perf.total_s = time.perf_counter() - started
+    yield TextChunk(tail, finish_reason=finish, performance=perf)
+
+
+def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    return [(int(i), float(v)) for i, v in zip(ids[order].tolist(), values[order].tolist(), strict=True)]

@@ -1,0 +1,71 @@
+"""Sampling parameters of a request, turned into mlx-lm's samplers and logits processors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from contract.errors import InvalidArgument
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int = 256  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    repetition_context_size: int = 20  # tokens the penalty looks back over
+    seed: int | None = None  # makes sampling reproducible per request
+    stop: tuple[str, ...] = ()  # stop strings, not included in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int = 0  # alternatives to report per token
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, "0 or more"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("repetition_context_size", self.repetition_context_size >= 1, "at least 1"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
+            ("stop", all(self.stop) and len(self.stop) <= 16, "up to 16 non-empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InvalidArgument(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+    def sampler(self) -> Sampler:
+        """mlx-lm's sampler for these parameters (argmax when temperature is 0)."""
+        top_p = self.top_p if self.top_p < 1.0 else 0.0
+        return make_sampler(self.temperature, top_p=top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        """mlx-lm's logits processors for these parameters."""
+        return make_logits_processors(
+            logit_bias=self.logit_bias or None,
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty != 1.0 else None,
+            repetition_context_size=self.repetition_context_size,
+        )
+
+    def reseed(self, step: int) -> None:
+        """Seed MLX's generator for one step of a seeded request.
+
+        MLX has one global generator; requests interleave on it. Seeding from
+        (seed, step) before each draw makes a seeded request's tokens depend on
+        nothing but its own seed, whatever runs beside it.
+        """
+        if self.seed is not None:
+            mx.random.seed((self.seed * 1_000_003 + step) % 2**63)

@@ -1,0 +1,153 @@
+"""Load only part of a model: a worker's layer slice, or the coordinator's ends.
+
+mlx-lm's `load_model(lazy=True)` maps every tensor without reading it. We keep
+the modules this process needs, drop the rest before anything is evaluated, and
+only then evaluate, so dropped weights are never read into memory (the idea of
+mlx-lm's own pipeline loading).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load_model
+
+from models.architecture import (
+    Architecture,
+    UnsupportedArchitecture,
+    architecture_of,
+    embed,
+    head,
+    inner_model,
+    run_layers,
+)
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def _activation_dtype(layer: nn.Module) -> mx.Dtype:
+    # Norm weights stay in the activation dtype even in quantized models.
+    params = dict(tree_flatten(layer.parameters()))
+    for name, value in params.items():
+        if "norm" in name and mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    for value in params.values():
+        if mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    raise UnsupportedArchitecture("decoder layer has no floating-point parameters")
+
+
+def _lazy_load(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path}: config.json is missing")
+    return load_model(path, lazy=True, strict=False)
+
+
+@dataclass
+class LayerSlice:
+    """Decoder layers [start, end) of one model, weights in memory, ready to run."""
+
+    path: Path
+    start: int
+    end: int
+    num_layers: int
+    hidden_size: int
+    dtype: mx.Dtype
+    layers: list[nn.Module]
+    cache_templates: list[Any] = field(repr=False)
+    weight_bytes: int = 0
+
+    def make_caches(self) -> list[Any]:
+        """Fresh, empty caches for this slice, of the kinds mlx-lm builds for these layers."""
+        return [copy.deepcopy(c) for c in self.cache_templates]
+
+    def __call__(self, hidden: mx.array, caches: list[Any]) -> mx.array:
+        return run_layers(self.layers, hidden, caches)
+
+
+def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
+    """Load decoder layers [start, end) of the mlx-lm model at `path`, and nothing else.
+
+    Raises:
+        ValueError: if the range is not inside the model (message has both numbers).
+        UnsupportedArchitecture: if the model cannot be split by layers.
+        FileNotFoundError: if `path` holds no model.
+    """
+    model, config = _lazy_load(path)
+    architecture_of(model)
+    inner = inner_model(model)
+    total = len(inner.layers)
+    if not 0 <= start < end <= total:
+        raise ValueError(f"layer range [{start}, {end}) is not inside a model of {total} layers")
+    make_cache = getattr(model, "make_cache", None)
+    templates = make_cache() if make_cache else [KVCache() for _ in range(total)]
+    layers = list(inner.layers[start:end])
+    del model, inner  # everything outside the slice goes before anything is read
+    holder = nn.Module()
+    holder.layers = layers
+    mx.eval(holder.parameters())
+    return LayerSlice(
+        path=path,
+        start=start,
+        end=end,
+        num_layers=total,
+        hidden_size=int(config["hidden_size"]),
+        dtype=_activation_dtype(layers[0]),
+        layers=layers,
+        cache_templates=list(templates[start:end]),
+        weight_bytes=_parameter_bytes(holder),
+    )
+
+
+@dataclass
+class ModelEdges:
+    """The coordinator's part of a model: embedding, final norm and LM head."""
+
+    path: Path
+    architecture: Architecture
+    model: nn.Module = field(repr=False)
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: mx.Dtype  # of the hidden states the embedding produces
+    config: dict[str, Any] = field(repr=False)
+    weight_bytes: int = 0
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token ids [B, L] -> hidden states [B, L, D]."""
+        return embed(self.model, self.architecture, tokens)
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """Hidden states [B, L, D] after the last layer -> logits [B, L, vocab]."""
+        return head(self.model, hidden)
+
+
+def load_edges(path: Path) -> ModelEdges:
+    """Load the embedding, final norm and LM head of the model at `path`; no layers."""
+    model, config = _lazy_load(path)
+    arch = architecture_of(model)
+    inner = inner_model(model)
+    total = len(inner.layers)
+    inner.layers = []
+    mx.eval(model.parameters())
+    probe = embed(model, arch, mx.zeros((1, 1), dtype=mx.uint32))
+    return ModelEdges(
+        path=path,
+        architecture=arch,
+        model=model,
+        num_layers=total,
+        hidden_size=int(config["hidden_size"]),
+        vocab_size=int(config.get("vocab_size") or inner.embed_tokens.weight.shape[0]),
+        dtype=probe.dtype,
+        config=config,
+        weight_bytes=_parameter_bytes(model),
+    )

@@ -1,0 +1,139 @@
+"""A worker's state: its loaded slice and its sessions, with the checks every call makes.
+
+Plain Python over MLX arrays; the servicer calls it from a single compute
+thread, so MLX work never runs concurrently and needs no locks.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from contract.errors import InvalidArgument, NotLoaded
+from models.slicing import LayerSlice, load_layer_slice
+from worker.capabilities import Capabilities
+from worker.compute import forward_rows
+from worker.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings a worker starts with."""
+
+    name: str
+    kv_budget_tokens: int = 65_536  # default total cached tokens when LoadLayers gives 0
+    session_ttl_s: float = 600.0  # sessions idle this long are evicted
+    max_batch: int = 64  # sessions in one Forward step
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    reloaded: bool
+    memory_used_bytes: int
+
+
+class WorkerRuntime:
+    """The loaded layers and the sessions that use them."""
+
+    def __init__(self, settings: WorkerSettings, capabilities: Capabilities) -> None:
+        self.settings = settings
+        self.capabilities = capabilities
+        self.model = ""
+        self.layer_slice: LayerSlice | None = None
+        self.sessions: SessionStore | None = None
+
+    # --- loading ---------------------------------------------------------------
+
+    def load(self, model: str, start: int, end: int, kv_budget_tokens: int) -> LoadResult:
+        """Load layers [start, end) of `model`; a new range frees the old one first."""
+        if not model:
+            raise InvalidArgument("model must name a model directory")
+        capacity = kv_budget_tokens or self.settings.kv_budget_tokens
+        current = self.layer_slice
+        if current and (self.model, current.start, current.end) == (model, start, end):
+            if self.sessions is not None:
+                self.sessions.capacity = capacity
+            return LoadResult(reloaded=False, memory_used_bytes=current.weight_bytes)
+        if end <= start:
+            raise InvalidArgument(f"layer range [{start}, {end}) is empty")
+        self.unload()
+        before = mx.get_active_memory()
+        try:
+            loaded = load_layer_slice(Path(model), start, end)
+        except (ValueError, FileNotFoundError) as exc:
+            raise InvalidArgument(str(exc)) from exc
+        self.model, self.layer_slice = model, loaded
+        self.sessions = SessionStore(capacity, loaded.make_caches, self.settings.session_ttl_s)
+        used = mx.get_active_memory() - before
+        log.info(
+            "loaded layers [%d, %d) of %s: %.1f MB of weights",
+            start,
+            end,
+            model,
+            loaded.weight_bytes / 1e6,
+        )
+        return LoadResult(reloaded=True, memory_used_bytes=max(used, loaded.weight_bytes))
+
+    def unload(self) -> None:
+        self.model, self.layer_slice, self.sessions = "", None, None
+        gc.collect()
+        mx.clear_cache()
+
+    def require_loaded(self) -> tuple[LayerSlice, SessionStore]:
+        if self.layer_slice is None or self.sessions is None:
+            raise NotLoaded("no layers loaded: call LoadLayers first")
+        return self.layer_slice, self.sessions
+
+    # --- stepping --------------------------------------------------------------
+
+    def forward(
+        self,
+        session_ids: list[str],
+        hidden: mx.array,
+        offsets: list[int],
+        last_position_only: bool,
+    ) -> mx.array:
+        """One step for several sessions: hidden [B, L, D] -> [B, L or 1, D]."""
+        layer_slice, store = self.require_loaded()
+        self._check_step_shape(layer_slice, session_ids, hidden, offsets)
+        new_tokens = hidden.shape[1]
+        sessions = [store.get(sid) for sid in session_ids]
+        for session, offset in zip(sessions, offsets, strict=True):
+            store.check_step(session, offset, new_tokens)
+        out = forward_rows(layer_slice, hidden, [s.caches for s in sessions], last_position_only)
+        for session in sessions:
+            store.advance(session, new_tokens)
+        return out
+
+    def _check_step_shape(
+        self, layer_slice: LayerSlice, session_ids: list[str], hidden: mx.array, offsets: list[int]
+    ) -> None:
+        if not session_ids:
+            raise InvalidArgument("a step needs at least one session id")
+        if len(session_ids) > self.settings.max_batch:
+            raise InvalidArgument(
+                f"{len(session_ids)} sessions in one step, at most {self.settings.max_batch}"
+            )
+        if len(set(session_ids)) != len(session_ids):
+            raise InvalidArgument("a step names the same session twice")
+        if len(offsets) != len(session_ids):
+            raise InvalidArgument(
+                f"{len(session_ids)} session ids but {len(offsets)} offsets"
+            )
+        expected = (len(session_ids), "L>=1", layer_slice.hidden_size)
+        if hidden.ndim != 3 or hidden.shape[0] != len(session_ids) or hidden.shape[1] < 1:
+            raise InvalidArgument(f"hidden states must be [B, L, D] = {expected}, got {hidden.shape}")
+        if hidden.shape[2] != layer_slice.hidden_size:
+            raise InvalidArgument(
+                f"hidden size must be {layer_slice.hidden_size}, got {hidden.shape[2]}"
+            )
+        if hidden.dtype != layer_slice.dtype:
+            raise InvalidArgument(
+                f"hidden states must be {layer_slice.dtype}, got {hidden.dtype}"
+            )

@@ -1,0 +1,165 @@
+"""The LayerService servicer: parse, validate, delegate to WorkerRuntime, serialize.
+
+Every MLX call (loading, decoding, layers, encoding) runs on one compute thread
+so the event loop stays free for Info, EndSession and other streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+import tensor
+from contract.errors import ClusterError, InvalidArgument
+from contract.proto import layer_service_pb2 as pb
+from contract.proto import layer_service_pb2_grpc as pb_grpc
+from contract.rpc import PROTOCOL_VERSION
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    VERSION = _dist_version("mlx-cluster")
+except Exception:  # running from a source tree without an install
+    VERSION = "0.0.0+source"
+
+
+class LayerServicer(pb_grpc.LayerServiceServicer):
+    """Thin gRPC front of a WorkerRuntime."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-compute")
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the compute thread; contract errors become gRPC statuses."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._compute, fn, *args)
+        except ClusterError as exc:
+            await context.abort(exc.code, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable: abort raises")
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True, cancel_futures=True)
+
+    # --- unary calls -------------------------------------------------------------
+
+    def info(self) -> pb.InfoResponse:
+        rt, caps = self.runtime, self.runtime.capabilities
+        msg = pb.InfoResponse(
+            name=rt.settings.name,
+            version=VERSION,
+            protocol_version=PROTOCOL_VERSION,
+            capabilities=pb.Capabilities(
+                memory_total_bytes=caps.memory_total_bytes,
+                memory_available_bytes=caps.memory_available_bytes,
+                device_kind=caps.device_kind,
+                device_name=caps.device_name,
+                cpu_cores=caps.cpu_cores,
+                gpu_cores=caps.gpu_cores,
+                platform=caps.platform,
+            ),
+            model=rt.model,
+        )
+        if rt.layer_slice is not None and rt.sessions is not None:
+            s = rt.layer_slice
+            msg.layer_start, msg.layer_end, msg.model_num_layers = s.start, s.end, s.num_layers
+            msg.weight_bytes = s.weight_bytes
+            msg.kv_capacity_tokens = rt.sessions.capacity
+            msg.kv_used_tokens = rt.sessions.used
+            msg.sessions_open = len(rt.sessions)
+            msg.dtype = tensor.dtype_name(s.dtype)
+            msg.hidden_size = s.hidden_size
+        return msg
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return self.info()
+
+    async def LoadLayers(
+        self, request: pb.LoadLayersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadLayersResponse:
+        result = await self._run(
+            context,
+            self.runtime.load,
+            request.model,
+            request.start,
+            request.end,
+            request.kv_budget_tokens,
+        )
+        return pb.LoadLayersResponse(
+            info=self.info(), memory_used_bytes=result.memory_used_bytes, reloaded=result.reloaded
+        )
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        def open_session() -> pb.OpenSessionResponse:
+            _, store = self.runtime.require_loaded()
+            store.open(request.session_id, request.reserve_tokens)
+            return pb.OpenSessionResponse(kv_used_tokens=store.used, kv_capacity_tokens=store.capacity)
+
+        return await self._run(context, open_session)
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        def end() -> int:
+            store = self.runtime.sessions
+            return store.end(list(request.session_ids)) if store is not None else 0
+
+        return pb.EndSessionResponse(ended=await self._run(context, end))
+
+    async def TruncateSession(
+        self, request: pb.TruncateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TruncateSessionResponse:
+        def truncate() -> int:
+            _, store = self.runtime.require_loaded()
+            return store.truncate(request.session_id, request.length)
+
+        return pb.TruncateSessionResponse(length=await self._run(context, truncate))
+
+    # --- the stream --------------------------------------------------------------
+
+    def _step(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+        started = time.perf_counter()
+        if not request.HasField("hidden"):
+            raise InvalidArgument("ForwardRequest.hidden is missing")
+        hidden = tensor.decode(request.hidden)
+        out = self.runtime.forward(
+            list(request.session_ids), hidden, list(request.offsets), request.last_position_only
+        )
+        response = pb.ForwardResponse(step_id=request.step_id)
+        tensor.encode(out, out=response.hidden)
+        response.compute_seconds = time.perf_counter() - started
+        return response
+
+    async def Forward(
+        self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardResponse]:
+        async for request in request_iterator:
+            yield await self._run(context, self._step, request)
+
+    # --- housekeeping ------------------------------------------------------------
+
+    async def evict_idle_sessions(self, every_s: float) -> None:
+        """Forever: end sessions idle past the TTL (run as a background task)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            store = self.runtime.sessions
+            if store is not None:
+                evicted = await loop.run_in_executor(self._compute, store.evict_idle)
+                if evicted:
+                    log.info("evicted %d idle sessions: %s", len(evicted), evicted)

@@ -1,0 +1,146 @@
+"""Per-session KV caches of one worker, and the token budget they share.
+
+A session is one request or conversation. Its caches cover this worker's layers
+only. The store knows nothing of gRPC: it raises contract errors, which the
+servicer turns into status codes.
+
+Accounting is in tokens: a session is charged max(reserved, cached) tokens,
+and the sum over sessions never exceeds the capacity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from contract.errors import (
+    InvalidArgument,
+    KVCapacityExceeded,
+    OffsetMismatch,
+    SessionExists,
+    SessionNotFound,
+)
+
+MAX_SESSION_ID_LENGTH = 128
+
+
+@dataclass
+class Session:
+    """One session's caches and bookkeeping."""
+
+    session_id: str
+    caches: list[Any]
+    reserved: int = 0
+    offset: int = 0  # tokens cached so far
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def charge(self) -> int:
+        return max(self.reserved, self.offset)
+
+
+class SessionStore:
+    """The sessions of one worker, bounded by `capacity` cached tokens in total."""
+
+    def __init__(
+        self,
+        capacity: int,
+        make_caches: Callable[[], list[Any]],
+        idle_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self.idle_ttl_s = idle_ttl_s
+        self._make_caches = make_caches
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def used(self) -> int:
+        """Tokens charged over all open sessions."""
+        return sum(s.charge for s in self._sessions.values())
+
+    def open(self, session_id: str, reserve: int) -> Session:
+        """Open a session with empty caches, reserving `reserve` tokens of the budget."""
+        if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
+            raise InvalidArgument(
+                f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, "
+                f"got {len(session_id)}"
+            )
+        if session_id in self._sessions:
+            raise SessionExists(f"session {session_id!r} is already open")
+        self._check_room(reserve, extra_for=None)
+        session = Session(session_id, self._make_caches(), reserved=reserve)
+        session.last_used = self._clock()
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """The open session with this id, marked as used now."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(
+                f"session {session_id!r} is not open on this worker "
+                "(never opened, ended, or evicted after idling)"
+            )
+        session.last_used = self._clock()
+        return session
+
+    def check_step(self, session: Session, offset: int, new_tokens: int) -> None:
+        """Raise unless `session` holds `offset` tokens and the budget has room for more."""
+        if offset != session.offset:
+            raise OffsetMismatch(
+                f"session {session.session_id!r}: step expects cache offset {offset}, "
+                f"worker holds {session.offset} tokens"
+            )
+        self._check_room(session.offset + new_tokens, extra_for=session)
+
+    def advance(self, session: Session, new_tokens: int) -> None:
+        session.offset += new_tokens
+
+    def truncate(self, session_id: str, length: int) -> int:
+        """Keep only the first `length` cached tokens of a session; returns the new length."""
+        session = self.get(session_id)
+        if length > session.offset:
+            raise InvalidArgument(
+                f"cannot truncate session {session_id!r} to {length} tokens: "
+                f"it holds {session.offset}"
+            )
+        drop = session.offset - length
+        if drop and not can_trim_prompt_cache(session.caches):
+            raise InvalidArgument(
+                f"session {session_id!r}: its caches (e.g. sliding-window caches past "
+                "their window) cannot be truncated"
+            )
+        if drop:
+            trim_prompt_cache(session.caches, drop)
+        session.offset = length
+        return length
+
+    def end(self, session_ids: list[str]) -> int:
+        """Drop sessions; unknown ids are ignored. Returns how many were open."""
+        return sum(self._sessions.pop(sid, None) is not None for sid in session_ids)
+
+    def evict_idle(self) -> list[str]:
+        """End sessions idle longer than the TTL; returns their ids."""
+        cutoff = self._clock() - self.idle_ttl_s
+        stale = [sid for sid, s in self._sessions.items() if s.last_used < cutoff]
+        self.end(stale)
+        return stale
+
+    def _check_room(self, tokens: int, extra_for: Session | None) -> None:
+        others = self.used - (extra_for.charge if extra_for else 0)
+        needed = max(tokens, extra_for.reserved if extra_for else 0)
+        if others + needed > self.capacity:
+            raise KVCapacityExceeded(
+                f"KV cache budget full: {needed} tokens needed, "
+                f"{self.capacity - others} of {self.capacity} free "
+                f"({len(self._sessions)} sessions open)"
+            )
