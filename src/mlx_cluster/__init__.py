@@ -1,0 +1,1 @@
+"""The `mlx-cluster` command: start workers, a coordinator, or a whole local cluster."""

@@ -1,0 +1,3 @@
+from mlx_cluster.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""A cluster on this host: N worker processes on loopback, ready when they say so.
+
+Each worker prints one JSON line when it accepts calls; we read that line
+instead of sleeping, and stop every process we started on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    address: str
+    process: asyncio.subprocess.Process
+
+
+async def _start_worker(name: str, extra_args: list[str], ready_timeout: float) -> WorkerProcess:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mlx_cluster",
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+        *extra_args,
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), ready_timeout)
+    except TimeoutError:
+        await _stop(process)
+        raise RuntimeError(f"{name} did not become ready within {ready_timeout:.0f} s") from None
+    if not line:
+        code = await process.wait()
+        raise RuntimeError(f"{name} exited with code {code} before it was ready")
+    event = json.loads(line)
+    return WorkerProcess(name, event["address"], process)
+
+
+async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def local_workers(
+    count: int, extra_args: list[str] | None = None, ready_timeout: float = 120.0
+) -> AsyncIterator[list[WorkerProcess]]:
+    """Start `count` workers on loopback; stop them all on exit, whatever happened."""
+    tasks = [
+        asyncio.ensure_future(_start_worker(f"worker-{i}", extra_args or [], ready_timeout))
+        for i in range(count)
+    ]
+    try:
+        workers = await asyncio.gather(*tasks)
+    except BaseException:
+        started = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_stop(w.process) for w in started if isinstance(w, WorkerProcess)))
+        raise
+    try:
+        log.info("workers ready: %s", ", ".join(f"{w.name}@{w.address}" for w in workers))
+        yield workers
+    finally:
+        await asyncio.shield(asyncio.gather(*(_stop(w.process) for w in workers)))

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models on disk, and real workers on port 0."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
+
+from contract.layers import split_by_counts  # noqa: E402
+from coordinator.client import WorkerClient  # noqa: E402
+from coordinator.pipeline import Pipeline, Stage  # noqa: E402
+from models.random_model import build_random_model  # noqa: E402
+from models.slicing import load_edges  # noqa: E402
+from worker.runtime import WorkerSettings  # noqa: E402
+from worker.server import RunningWorker, create_server  # noqa: E402
+
+TINY_LAYERS = 8
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build (once per argument set) a tiny random model directory."""
+    built: dict[tuple, Path] = {}
+
+    def make(model_type: str = "llama", **kwargs: object) -> Path:
+        key = (model_type, *sorted(kwargs.items()))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"model-{model_type}")
+            kwargs.setdefault("num_layers", TINY_LAYERS)
+            built[key] = build_random_model(out, model_type, **kwargs)  # type: ignore[arg-type]
+        return built[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_llama(model_factory: Callable[..., Path]) -> Path:
+    return model_factory("llama")
+
+
+@pytest.fixture
+async def start_workers() -> AsyncIterator[Callable[..., object]]:
+    """Start in-process gRPC workers on port 0; all are stopped at teardown."""
+    running: list[RunningWorker] = []
+    clients: list[WorkerClient] = []
+
+    async def start(count: int, **settings: object) -> list[WorkerClient]:
+        new = []
+        for _ in range(count):
+            worker = await create_server(
+                "127.0.0.1:0", WorkerSettings(name=f"worker-{len(running)}", **settings)  # type: ignore[arg-type]
+            )
+            running.append(worker)
+            client = WorkerClient(f"127.0.0.1:{worker.port}")
+            clients.append(client)
+            new.append(client)
+        return new
+
+    yield start
+    for client in clients:
+        await client.close()
+    for worker in running:
+        await worker.stop(grace=None)
+
+
+async def make_pipeline(
+    model: Path, clients: Sequence[WorkerClient], counts: Sequence[int]
+) -> Pipeline:
+    """Load `counts` layers on each client, in order, and return the Pipeline over them."""
+    edges = load_edges(model)
+    ranges = split_by_counts(list(counts), edges.num_layers)
+    for client, r in zip(clients, ranges, strict=True):
+        await client.load_layers(str(model), r.start, r.end)
+    return Pipeline(edges, [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
