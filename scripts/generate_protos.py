@@ -43,7 +43,9 @@ def generate(out_dir: Path) -> list[Path]:
         grpc_file = out_dir / f"{stem}_pb2_grpc.py"
         # protoc writes a top-level import; make it relative to our package.
         text = grpc_file.read_text()
-        text = re.sub(rf"^import {stem}_pb2 as", f"from {PACKAGE} import {stem}_pb2 as", text, flags=re.M)
+        text = re.sub(
+            rf"^import {stem}_pb2 as", f"from {PACKAGE} import {stem}_pb2 as", text, flags=re.M
+        )
         grpc_file.write_text(text)
         written += [out_dir / f"{stem}_pb2.py", out_dir / f"{stem}_pb2.pyi", grpc_file]
     return written

@@ -10,13 +10,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
-from contract.layers import split_by_counts  # noqa: E402
-from coordinator.client import WorkerClient  # noqa: E402
-from coordinator.pipeline import Pipeline, Stage  # noqa: E402
-from models.random_model import build_random_model  # noqa: E402
-from models.slicing import load_edges  # noqa: E402
-from worker.runtime import WorkerSettings  # noqa: E402
-from worker.server import RunningWorker, create_server  # noqa: E402
+from contract.layers import split_by_counts
+from coordinator.client import WorkerClient
+from coordinator.pipeline import Pipeline, Stage
+from models.random_model import build_random_model
+from models.slicing import load_edges
+from worker.runtime import WorkerSettings
+from worker.server import RunningWorker, create_server
 
 TINY_LAYERS = 8
 
@@ -52,7 +52,8 @@ async def start_workers() -> AsyncIterator[Callable[..., object]]:
         new = []
         for _ in range(count):
             worker = await create_server(
-                "127.0.0.1:0", WorkerSettings(name=f"worker-{len(running)}", **settings)  # type: ignore[arg-type]
+                "127.0.0.1:0",
+                WorkerSettings(name=f"worker-{len(running)}", **settings),  # type: ignore[arg-type]
             )
             running.append(worker)
             client = WorkerClient(f"127.0.0.1:{worker.port}")

@@ -26,7 +26,9 @@ NEW_TOKENS = 40
 SPLITS = [[8], [3, 5], [1, 5, 2]]
 
 
-def reference(model_dir: Path, prompt: list[int], params: SamplingParams) -> list[tuple[int, mx.array]]:
+def reference(
+    model_dir: Path, prompt: list[int], params: SamplingParams
+) -> list[tuple[int, mx.array]]:
     """Single-process mlx-lm on the whole model."""
     model, _ = load_model(model_dir)
     steps = generate_step(
@@ -39,7 +41,9 @@ def reference(model_dir: Path, prompt: list[int], params: SamplingParams) -> lis
     return [(token, logprobs) for token, logprobs in steps]
 
 
-async def pipeline_run(pipeline, prompt: list[int], params: SamplingParams) -> list[tuple[int, mx.array]]:
+async def pipeline_run(
+    pipeline, prompt: list[int], params: SamplingParams
+) -> list[tuple[int, mx.array]]:
     async with pipeline.session() as session:
         return [step async for step in generate_tokens(session, prompt, params)]
 

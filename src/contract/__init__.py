@@ -13,7 +13,7 @@ from contract.errors import (
     SessionNotFound,
     WorkerUnavailable,
 )
-from contract.layers import LayerRange, split_evenly, split_by_counts
+from contract.layers import LayerRange, split_by_counts, split_evenly
 from contract.rpc import CHANNEL_OPTIONS, PROTOCOL_VERSION
 
 __all__ = [

@@ -66,7 +66,9 @@ class WorkerClient:
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError as exc:
-            raise ClusterError(f"worker at {self.address} not reachable after {timeout:.0f} s") from exc
+            raise ClusterError(
+                f"worker at {self.address} not reachable after {timeout:.0f} s"
+            ) from exc
         return await self.info()
 
     async def load_layers(

@@ -122,4 +122,3 @@ async def _load(stage: Stage, model: Path, kv_budget_tokens: int, edges: ModelEd
         r,
         info.weight_bytes / 1e6,
     )
-

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -50,7 +51,7 @@ async def generate_tokens(
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         params.reseed(step)
         token = sampler(logprobs)
-        yield int(token.item()), logprobs.squeeze(0)
+        yield cast(int, token.item()), logprobs.squeeze(0)
         pending = token.reshape(1).astype(mx.uint32)
 
 
@@ -70,7 +71,11 @@ class Performance:
     @property
     def tokens_per_second(self) -> float:
         decode_s = self.total_s - self.ttft_s
-        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
+        return (
+            (self.completion_tokens - 1) / decode_s
+            if self.completion_tokens > 1 and decode_s > 0
+            else 0.0
+        )
 
 
 @dataclass
@@ -139,7 +144,7 @@ async def generate_text(
                 break
             detokenizer.add_token(token)
             text, stopped = stops.feed(detokenizer.last_segment)
-            chunk = TextChunk(text, token, float(logprobs[token].item()))
+            chunk = TextChunk(text, token, cast(float, logprobs[token].item()))
             if params.top_logprobs:
                 chunk.top_logprobs = _top(logprobs, params.top_logprobs)
             yield chunk
@@ -158,6 +163,7 @@ async def generate_text(
 
 def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
     ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-    values = logprobs[ids]
-    order = mx.argsort(-values)
-    return [(int(i), float(v)) for i, v in zip(ids[order].tolist(), values[order].tolist(), strict=True)]
+    ids = ids[mx.argsort(-logprobs[ids])]
+    id_list = cast(list[int], ids.tolist())
+    value_list = cast(list[float], logprobs[ids].tolist())
+    return list(zip(id_list, value_list, strict=True))

@@ -9,8 +9,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlx_cluster.logs import setup_logging
 
@@ -21,26 +22,38 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="serve a slice of a model's layers over gRPC")
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks one)")
     p.add_argument("--name", default=socket.gethostname(), help="name shown in /health and logs")
-    p.add_argument("--kv-budget-tokens", type=int, default=65_536,
-                   help="cached tokens over all sessions, unless LoadLayers sets it")
-    p.add_argument("--session-ttl", type=float, default=600.0,
-                   help="seconds an idle session keeps its cache")
+    p.add_argument(
+        "--kv-budget-tokens",
+        type=int,
+        default=65_536,
+        help="cached tokens over all sessions, unless LoadLayers sets it",
+    )
+    p.add_argument(
+        "--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache"
+    )
     p.add_argument("--log-level", default="INFO")
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run a whole cluster on this host")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model directory (default: the bundled demo model)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: the bundled demo model)"
+    )
     p.add_argument("--workers", type=int, default=2, help="worker processes to start")
-    p.add_argument("--layers", default=None,
-                   help="layers per worker, comma-separated (e.g. 1,5,2); default even")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="layers per worker, comma-separated (e.g. 1,5,2); default even",
+    )
     p.add_argument("--prompt", default=None, help="answer this prompt and exit")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="send the prompt as raw text, not as a chat message")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="send the prompt as raw text, not as a chat message",
+    )
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -93,6 +106,7 @@ async def _answer(args: argparse.Namespace, model: Path) -> int:
             params = SamplingParams(
                 max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
             )
+            log.info("generating up to %d tokens", args.max_tokens)
             async for chunk in cluster.generate(args.prompt, params, chat=chat):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -119,11 +133,11 @@ def run_up(args: argparse.Namespace) -> int:
     return _run_until_signal(_answer(args, model))
 
 
-def _run_until_signal(main: object) -> int:
+def _run_until_signal(main: Coroutine[Any, Any, int]) -> int:
     """Run a coroutine; SIGTERM cancels it like Ctrl-C so cleanup code runs."""
 
     async def wrapper() -> int:
-        task = asyncio.ensure_future(main)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(main)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +31,8 @@ from models.architecture import (
 
 
 def _parameter_bytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    params = cast(list[tuple[str, mx.array]], tree_flatten(module.parameters()))
+    return sum(v.nbytes for _, v in params)
 
 
 def _activation_dtype(layer: nn.Module) -> mx.Dtype:

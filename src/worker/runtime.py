@@ -123,17 +123,15 @@ class WorkerRuntime:
         if len(set(session_ids)) != len(session_ids):
             raise InvalidArgument("a step names the same session twice")
         if len(offsets) != len(session_ids):
-            raise InvalidArgument(
-                f"{len(session_ids)} session ids but {len(offsets)} offsets"
-            )
+            raise InvalidArgument(f"{len(session_ids)} session ids but {len(offsets)} offsets")
         expected = (len(session_ids), "L>=1", layer_slice.hidden_size)
         if hidden.ndim != 3 or hidden.shape[0] != len(session_ids) or hidden.shape[1] < 1:
-            raise InvalidArgument(f"hidden states must be [B, L, D] = {expected}, got {hidden.shape}")
+            raise InvalidArgument(
+                f"hidden states must be [B, L, D] = {expected}, got {hidden.shape}"
+            )
         if hidden.shape[2] != layer_slice.hidden_size:
             raise InvalidArgument(
                 f"hidden size must be {layer_slice.hidden_size}, got {hidden.shape[2]}"
             )
         if hidden.dtype != layer_slice.dtype:
-            raise InvalidArgument(
-                f"hidden states must be {layer_slice.dtype}, got {hidden.dtype}"
-            )
+            raise InvalidArgument(f"hidden states must be {layer_slice.dtype}, got {hidden.dtype}")

@@ -84,7 +84,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             msg.hidden_size = s.hidden_size
         return msg
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:
         return self.info()
 
     async def LoadLayers(
@@ -108,7 +110,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         def open_session() -> pb.OpenSessionResponse:
             _, store = self.runtime.require_loaded()
             store.open(request.session_id, request.reserve_tokens)
-            return pb.OpenSessionResponse(kv_used_tokens=store.used, kv_capacity_tokens=store.capacity)
+            return pb.OpenSessionResponse(
+                kv_used_tokens=store.used, kv_capacity_tokens=store.capacity
+            )
 
         return await self._run(context, open_session)
 

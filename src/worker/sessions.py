@@ -71,8 +71,7 @@ class SessionStore:
         """Open a session with empty caches, reserving `reserve` tokens of the budget."""
         if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
             raise InvalidArgument(
-                f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, "
-                f"got {len(session_id)}"
+                f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, got {len(session_id)}"
             )
         if session_id in self._sessions:
             raise SessionExists(f"session {session_id!r} is already open")

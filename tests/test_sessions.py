@@ -1,0 +1,53 @@
+"""SessionStore accounting, without gRPC."""
+
+from __future__ import annotations
+
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from contract.errors import InvalidArgument, KVCapacityExceeded, SessionNotFound
+from worker.sessions import SessionStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(capacity: int = 100, clock: Clock | None = None) -> SessionStore:
+    return SessionStore(capacity, lambda: [KVCache()], idle_ttl_s=30, clock=clock or Clock())
+
+
+def test_charge_is_max_of_reservation_and_cached_tokens():
+    s = store()
+    a = s.open("a", reserve=10)
+    s.check_step(a, 0, 25)
+    s.advance(a, 25)
+    assert s.used == 25
+    s.open("b", reserve=70)
+    assert s.used == 95
+    with pytest.raises(KVCapacityExceeded, match="31 tokens needed, 30 of 100 free"):
+        s.check_step(a, 25, 6)
+
+
+def test_idle_sessions_are_evicted_after_the_ttl():
+    clock = Clock()
+    s = store(clock=clock)
+    s.open("old", 0)
+    clock.now = 20
+    s.open("new", 0)
+    clock.now = 40
+    assert s.evict_idle() == ["old"]
+    with pytest.raises(SessionNotFound, match="'old' is not open"):
+        s.get("old")
+    assert len(s) == 1
+
+
+def test_session_ids_are_checked():
+    with pytest.raises(InvalidArgument, match="1 to 128 characters, got 0"):
+        store().open("", 0)
+    with pytest.raises(InvalidArgument, match="got 129"):
+        store().open("x" * 129, 0)
