@@ -77,3 +77,35 @@ async def make_pipeline(
     for client, r in zip(clients, ranges, strict=True):
         await client.load_layers(str(model), r.start, r.end)
     return Pipeline(edges, [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
+
+
+@pytest.fixture
+async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[..., object]]:
+    """Start workers, a Cluster over them and the HTTP API on port 0; returns its URL."""
+    from coordinator.app import ApiSettings, create_app
+    from coordinator.cluster import Cluster
+    from coordinator.http_server import HttpServer
+
+    servers: list[HttpServer] = []
+    clusters: list[Cluster] = []
+
+    async def start(
+        model: Path | None = None,
+        workers: int = 2,
+        counts: Sequence[int] | None = None,
+        settings: ApiSettings | None = None,
+        **worker_settings: object,
+    ) -> tuple[str, Cluster]:
+        clients = await start_workers(workers, **worker_settings)
+        cluster = await Cluster.start(model or tiny_llama, [c.address for c in clients], counts)
+        clusters.append(cluster)
+        server = HttpServer(create_app(cluster, settings), "127.0.0.1", 0)
+        await server.start()
+        servers.append(server)
+        return server.url, cluster
+
+    yield start
+    for server in servers:
+        await server.stop()
+    for cluster in clusters:
+        await cluster.close()

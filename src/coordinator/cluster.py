@@ -8,8 +8,9 @@ tokenizer and the embedding/norm/head, and checks that the slices chain up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -26,6 +27,8 @@ from models.slicing import ModelEdges, load_edges
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTEXT = 4096  # for models whose config names no context length
+
 
 class Cluster:
     """A model served by a chain of workers."""
@@ -34,6 +37,14 @@ class Cluster:
         self.model = model
         self.pipeline = pipeline
         self.tokenizer = tokenizer
+        self.model_id = model.name
+        self.created = int((model / "config.json").stat().st_mtime)
+        config = pipeline.edges.config
+        self.context_length = int(
+            config.get("max_position_embeddings")
+            or config.get("text_config", {}).get("max_position_embeddings")
+            or DEFAULT_CONTEXT
+        )
 
     @property
     def stages(self) -> list[Stage]:
@@ -98,11 +109,13 @@ class Cluster:
         params: SamplingParams,
         chat: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[TextChunk]:
+    ) -> AsyncGenerator[TextChunk, None]:
         """Stream the completion of `prompt` as TextChunks; the last has finish_reason."""
         tokens = self.encode(prompt, chat)
-        async for chunk in generate_text(self.pipeline, self.tokenizer, tokens, params, timeout):
-            yield chunk
+        chunks = generate_text(self.pipeline, self.tokenizer, tokens, params, timeout)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
 
 async def _load(stage: Stage, model: Path, kv_budget_tokens: int, edges: ModelEdges) -> None:

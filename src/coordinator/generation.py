@@ -10,8 +10,9 @@ and timing.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -30,7 +31,7 @@ async def generate_tokens(
     prompt: Sequence[int],
     params: SamplingParams,
     prefill_step_size: int = PREFILL_STEP_SIZE,
-) -> AsyncIterator[tuple[int, mx.array]]:
+) -> AsyncGenerator[tuple[int, mx.array], None]:
     """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic."""
     if not prompt:
         raise InvalidArgument("prompt must hold at least one token")
@@ -126,7 +127,7 @@ async def generate_text(
     prompt: Sequence[int],
     params: SamplingParams,
     timeout: float | None = None,
-) -> AsyncIterator[TextChunk]:
+) -> AsyncGenerator[TextChunk, None]:
     """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens."""
     started = time.perf_counter()
     perf = Performance(prompt_tokens=len(prompt))
@@ -134,14 +135,17 @@ async def generate_text(
     stops = StopMatcher(params.stop)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     finish, stopped = "length", False
-    async with pipeline.session(len(prompt) + params.max_tokens, timeout) as session:
-        async for token, logprobs in generate_tokens(session, prompt, params):
-            if perf.completion_tokens == 0:
+    async with (
+        pipeline.session(len(prompt) + params.max_tokens, timeout) as session,
+        contextlib.aclosing(generate_tokens(session, prompt, params)) as steps,
+    ):
+        async for token, logprobs in steps:
+            if not perf.ttft_s:
                 perf.ttft_s = time.perf_counter() - started
-            perf.completion_tokens += 1
             if token in eos:
                 finish = "stop"
                 break
+            perf.completion_tokens += 1
             detokenizer.add_token(token)
             text, stopped = stops.feed(detokenizer.last_segment)
             chunk = TextChunk(text, token, cast(float, logprobs[token].item()))

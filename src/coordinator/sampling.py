@@ -25,6 +25,8 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     repetition_context_size: int = 20  # tokens the penalty looks back over
+    presence_penalty: float = 0.0  # OpenAI's; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's; 0 = off
     seed: int | None = None  # makes sampling reproducible per request
     stop: tuple[str, ...] = ()  # stop strings, not included in the output
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -40,6 +42,8 @@ class SamplingParams:
             ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
             ("repetition_context_size", self.repetition_context_size >= 1, "at least 1"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
             ("stop", all(self.stop) and len(self.stop) <= 16, "up to 16 non-empty strings"),
         ]
@@ -58,6 +62,8 @@ class SamplingParams:
             logit_bias=self.logit_bias or None,
             repetition_penalty=self.repetition_penalty if self.repetition_penalty != 1.0 else None,
             repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
         )
 
     def reseed(self, step: int) -> None:

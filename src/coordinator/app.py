@@ -1,0 +1,281 @@
+"""The coordinator's HTTP API (FastAPI): OpenAI-compatible routes, /generate, /health.
+
+Handlers validate and settle the request (prompt -> tokens, limits, max_tokens),
+then hand it to the Cluster; formatting lives in openai_format, errors in
+http_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from coordinator import openai_format as fmt
+from coordinator.cluster import Cluster
+from coordinator.generation import TextChunk
+from coordinator.health import cluster_health
+from coordinator.http_errors import ApiError, api_error, install_error_handlers
+from coordinator.sampling import SamplingParams
+from coordinator.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, _Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Limits and options of the HTTP API."""
+
+    max_prompt_bytes: int = 1_048_576  # larger prompts get 413
+    max_prompt_tokens: int | None = None  # None = the context window
+    default_max_tokens: int = 256  # when a request gives none
+    max_tokens_ceiling: int = 4096  # larger max_tokens get 400
+    request_timeout_s: float = 300.0  # then 504, or an error event in a stream
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call from a browser
+
+
+@dataclass
+class Prepared:
+    tokens: list[int]
+    params: SamplingParams
+
+
+# --- settling a request -----------------------------------------------------------------
+
+
+def _check_prompt_bytes(size: int, settings: ApiSettings) -> None:
+    if size > settings.max_prompt_bytes:
+        raise ApiError(
+            413,
+            f"the prompt is {size} bytes, the limit is {settings.max_prompt_bytes} bytes",
+            param="prompt",
+            code="prompt_too_large",
+        )
+
+
+def _settle(
+    request: _Request, tokens: list[int], cluster: Cluster, settings: ApiSettings
+) -> Prepared:
+    """Check the prompt against the limits and the context window; settle max_tokens."""
+    context = cluster.context_length
+    limit = min(settings.max_prompt_tokens or context, context - 1)
+    if not tokens:
+        raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
+    if len(tokens) > limit:
+        raise ApiError(
+            400,
+            f"the prompt has {len(tokens)} tokens, the limit is {limit} tokens "
+            f"(context window {context})",
+            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    wanted = request.requested_max_tokens()
+    if wanted is not None and wanted > settings.max_tokens_ceiling:
+        raise ApiError(
+            400,
+            f"max_tokens is {wanted}, at most {settings.max_tokens_ceiling} is allowed",
+            param="max_tokens",
+        )
+    max_tokens = min(wanted or settings.default_max_tokens, context - len(tokens))
+    return Prepared(tokens, request.sampling(max_tokens))
+
+
+def _chat_tokens(
+    request: ChatCompletionRequest, cluster: Cluster, settings: ApiSettings
+) -> Prepared:
+    messages = request.chat_messages()
+    _check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), settings)
+    try:
+        tokens = cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises its own errors for unsupported conversations
+        raise ApiError(
+            400, f"the chat template rejected the messages: {exc}", param="messages"
+        ) from exc
+    return _settle(request, list(tokens), cluster, settings)
+
+
+def _completion_tokens(
+    request: CompletionRequest, cluster: Cluster, settings: ApiSettings
+) -> Prepared:
+    prompt = request.prompt
+    if isinstance(prompt, list) and isinstance(prompt[0], int):
+        vocab = cluster.pipeline.edges.vocab_size
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ApiError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+        return _settle(request, [int(t) for t in prompt], cluster, settings)
+    text = prompt if isinstance(prompt, str) else str(prompt[0])
+    _check_prompt_bytes(len(text.encode()), settings)
+    return _settle(request, list(cluster.tokenizer.encode(text)), cluster, settings)
+
+
+# --- running a generation ----------------------------------------------------------------
+
+
+async def _with_deadline(
+    chunks: AsyncGenerator[TextChunk, None], timeout: float
+) -> AsyncGenerator[TextChunk, None]:
+    """Pass chunks through until `timeout` seconds after the start, then raise TimeoutError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with contextlib.aclosing(chunks):
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0))
+            except StopAsyncIteration:
+                return
+            yield chunk
+
+
+async def _collect(chunks: AsyncGenerator[TextChunk, None]) -> list[TextChunk]:
+    try:
+        return [c async for c in chunks]
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise api_error(exc) from exc
+
+
+async def _stream(
+    chunks: AsyncGenerator[TextChunk, None],
+    render: Callable[[TextChunk, bool], list[dict[str, Any]]],
+) -> StreamingResponse:
+    """Start the stream: failures before the first chunk are HTTP errors, later ones events."""
+    try:
+        first = await anext(chunks)
+    except BaseException as exc:
+        await chunks.aclose()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise api_error(exc) from exc
+
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(chunks):
+            for event in render(first, True):
+                yield fmt.sse(event)
+            try:
+                async for chunk in chunks:
+                    for event in render(chunk, False):
+                        yield fmt.sse(event)
+            except Exception as exc:
+                yield fmt.sse(api_error(exc).body())
+            yield fmt.sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# --- the app -----------------------------------------------------------------------------
+
+
+def create_app(cluster: Cluster, settings: ApiSettings | None = None) -> FastAPI:
+    """The HTTP API over a started Cluster."""
+    settings = settings or ApiSettings()
+    app = FastAPI(title="mlx-cluster", version="1")
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    model_id = cluster.model_id
+
+    def token_text(token: int) -> str:
+        return str(cluster.tokenizer.decode([token]))
+
+    def run(prepared: Prepared) -> AsyncGenerator[TextChunk, None]:
+        return _with_deadline(
+            cluster.generate(prepared.tokens, prepared.params, timeout=settings.request_timeout_s),
+            settings.request_timeout_s,
+        )
+
+    @app.get("/")
+    async def root() -> dict[str, Any]:
+        return {
+            "service": "mlx-cluster",
+            "description": "one model served by a pipeline of MLX workers",
+            "model": model_id,
+            "endpoints": {
+                "POST /v1/chat/completions": "OpenAI chat completions (streaming with stream=true)",
+                "POST /v1/completions": "OpenAI text completions",
+                "POST /generate": "prompt in; text, usage and timings out",
+                "GET /v1/models": "the served model",
+                "GET /health": "status of every worker and its layers",
+            },
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": cluster.created,
+                    "owned_by": "mlx-cluster",
+                    "context_length": cluster.context_length,
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status, body = await cluster_health(model_id, cluster.stages)
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        prepared = _chat_tokens(request, cluster, settings)
+        env = fmt.Envelope("chat.completion", model_id)
+        logprobs = request.logprobs
+        if not request.stream:
+            return fmt.chat_response(env, await _collect(run(prepared)), token_text, logprobs)
+        usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
+            events = [fmt.chat_chunk(env, chunk, token_text, logprobs, first)]
+            if usage and chunk.performance is not None:
+                events.append(fmt.usage_chunk(env, chunk.performance))
+            return events
+
+        return await _stream(run(prepared), render)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+        prepared = _completion_tokens(request, cluster, settings)
+        env = fmt.Envelope("text_completion", model_id)
+        logprobs = request.logprobs is not None
+        echo = cluster.tokenizer.decode(prepared.tokens) if request.echo else ""
+        if not request.stream:
+            chunks = await _collect(run(prepared))
+            return fmt.completion_response(env, chunks, token_text, logprobs, echo)
+        usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
+            prefix = echo if first else ""
+            events = [fmt.completion_chunk(env, chunk, token_text, logprobs, prefix)]
+            if usage and chunk.performance is not None:
+                events.append(env.wrap("text_completion", [], usage=fmt.usage(chunk.performance)))
+            return events
+
+        return await _stream(run(prepared), render)
+
+    @app.post("/generate", response_model=None)
+    async def generate(request: GenerateRequest) -> dict[str, Any] | StreamingResponse:
+        _check_prompt_bytes(len(request.prompt.encode()), settings)
+        tokens = cluster.encode(request.prompt, chat=request.chat)
+        prepared = _settle(request, tokens, cluster, settings)
+        if not request.stream:
+            return fmt.generate_response(await _collect(run(prepared)))
+        return await _stream(run(prepared), lambda chunk, first: [fmt.generate_chunk(chunk)])
+
+    return app

@@ -1,0 +1,123 @@
+"""Every HTTP error, from one place, in OpenAI's shape.
+
+`{"error": {"message", "type", "param", "code"}}`. A client's mistake is a 4xx
+naming the field; a cluster problem is a 5xx saying which worker; no stack
+trace reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contract.errors import (
+    ClusterError,
+    InvalidArgument,
+    KVCapacityExceeded,
+    NotLoaded,
+    OffsetMismatch,
+    SessionNotFound,
+    WorkerUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ApiError(Exception):
+    """An error with its HTTP status, in OpenAI's terms."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def api_error(exc: BaseException) -> ApiError:
+    """The ApiError a failure becomes (also used for error events inside streams)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidArgument):
+        return ApiError(400, str(exc))
+    if isinstance(exc, KVCapacityExceeded):
+        return ApiError(
+            429,
+            f"the cluster is at capacity, retry shortly: {exc}",
+            type="rate_limit_error",
+            code="capacity_exceeded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if isinstance(exc, WorkerUnavailable | SessionNotFound | NotLoaded | OffsetMismatch):
+        return ApiError(
+            503, f"a worker is unavailable: {exc}", "server_error", code="worker_unavailable"
+        )
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, "the request timed out", "server_error", code="timeout")
+    if isinstance(exc, ClusterError):
+        return ApiError(502, f"a worker failed: {exc}", "server_error", code="worker_error")
+    log.error("unexpected error", exc_info=exc)
+    return ApiError(500, "internal server error", "server_error", code="internal_error")
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    first = exc.errors()[0]
+    param = _field_path(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON", param=None, code="invalid_json")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    where = f"'{param}'" if param else "the request body"
+    return ApiError(400, f"invalid value for {where}: {message}", param=param, code="invalid_value")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str | None:
+    """'messages.0.role' from pydantic's location, without union member tags like 'list[str]'."""
+    parts: list[str] = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        text = str(part)
+        if "[" in text or text in _TYPE_TAGS or text.startswith("function-"):
+            break
+        parts.append(text)
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure of `app` through api_error."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request"
+        return ApiError(exc.status_code, str(exc.detail), code=kind).response()
+
+    @app.exception_handler(Exception)
+    async def on_any(request: Request, exc: Exception) -> JSONResponse:
+        return api_error(exc).response()

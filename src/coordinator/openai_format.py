@@ -1,0 +1,206 @@
+"""Responses and stream chunks in the shapes OpenAI's API uses.
+
+Pure functions over TextChunks; the route handlers decide what to send when.
+Timing figures ride along in a `performance` field, which OpenAI clients ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.generation import Performance, TextChunk
+
+TokenText = Callable[[int], str]
+
+
+@dataclass
+class Envelope:
+    """What every response or chunk of one request carries."""
+
+    kind: str  # "chat.completion", "text_completion" or "generate"
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        prefix = {"chat.completion": "chatcmpl", "text_completion": "cmpl"}.get(self.kind, "gen")
+        self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
+
+    def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+
+def usage(perf: Performance) -> dict[str, int]:
+    return {
+        "prompt_tokens": perf.prompt_tokens,
+        "completion_tokens": perf.completion_tokens,
+        "total_tokens": perf.prompt_tokens + perf.completion_tokens,
+    }
+
+
+def performance(perf: Performance) -> dict[str, float]:
+    return {
+        "ttft_ms": round(perf.ttft_s * 1000, 3),
+        "tokens_per_second": round(perf.tokens_per_second, 3),
+        "prefill_tokens_per_second": round(perf.prefill_tokens_per_second, 3),
+        "total_ms": round(perf.total_s * 1000, 3),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+# --- logprobs ------------------------------------------------------------------------
+
+
+def _entry(token_text: TokenText, token: int, logprob: float) -> dict[str, Any]:
+    text = token_text(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(chunks: Sequence[TextChunk], token_text: TokenText) -> dict[str, Any]:
+    content = []
+    for c in chunks:
+        if c.token is None or c.logprob is None:
+            continue
+        entry = _entry(token_text, c.token, c.logprob)
+        entry["top_logprobs"] = [_entry(token_text, t, lp) for t, lp in c.top_logprobs]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(
+    chunks: Sequence[TextChunk], token_text: TokenText, offset: int = 0
+) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for c in chunks:
+        if c.token is None:
+            continue
+        tokens.append(token_text(c.token))
+        token_logprobs.append(c.logprob)
+        top.append({token_text(t): lp for t, lp in c.top_logprobs})
+        offsets.append(offset)
+        offset += len(c.text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+# --- chat ------------------------------------------------------------------------------
+
+
+def chat_response(
+    env: Envelope, chunks: Sequence[TextChunk], token_text: TokenText, logprobs: bool
+) -> dict[str, Any]:
+    last = chunks[-1]
+    assert last.performance is not None
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+        "logprobs": chat_logprobs(chunks, token_text) if logprobs else None,
+        "finish_reason": last.finish_reason,
+    }
+    return env.wrap(
+        "chat.completion",
+        [choice],
+        usage=usage(last.performance),
+        performance=performance(last.performance),
+    )
+
+
+def chat_chunk(
+    env: Envelope, chunk: TextChunk, token_text: TokenText, logprobs: bool, first: bool
+) -> dict[str, Any]:
+    delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if first else {}
+    if not first and (chunk.text or chunk.finish_reason is None):
+        delta["content"] = chunk.text
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": chat_logprobs([chunk], token_text) if logprobs else None,
+        "finish_reason": chunk.finish_reason,
+    }
+    extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
+    return env.wrap("chat.completion.chunk", [choice], **extra)
+
+
+def usage_chunk(env: Envelope, perf: Performance) -> dict[str, Any]:
+    return env.wrap("chat.completion.chunk", [], usage=usage(perf))
+
+
+# --- text completions --------------------------------------------------------------------
+
+
+def completion_response(
+    env: Envelope,
+    chunks: Sequence[TextChunk],
+    token_text: TokenText,
+    logprobs: bool,
+    echo: str = "",
+) -> dict[str, Any]:
+    last = chunks[-1]
+    assert last.performance is not None
+    choice = {
+        "index": 0,
+        "text": echo + "".join(c.text for c in chunks),
+        "logprobs": completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
+        "finish_reason": last.finish_reason,
+    }
+    return env.wrap(
+        "text_completion",
+        [choice],
+        usage=usage(last.performance),
+        performance=performance(last.performance),
+    )
+
+
+def completion_chunk(
+    env: Envelope, chunk: TextChunk, token_text: TokenText, logprobs: bool, prefix: str = ""
+) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "text": prefix + chunk.text,
+        "logprobs": completion_logprobs([chunk], token_text) if logprobs else None,
+        "finish_reason": chunk.finish_reason,
+    }
+    extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
+    return env.wrap("text_completion", [choice], **extra)
+
+
+# --- /generate -------------------------------------------------------------------------
+
+
+def generate_response(chunks: Sequence[TextChunk]) -> dict[str, Any]:
+    last = chunks[-1]
+    assert last.performance is not None
+    return {
+        "text": "".join(c.text for c in chunks),
+        "finish_reason": last.finish_reason,
+        "usage": usage(last.performance),
+        "performance": performance(last.performance),
+    }
+
+
+def generate_chunk(chunk: TextChunk) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": chunk.text, "finish_reason": chunk.finish_reason}
+    if chunk.performance is not None:
+        out["usage"] = usage(chunk.performance)
+        out["performance"] = performance(chunk.performance)
+    return out

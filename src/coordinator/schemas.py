@@ -1,0 +1,158 @@
+"""Request bodies of the HTTP API, validated once, turned into SamplingParams.
+
+Field names and defaults follow OpenAI's API. Fields OpenAI clients send that
+we do not use (user, tools, ...) are accepted and ignored; fields we cannot
+honour in a way a client would rely on (n > 1) are refused with a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from coordinator.sampling import SamplingParams
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, Field(ge=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # any value is accepted; the cluster serves one model
+    max_tokens: MaxTokens | None = None  # new tokens at most; default from the limits
+    temperature: Temperature = 1.0  # 0 = greedy
+    top_p: TopP = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # extension: 0 = off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension: 0 = off
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0  # extension
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 16 or not all(stops):
+            raise ValueError("stop must be a non-empty string or a list of up to 16 of them")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return bias
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def top_logprobs_wanted(self) -> int:
+        return 0
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """SamplingParams for this request with max_tokens already settled."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            seed=self.seed,
+            stop=tuple(stop),
+            top_logprobs=self.top_logprobs_wanted(),
+        )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text":
+                raise ValueError(f"content parts of type {part.type!r} are not supported")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def top_logprobs_wanted(self) -> int:
+        return max(self.top_logprobs or 0, 1) if self.logprobs else 0
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int]
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
+            raise ValueError(f"exactly one prompt is supported, got {len(prompt)}")
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def top_logprobs_wanted(self) -> int:
+        return max(self.logprobs, 1) if self.logprobs is not None else 0
+
+
+class GenerateRequest(_Request):
+    """`POST /generate`: a prompt in, text and timings out."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    temperature: Temperature = 0.0  # greedy unless asked otherwise
+    chat: bool = False  # render the prompt as one user message with the chat template
