@@ -27,7 +27,7 @@ def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
     built: dict[tuple, Path] = {}
 
     def make(model_type: str = "llama", **kwargs: object) -> Path:
-        key = (model_type, *sorted(kwargs.items()))
+        key = (model_type, repr(sorted(kwargs.items())))
         if key not in built:
             out = tmp_path_factory.mktemp(f"model-{model_type}")
             kwargs.setdefault("num_layers", TINY_LAYERS)
@@ -42,30 +42,37 @@ def tiny_llama(model_factory: Callable[..., Path]) -> Path:
     return model_factory("llama")
 
 
-@pytest.fixture
-async def start_workers() -> AsyncIterator[Callable[..., object]]:
-    """Start in-process gRPC workers on port 0; all are stopped at teardown."""
-    running: list[RunningWorker] = []
-    clients: list[WorkerClient] = []
+class WorkerPool:
+    """In-process gRPC workers on port 0; `await pool(n)` starts n and returns clients."""
 
-    async def start(count: int, **settings: object) -> list[WorkerClient]:
+    def __init__(self) -> None:
+        self.servers: dict[str, RunningWorker] = {}  # by address
+        self.clients: list[WorkerClient] = []
+
+    async def __call__(self, count: int, **settings: object) -> list[WorkerClient]:
         new = []
         for _ in range(count):
-            worker = await create_server(
-                "127.0.0.1:0",
-                WorkerSettings(name=f"worker-{len(running)}", **settings),  # type: ignore[arg-type]
-            )
-            running.append(worker)
+            name = f"worker-{len(self.servers)}"
+            worker = await create_server("127.0.0.1:0", WorkerSettings(name=name, **settings))  # type: ignore[arg-type]
             client = WorkerClient(f"127.0.0.1:{worker.port}")
-            clients.append(client)
+            self.servers[client.address] = worker
+            self.clients.append(client)
             new.append(client)
         return new
 
-    yield start
-    for client in clients:
-        await client.close()
-    for worker in running:
-        await worker.stop(grace=None)
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for worker in self.servers.values():
+            await worker.stop(grace=None)
+
+
+@pytest.fixture
+async def start_workers() -> AsyncIterator[WorkerPool]:
+    """A WorkerPool whose workers are all stopped at teardown."""
+    pool = WorkerPool()
+    yield pool
+    await pool.close()
 
 
 async def make_pipeline(

@@ -64,7 +64,9 @@ async def test_streamed_chat_concatenates_to_the_same_text(api):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
     assert chunks[0].choices[0].delta.role == "assistant"
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finals in (["stop"], ["length"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
@@ -130,7 +132,12 @@ async def test_generate_endpoint_plain_and_streamed(api):
         reply = (await http.post("/generate", json=body)).json()
         assert set(reply) == {"text", "finish_reason", "usage", "performance"}
         perf = reply["performance"]
-        assert set(perf) == {"ttft_ms", "tokens_per_second", "prefill_tokens_per_second", "total_ms"}
+        assert set(perf) == {
+            "ttft_ms",
+            "tokens_per_second",
+            "prefill_tokens_per_second",
+            "total_ms",
+        }
         assert perf["total_ms"] >= perf["ttft_ms"] > 0
         pieces = []
         async with http.stream("POST", "/generate", json={**body, "stream": True}) as stream:

@@ -7,6 +7,7 @@ trace reaches a client.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, "the request body is not valid JSON", param=None, code="invalid_json")
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     where = f"'{param}'" if param else "the request body"
+    got = first.get("input")
+    if isinstance(got, str | int | float | bool) and first.get("type") != "missing":
+        message += f" (got {json.dumps(got)[:80]})"
     return ApiError(400, f"invalid value for {where}: {message}", param=param, code="invalid_value")
 
 
