@@ -184,16 +184,17 @@ async def test_sixteen_concurrent_chats_match_their_solo_text(api):
 async def test_client_disconnect_mid_stream_frees_every_session(api):
     url, cluster, _ = api
     body = {"prompt": "The river", "max_tokens": 2000, "stream": True, "temperature": 0}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        async with http.stream("POST", "/generate", json=body) as stream:
-            lines = stream.aiter_lines()
-            seen = 0
-            async for line in lines:
-                seen += line.startswith("data: ")
-                if seen == 3:
-                    break
-            infos = [await s.client.info() for s in cluster.stages]
-            assert all(i.sessions_open == 1 for i in infos)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        http.stream("POST", "/generate", json=body) as stream,
+    ):
+        seen = 0
+        async for line in stream.aiter_lines():
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break
+        infos = [await s.client.info() for s in cluster.stages]
+        assert all(i.sessions_open == 1 for i in infos)
     for _ in range(200):  # the server notices the disconnect within a few steps
         infos = [await s.client.info() for s in cluster.stages]
         if all(i.sessions_open == 0 for i in infos):
