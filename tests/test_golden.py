@@ -54,7 +54,10 @@ def assert_same(got: list[tuple[int, mx.array]], want: list[tuple[int, mx.array]
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5), f"logprobs differ at step {step}"
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize(
+    "model_type",
+    ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_moe", "deepseek_v2"],
+)
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: "-".join(map(str, s)))
 async def test_pipeline_matches_mlx_lm(model_factory, start_workers, model_type, split):
     model = model_factory(model_type)
@@ -62,6 +65,16 @@ async def test_pipeline_matches_mlx_lm(model_factory, start_workers, model_type,
     want = reference(model, PROMPT, params)
     assert len({t for t, _ in want}) > 3, "the random model should not repeat one token"
     pipeline = await make_pipeline(model, await start_workers(len(split)), split)
+    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+
+
+@pytest.mark.parametrize("model_type, bits", [("llama", 4), ("qwen3", 8), ("qwen3_moe", 4)])
+async def test_quantized_slices_match(model_factory, start_workers, model_type, bits):
+    """Each slice keeps the model's quantization and the result is unchanged."""
+    model = model_factory(model_type, quantize_bits=bits)
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    want = reference(model, PROMPT, params)
+    pipeline = await make_pipeline(model, await start_workers(3), [1, 5, 2])
     assert_same(await pipeline_run(pipeline, PROMPT, params), want)
 
 
