@@ -1,0 +1,398 @@
+"""Which worker holds which layers, and how many tokens of KV cache each can keep.
+
+Pure functions over numbers: no MLX, no I/O. The coordinator runs `plan_layers`
+at start-up; `mlx-cluster plan` prints its result without loading weights.
+
+Memory model of one worker holding layers [a, b):
+    weights(a, b) + kv(a, b, tokens) + reserve <= usable memory
+where kv charges each layer `kv_bytes_per_token_per_layer[i]` per token, up to
+its sliding window if it has one. Sizes are in bytes; GB in messages is 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json as jsonlib
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from contract.layers import LayerRange, check_coverage, split_by_counts
+
+if TYPE_CHECKING:
+    from contract.config import ClusterConfig
+
+GB = 1_000_000_000
+
+
+class PlanError(ValueError):
+    """No assignment of layers to workers fits; the message has every worker's numbers."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner needs to know about a model, read without loading weights."""
+
+    num_layers: int
+    layer_weight_bytes: list[int]  # bytes of each decoder layer's parameters
+    edge_weight_bytes: int  # embedding + final norm + LM head, held by the coordinator
+    kv_bytes_per_token_per_layer: list[int]  # K and V bytes one token adds to each layer
+    max_context: int  # longest sequence the model supports (max_position_embeddings)
+    kv_window: list[int | None] | None = None  # per layer: sliding window, None = global
+
+    def __post_init__(self) -> None:
+        n = self.num_layers
+        lengths = [len(self.layer_weight_bytes), len(self.kv_bytes_per_token_per_layer)]
+        if self.kv_window is not None:
+            lengths.append(len(self.kv_window))
+        if n <= 0 or any(length != n for length in lengths):
+            raise ValueError(f"model facts for {n} layers have per-layer lists of {lengths}")
+
+    def window(self, layer: int) -> int | None:
+        return None if self.kv_window is None else self.kv_window[layer]
+
+
+@dataclass(frozen=True)
+class WorkerCapacity:
+    """One worker as the planner sees it."""
+
+    name: str
+    memory_bytes: int  # memory this worker may use for weights, KV and reserve
+    compute: float  # relative speed; layers are split in proportion to it
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0 or not self.compute > 0:
+            raise ValueError(
+                f"worker {self.name}: memory_bytes must be >= 0 and compute > 0, "
+                f"got {self.memory_bytes} and {self.compute}"
+            )
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker's share of the model."""
+
+    name: str
+    layers: LayerRange
+    weight_bytes: int  # parameters of its layers
+    kv_tokens: int  # tokens of KV cache its budget holds over all sessions
+    memory_bytes_used: int  # weights + KV budget + reserve
+    memory_fraction: float  # memory_bytes_used / usable memory
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """The whole assignment; workers in chain order."""
+
+    workers: list[WorkerPlan]
+    context_tokens: int  # longest sequence the cluster admits
+    edge_weight_bytes: int = 0  # held by the coordinator, outside the workers
+
+
+# --- arithmetic ------------------------------------------------------------------------
+
+
+def split_proportional(total: int, weights: list[float]) -> list[int]:
+    """Split `total` into integers proportional to `weights` by largest remainder.
+
+    Ties in the remainders go to the earlier weight. Counts may be 0.
+
+    Raises:
+        ValueError: if weights are empty, negative, or all zero.
+    """
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    scale = sum(weights)
+    exact = [total * w / scale for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _at_least_one(counts: list[int]) -> list[int]:
+    """Give every zero count one layer, taken from the largest counts."""
+    counts = list(counts)
+    for i, c in enumerate(counts):
+        if c == 0:
+            donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
+            counts[donor] -= 1
+            counts[i] = 1
+    return counts
+
+
+class _Costs:
+    """Prefix sums that give the weight and KV bytes of any layer range in O(1)."""
+
+    def __init__(self, facts: ModelFacts, context_tokens: int) -> None:
+        weights, kv = [0], [0]
+        for i in range(facts.num_layers):
+            window = facts.window(i)
+            tokens = context_tokens if window is None else min(window, context_tokens)
+            weights.append(weights[-1] + facts.layer_weight_bytes[i])
+            kv.append(kv[-1] + facts.kv_bytes_per_token_per_layer[i] * tokens)
+        self._weights, self._kv = weights, kv
+
+    def weights(self, start: int, end: int) -> int:
+        return self._weights[end] - self._weights[start]
+
+    def kv(self, start: int, end: int) -> int:
+        """KV bytes of one sequence of the planned context over layers [start, end)."""
+        return self._kv[end] - self._kv[start]
+
+    def need(self, start: int, end: int) -> int:
+        """Weights plus KV of one planned-context sequence over layers [start, end)."""
+        return self.weights(start, end) + self.kv(start, end)
+
+
+# --- assignment ------------------------------------------------------------------------
+
+
+def _fitting_boundaries(
+    costs: _Costs, limits: list[int], targets: list[int], num_layers: int
+) -> list[int] | None:
+    """Boundaries b_0=0 < b_1 < ... < b_m=n where worker k's layers [b_k, b_k+1) fit limits[k].
+
+    Among those that fit, returns the one closest to `targets` (sum of |b_k - t_k|),
+    found by dynamic programming over (worker, boundary); None if nothing fits.
+    """
+    m, inf = len(limits), math.inf
+    best: list[float] = [0.0] + [inf] * num_layers  # best[j]: cost with layers [0, j) placed
+    choices: list[list[int]] = []
+    for k in range(m):
+        new, choice = [inf] * (num_layers + 1), [-1] * (num_layers + 1)
+        for end in range(k + 1, num_layers - (m - k - 1) + 1):
+            for start in range(end - 1, k - 1, -1):
+                if costs.need(start, end) > limits[k]:
+                    break  # longer ranges only need more
+                cost = best[start] + abs(end - targets[k])
+                if cost < new[end]:
+                    new[end], choice[end] = cost, start
+        best = new
+        choices.append(choice)
+    if best[num_layers] == inf:
+        return None
+    bounds = [num_layers]
+    for k in range(m - 1, -1, -1):
+        bounds.append(choices[k][bounds[-1]])
+    return bounds[::-1]
+
+
+def _no_fit_error(
+    facts: ModelFacts,
+    workers: list[WorkerCapacity],
+    counts: list[int],
+    costs: _Costs,
+    context_tokens: int,
+    reserve_bytes: int,
+) -> PlanError:
+    total = facts.num_layers
+    lines = [
+        f"model needs {costs.weights(0, total) / GB:.1f} GB of weights + "
+        f"{costs.kv(0, total) / GB:.1f} GB KV for {context_tokens} tokens "
+        f"(+ {reserve_bytes / GB:.1f} GB reserve per worker); the {len(workers)} workers "
+        f"have {sum(w.memory_bytes for w in workers) / GB:.1f} GB usable in all, and no "
+        f"split of the {total} layers fits:"
+    ]
+    for w, r in zip(workers, split_by_counts(counts, total), strict=True):
+        need = costs.need(r.start, r.end) + reserve_bytes
+        lines.append(
+            f"  {w.name}: layers {r} need {need / GB:.1f} GB, {w.memory_bytes / GB:.1f} GB usable"
+        )
+    return PlanError("\n".join(lines))
+
+
+def plan_layers(
+    facts: ModelFacts,
+    workers: list[WorkerCapacity],
+    *,
+    context_tokens: int,
+    reserve_bytes: int,
+    manual: list[LayerRange] | None = None,
+    kv_fraction: float = 1.0,
+    kv_budget_bytes: int | None = None,
+) -> ClusterPlan:
+    """Assign each worker a contiguous layer range, in chain order, and size its KV cache.
+
+    Layers go in proportion to `compute` (largest remainder, at least one each); if
+    that does not fit, the fitting split closest to it is taken. A worker fits when its
+    weights, the KV of one `context_tokens`-long sequence and `reserve_bytes` fit its
+    memory.
+
+    Args:
+        facts: The model's per-layer sizes.
+        workers: Capacities in chain order.
+        context_tokens: Sequence length every worker must hold (capped at the model's).
+        reserve_bytes: Memory left free on every worker.
+        manual: Ranges given by the user, one per worker; checked, not changed.
+        kv_fraction: Share of the memory left after weights and reserve given to KV.
+        kv_budget_bytes: KV bytes per worker instead of the fraction (capped by memory).
+
+    Raises:
+        PlanError: nothing fits (each worker's need and capacity in GB), fewer layers
+            than workers, or manual ranges that do not cover the model once.
+    """
+    if not workers:
+        raise PlanError("no workers to plan for")
+    context = min(context_tokens, facts.max_context)
+    if context <= 0:
+        raise PlanError(f"context must be at least 1 token, got {context_tokens}")
+    costs = _Costs(facts, context)
+    if manual is not None:
+        ranges = _check_manual(manual, workers, facts.num_layers)
+        limits = [w.memory_bytes - reserve_bytes for w in workers]
+        if any(costs.need(r.start, r.end) > lim for r, lim in zip(ranges, limits, strict=True)):
+            counts = [r.count for r in ranges]
+            raise _no_fit_error(facts, workers, counts, costs, context, reserve_bytes)
+    else:
+        ranges = _assign(facts, workers, costs, context, reserve_bytes)
+    plans = [
+        _size_worker(w, r, costs, facts, context, reserve_bytes, kv_fraction, kv_budget_bytes)
+        for w, r in zip(workers, ranges, strict=True)
+    ]
+    cluster_context = min([context, *(p.kv_tokens for p in plans)])
+    return ClusterPlan(plans, cluster_context, facts.edge_weight_bytes)
+
+
+def _assign(
+    facts: ModelFacts,
+    workers: list[WorkerCapacity],
+    costs: _Costs,
+    context: int,
+    reserve_bytes: int,
+) -> list[LayerRange]:
+    """The split proportional to compute if it fits, else the fitting split closest to it."""
+    total = facts.num_layers
+    if total < len(workers):
+        raise PlanError(f"model has {total} layers, fewer than the {len(workers)} workers")
+    counts = _at_least_one(split_proportional(total, [w.compute for w in workers]))
+    targets = [sum(counts[: k + 1]) for k in range(len(counts))]
+    limits = [w.memory_bytes - reserve_bytes for w in workers]
+    bounds = _fitting_boundaries(costs, limits, targets, total)
+    if bounds is None:
+        raise _no_fit_error(facts, workers, counts, costs, context, reserve_bytes)
+    return [LayerRange(a, b, total) for a, b in itertools.pairwise(bounds)]
+
+
+def _check_manual(
+    manual: list[LayerRange], workers: list[WorkerCapacity], num_layers: int
+) -> list[LayerRange]:
+    if len(manual) != len(workers):
+        raise PlanError(f"{len(manual)} manual layer ranges for {len(workers)} workers")
+    try:
+        check_coverage(manual)
+    except ValueError as exc:
+        raise PlanError(f"manual layer ranges: {exc}") from exc
+    if manual[0].total != num_layers:
+        raise PlanError(
+            f"manual layer ranges are for {manual[0].total} layers, the model has {num_layers}"
+        )
+    return manual
+
+
+def manual_ranges(pairs: list[tuple[int, int]], num_layers: int) -> list[LayerRange]:
+    """Half-open [start, end) pairs from a config as LayerRanges of this model.
+
+    Raises:
+        PlanError: if a range is empty or goes past the model's layers.
+    """
+    ranges = []
+    for start, end in pairs:
+        if not 0 <= start < end <= num_layers:
+            raise PlanError(
+                f"manual layer range [{start}, {end}) is not inside the model's {num_layers} layers"
+            )
+        ranges.append(LayerRange(start, end, num_layers))
+    return ranges
+
+
+def plan_for_config(
+    facts: ModelFacts, config: ClusterConfig, workers: list[WorkerCapacity]
+) -> ClusterPlan:
+    """`plan_layers` with a cluster config's context, KV, reserve and manual layers.
+
+    The planned context is kv.max_session_tokens, capped by kv.max_sequence_length
+    (or the model's context when that is unset).
+    """
+    kv = config.kv
+    context = min(kv.max_session_tokens, kv.max_sequence_length or facts.max_context)
+    pairs = [w.layers for w in config.workers if w.layers is not None]
+    return plan_layers(
+        facts,
+        workers,
+        context_tokens=context,
+        reserve_bytes=int(config.reserve_gb * GB),
+        manual=manual_ranges(pairs, facts.num_layers) if pairs else None,
+        kv_fraction=kv.memory_fraction,
+        kv_budget_bytes=None if kv.memory_gb is None else int(kv.memory_gb * GB),
+    )
+
+
+def _size_worker(
+    worker: WorkerCapacity,
+    layers: LayerRange,
+    costs: _Costs,
+    facts: ModelFacts,
+    context: int,
+    reserve_bytes: int,
+    kv_fraction: float,
+    kv_budget_bytes: int | None,
+) -> WorkerPlan:
+    """KV budget: the policy's share of what is left, never less than one full context.
+
+    Sliding-window layers are charged their window averaged over the context, so
+    `kv_tokens` is exact for sessions of `context` tokens.
+    """
+    weights = costs.weights(layers.start, layers.end)
+    free = worker.memory_bytes - weights - reserve_bytes
+    policy = kv_budget_bytes if kv_budget_bytes is not None else int(free * kv_fraction)
+    full_context = costs.kv(layers.start, layers.end)
+    budget = min(free, max(full_context, policy))
+    # Layers without KV (linear attention, SSM: fixed-size state) are limited by the model only.
+    kv_tokens = budget * context // full_context if full_context > 0 else facts.max_context
+    used = weights + budget + reserve_bytes
+    return WorkerPlan(
+        name=worker.name,
+        layers=layers,
+        weight_bytes=weights,
+        kv_tokens=kv_tokens,
+        memory_bytes_used=used,
+        memory_fraction=used / max(worker.memory_bytes, 1),
+    )
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def render_plan(plan: ClusterPlan, json: bool = False) -> str:
+    """The plan as a table (worker, layers, weight GB, KV tokens, memory use %), or JSON."""
+    if json:
+        rows = [{**asdict(w), "layers": [w.layers.start, w.layers.end]} for w in plan.workers]
+        data = {
+            "workers": rows,
+            "context_tokens": plan.context_tokens,
+            "edge_weight_bytes": plan.edge_weight_bytes,
+        }
+        return jsonlib.dumps(data, indent=2)
+    header = ("worker", "layers", "weights GB", "KV tokens", "memory use")
+    rows_text = [
+        (
+            w.name,
+            str(w.layers),
+            f"{w.weight_bytes / GB:.2f}",
+            str(w.kv_tokens),
+            f"{w.memory_fraction * 100:.0f}%",
+        )
+        for w in plan.workers
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows_text]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
+        for row in [header, *rows_text]
+    ]
+    lines.append(
+        f"context: {plan.context_tokens} tokens; coordinator holds "
+        f"{plan.edge_weight_bytes / GB:.2f} GB (embedding, norm, head)"
+    )
+    return "\n".join(lines)

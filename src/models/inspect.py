@@ -1,0 +1,178 @@
+"""A model's sizes, per layer, read from config.json and safetensors headers only.
+
+Nothing here loads a weight or imports MLX: the planner must size a model that may
+not fit on the machine running it. A safetensors file starts with a little-endian
+u64 header length and a JSON header giving each tensor's dtype, shape and byte
+offsets, which is all we need.
+
+KV bytes per token follow the caches mlx-lm builds (approximations noted inline):
+- attention with `num_key_value_heads` heads of `head_dim`: 2 * heads * head_dim;
+- deepseek_v2: mlx-lm caches full per-head keys (qk_nope + qk_rope) and values
+  (v_head_dim) for all `num_attention_heads`;
+- other multi-head latent attention (deepseek_v3 and kin, any config with
+  `kv_lora_rank`): the latent, kv_lora_rank + qk_rope_head_dim, as one head;
+- layer types other than full or sliding attention (linear attention, SSM) keep a
+  fixed-size state and are counted as 0 bytes per token;
+- sliding-window layers (`layer_types`, or gemma3's `sliding_window_pattern`) hold
+  at most `sliding_window` tokens (mlx-lm's rotating cache briefly holds a chunk more).
+All times the activation dtype's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from contract.plan import ModelFacts
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Towers of multimodal checkpoints that mlx-lm's text models drop when loading.
+_NOT_TEXT = ("vision", "audio", "multi_modal")
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+DEFAULT_CONTEXT = 4096  # for configs that name no context length (as the coordinator does)
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of one safetensors file: name -> {dtype, shape, data_offsets}.
+
+    Raises:
+        ValueError: if the file is too short or its header is not a safetensors header.
+    """
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: {len(prefix)} bytes, too short for a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER:
+            raise ValueError(f"{path}: header length {length} is over {_MAX_HEADER} bytes")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: the safetensors header is not JSON: {exc}") from exc
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    return files
+
+
+def _text_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {path}: config.json is missing")
+    config: dict[str, Any] = json.loads(config_file.read_text())
+    # Multimodal configs nest the language model's fields; those win.
+    return {**config, **config.get("text_config", {})}
+
+
+# --- weights ---------------------------------------------------------------------------
+
+
+def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for file in _weight_files(path):
+        table.update(read_safetensors_header(file))
+    return table
+
+
+def _bytes_per_layer(table: dict[str, dict[str, Any]], num_layers: int) -> tuple[list[int], int]:
+    """(bytes of each layer, bytes of everything else) over the tensors a text model loads."""
+    layers, edges = [0] * num_layers, 0
+    for name, info in table.items():
+        if any(part in name for part in _NOT_TEXT):
+            continue
+        start, end = info["data_offsets"]
+        match = _LAYER.search(name)
+        if match is None:
+            edges += end - start
+        elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
+            layers[int(match.group(1))] += end - start
+    if not any(layers):
+        raise ValueError(f"no tensors named like 'layers.N.' among {len(table)} tensors")
+    return layers, edges
+
+
+def _activation_bytes(table: dict[str, dict[str, Any]], config: dict[str, Any]) -> int:
+    """Bytes of one activation value: norm weights keep the activation dtype, even quantized."""
+    for name, info in table.items():
+        if "norm" in name and info["dtype"] in _FLOAT_BYTES:
+            return _FLOAT_BYTES[info["dtype"]]
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return _TORCH_DTYPE_BYTES.get(str(dtype), 2)
+
+
+# --- KV cache --------------------------------------------------------------------------
+
+
+def _kv_values_per_token(config: dict[str, Any]) -> int:
+    """K and V values one token adds to one attention layer (see the module docstring)."""
+    heads = int(config["num_attention_heads"])
+    if config.get("model_type") == "deepseek_v2":
+        key_dim = int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"])
+        return heads * (key_dim + int(config["v_head_dim"]))
+    if config.get("kv_lora_rank"):
+        return int(config["kv_lora_rank"]) + int(config["qk_rope_head_dim"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return 2 * kv_heads * head_dim
+
+
+def _layer_kinds(config: dict[str, Any], num_layers: int) -> list[str]:
+    """Each layer's kind: "full", "sliding" or "state"."""
+    if isinstance(config.get("layer_types"), list):
+        names = {"full_attention": "full", "sliding_attention": "sliding"}
+        return [names.get(t, "state") for t in config["layer_types"][:num_layers]]
+    if str(config.get("model_type", "")).startswith("gemma3"):
+        pattern = int(config.get("sliding_window_pattern", 6))  # mlx-lm's default
+        return ["full" if i % pattern == pattern - 1 else "sliding" for i in range(num_layers)]
+    return ["full"] * num_layers
+
+
+# --- public API ------------------------------------------------------------------------
+
+
+def model_facts(path: Path, dtype_bytes: int | None = None) -> ModelFacts:
+    """Per-layer weight and KV sizes of the model directory at `path`, without loading it.
+
+    Args:
+        path: A Hugging Face / mlx-lm model directory (config.json + safetensors).
+        dtype_bytes: Bytes of one activation value, if known; default: the dtype of
+            the checkpoint's norm weights, else config's torch_dtype, else 2.
+
+    Raises:
+        FileNotFoundError: no config.json or no safetensors files.
+        ValueError: a malformed header, or no per-layer tensors.
+    """
+    config = _text_config(path)
+    num_layers = int(config["num_hidden_layers"])
+    table = _tensor_table(path)
+    layer_bytes, edge_bytes = _bytes_per_layer(table, num_layers)
+    value_bytes = dtype_bytes or _activation_bytes(table, config)
+    per_token = _kv_values_per_token(config) * value_bytes
+    kinds = _layer_kinds(config, num_layers)
+    window = config.get("sliding_window")
+    windows: list[int | None] = [
+        int(window) if kind == "sliding" and window else None for kind in kinds
+    ]
+    return ModelFacts(
+        num_layers=num_layers,
+        layer_weight_bytes=layer_bytes,
+        edge_weight_bytes=edge_bytes,
+        kv_bytes_per_token_per_layer=[0 if k == "state" else per_token for k in kinds],
+        max_context=int(config.get("max_position_embeddings") or DEFAULT_CONTEXT),
+        kv_window=windows if any(w is not None for w in windows) else None,
+    )

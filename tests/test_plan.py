@@ -1,0 +1,337 @@
+"""The layer planner: proportional splits, memory fitting, KV sizing, and its errors."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contract.config import ClusterConfig
+from contract.layers import LayerRange
+from contract.plan import (
+    GB,
+    ClusterPlan,
+    ModelFacts,
+    PlanError,
+    WorkerCapacity,
+    manual_ranges,
+    plan_for_config,
+    plan_layers,
+    render_plan,
+    split_proportional,
+)
+from mlx_cluster import plan_cmd
+
+
+def uniform(layers: int, layer_gb: float = 1.0, kv_per_token: int = 0, context: int = 4096):
+    return ModelFacts(
+        num_layers=layers,
+        layer_weight_bytes=[int(layer_gb * GB)] * layers,
+        edge_weight_bytes=GB // 2,
+        kv_bytes_per_token_per_layer=[kv_per_token] * layers,
+        max_context=context,
+    )
+
+
+def workers(memory_gb: list[float], compute: list[float] | None = None) -> list[WorkerCapacity]:
+    compute = compute or memory_gb
+    return [
+        WorkerCapacity(f"w{i}", int(m * GB), c)
+        for i, (m, c) in enumerate(zip(memory_gb, compute, strict=True))
+    ]
+
+
+def counts(plan: ClusterPlan) -> list[int]:
+    return [w.layers.count for w in plan.workers]
+
+
+def plan(facts: ModelFacts, caps: list[WorkerCapacity], **kwargs: object) -> ClusterPlan:
+    kwargs.setdefault("context_tokens", 1024)
+    kwargs.setdefault("reserve_bytes", 0)
+    return plan_layers(facts, caps, **kwargs)  # type: ignore[arg-type]
+
+
+# --- proportional splits -----------------------------------------------------------------
+
+
+def test_split_proportional_uses_largest_remainders():
+    assert split_proportional(10, [1, 1, 1]) == [4, 3, 3]  # ties go to the earlier
+    assert split_proportional(7, [0.5, 0.3, 0.2]) == [4, 2, 1]  # 3.5, 2.1, 1.4
+    assert split_proportional(12, [18, 1, 1]) == [11, 1, 0]
+    assert sum(split_proportional(1000, [3.3, 1.7, 0.01])) == 1000
+
+
+def test_split_proportional_rejects_zero_weights():
+    with pytest.raises(ValueError, match=r"not all zero, got \[0, 0\]"):
+        split_proportional(4, [0, 0])
+
+
+def test_equal_workers_get_equal_layers():
+    assert counts(plan(uniform(12), workers([64, 64, 64]))) == [4, 4, 4]
+
+
+def test_memory_two_one_one_gives_layers_two_one_one():
+    # compute defaults to memory when a config gives none (see capacities_from_config)
+    assert counts(plan(uniform(16), workers([32, 16, 16]))) == [8, 4, 4]
+
+
+def test_extreme_imbalance():
+    assert counts(plan(uniform(20), workers([90, 90, 90], [18, 1, 1]))) == [18, 1, 1]
+    # 12 layers would round to [11, 1, 0]: every worker keeps at least one layer
+    assert counts(plan(uniform(12), workers([90, 90, 90], [18, 1, 1]))) == [10, 1, 1]
+
+
+def test_memory_overrides_compute_when_the_proportional_split_does_not_fit():
+    # equal compute asks for [4, 4, 4]; the small workers hold 3 layers of 1 GB each
+    caps = workers([6, 3.5, 3.5], [1, 1, 1])
+    assert counts(plan(uniform(12), caps)) == [6, 3, 3]
+
+
+def test_reserve_and_kv_count_against_memory():
+    facts = uniform(4, layer_gb=1.0, kv_per_token=250_000)  # 1024 tokens: 0.256 GB a layer
+    caps = workers([2.6, 2.6], [1, 1])
+    assert counts(plan(facts, caps)) == [2, 2]  # 2 + 0.512 GB fits 2.6
+    with pytest.raises(PlanError):
+        plan(facts, caps, reserve_bytes=GB // 10)  # 2.612 GB does not
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_model_that_fits_nowhere_lists_every_worker():
+    facts = uniform(8, layer_gb=1.5, kv_per_token=100_000)
+    with pytest.raises(PlanError) as info:
+        plan(facts, workers([6, 4]), context_tokens=8192, reserve_bytes=GB)
+    message = str(info.value)
+    # context capped at the model's 4096; KV 8 layers * 0.1 MB * 4096 tokens
+    assert "model needs 12.0 GB of weights + 3.3 GB KV for 4096 tokens" in message
+    assert "(+ 1.0 GB reserve per worker); the 2 workers have 10.0 GB usable in all" in message
+    # the 3:2 split: 5 * 1.5 + 5 * 0.4096 + 1 and 3 * 1.5 + 3 * 0.4096 + 1
+    assert "w0: layers [0, 5) need 10.5 GB, 6.0 GB usable" in message
+    assert "w1: layers [5, 8) need 6.7 GB, 4.0 GB usable" in message
+
+
+def test_a_layer_larger_than_any_worker():
+    facts = ModelFacts(3, [GB, 9 * GB, GB], 0, [0, 0, 0], 2048)
+    with pytest.raises(PlanError, match="w1: layers"):
+        plan(facts, workers([8, 8, 8]))
+
+
+def test_fewer_layers_than_workers():
+    with pytest.raises(PlanError, match="model has 2 layers, fewer than the 3 workers"):
+        plan(uniform(2), workers([8, 8, 8]))
+
+
+def test_manual_ranges_are_kept_when_they_fit():
+    manual = manual_ranges([(0, 1), (1, 8)], 8)
+    assert counts(plan(uniform(8), workers([8, 8]), manual=manual)) == [1, 7]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ([(0, 4), (3, 8)], "overlap at layer 4"),
+        ([(0, 4), (5, 8)], "gap at layer 4"),
+        ([(0, 4), (4, 7)], "end at 7, model has 8 layers"),
+    ],
+)
+def test_manual_ranges_that_overlap_or_leave_a_gap(pairs, message):
+    with pytest.raises(PlanError, match=message):
+        plan(uniform(8), workers([8, 8]), manual=manual_ranges(pairs, 8))
+
+
+def test_manual_range_past_the_model():
+    with pytest.raises(PlanError, match=r"\[4, 9\) is not inside the model's 8 layers"):
+        manual_ranges([(0, 4), (4, 9)], 8)
+
+
+def test_manual_ranges_that_do_not_fit():
+    manual = manual_ranges([(0, 6), (6, 8)], 8)
+    with pytest.raises(PlanError, match=r"w0: layers \[0, 6\) need 6.0 GB, 4.0 GB usable"):
+        plan(uniform(8), workers([4, 8]), manual=manual)
+
+
+# --- KV sizing -------------------------------------------------------------------------------
+
+
+def test_kv_tokens_from_what_is_left():
+    facts = uniform(4, layer_gb=1.0, kv_per_token=1_000_000)
+    result = plan(facts, workers([5, 5]), context_tokens=100, reserve_bytes=GB, kv_fraction=0.5)
+    # 5 - 2 weights - 1 reserve = 2 GB free; half of it for KV; 2 MB a token
+    assert [w.kv_tokens for w in result.workers] == [500, 500]
+    assert result.context_tokens == 100
+    assert result.workers[0].memory_fraction == pytest.approx(4 / 5)
+
+
+def test_kv_budget_never_below_the_planned_context():
+    facts = uniform(4, layer_gb=1.0, kv_per_token=1_000_000)
+    result = plan(facts, workers([5, 5]), context_tokens=800, reserve_bytes=GB, kv_fraction=0.1)
+    assert [w.kv_tokens for w in result.workers] == [800, 800]
+    assert result.workers[0].memory_bytes_used == int(2 * GB + 1.6 * GB + GB)
+
+
+def test_kv_budget_bytes_and_memory_fraction():
+    facts = uniform(2, layer_gb=1.0, kv_per_token=1_000_000)
+    result = plan(facts, workers([10, 10]), context_tokens=100, kv_budget_bytes=GB)
+    assert [w.kv_tokens for w in result.workers] == [1000, 1000]  # 1 GB at 1 MB a token
+    assert result.workers[0].memory_fraction == pytest.approx(0.2)
+
+
+def test_context_is_capped_by_the_model():
+    result = plan(uniform(2, kv_per_token=10, context=2048), workers([8, 8]), context_tokens=10**6)
+    assert result.context_tokens == 2048
+
+
+def test_sliding_window_layers_are_charged_their_window():
+    # 4 layers of 1 GB; each full layer holds 1 MB a token, sliding ones at most 128 tokens
+    windows = [128, None, 128, None]
+    facts = ModelFacts(4, [GB] * 4, 0, [1_000_000] * 4, 4096, kv_window=windows)
+    caps = workers([3.2, 3.2], [1, 1])
+    # per worker: 2 GB + 1 global layer * 1024 tokens + 128 tokens = 3.15 GB
+    result = plan(facts, caps, context_tokens=1024)
+    assert counts(result) == [2, 2]
+    with pytest.raises(PlanError):
+        plan(uniform(4, kv_per_token=1_000_000), caps, context_tokens=1024)  # 4.05 GB each
+
+
+def test_plan_for_config_maps_kv_and_manual_layers():
+    config = ClusterConfig.model_validate(
+        {
+            "model": "m",
+            "workers": [
+                {"address": "a:1", "layers": [0, 3]},
+                {"address": "b:1", "layers": [3, 4]},
+            ],
+            "kv": {"max_session_tokens": 4096, "max_sequence_length": 100, "memory_gb": 0.001},
+            "reserve_gb": 0.5,
+        }
+    )
+    facts = uniform(4, kv_per_token=1000)
+    result = plan_for_config(facts, config, workers([8, 8]))
+    assert counts(result) == [3, 1]
+    assert result.context_tokens == 100
+    assert [w.kv_tokens for w in result.workers] == [333, 1000]  # 1 MB over 3 layers, 1
+    assert result.workers[1].memory_bytes_used == GB + GB // 1000 + GB // 2
+
+
+# --- property: every layer exactly once --------------------------------------------------------
+
+
+def _fits(facts: ModelFacts, caps: list[WorkerCapacity], bounds: tuple[int, ...]) -> bool:
+    for cap, (a, b) in zip(caps, itertools.pairwise(bounds), strict=True):
+        need = sum(facts.layer_weight_bytes[a:b]) + sum(facts.kv_bytes_per_token_per_layer[a:b])
+        if need > cap.memory_bytes:
+            return False
+    return True
+
+
+def _any_split_fits(facts: ModelFacts, caps: list[WorkerCapacity]) -> bool:
+    n, m = facts.num_layers, len(caps)
+    for cuts in itertools.combinations(range(1, n), m - 1):
+        if _fits(facts, caps, (0, *cuts, n)):
+            return True
+    return False
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(1, 100), min_size=1, max_size=10),
+    st.lists(st.tuples(st.integers(0, 600), st.floats(0.1, 20)), min_size=1, max_size=4),
+    st.integers(0, 5),
+)
+def test_every_layer_is_assigned_exactly_once(layer_sizes, caps_spec, kv):
+    n = len(layer_sizes)
+    facts = ModelFacts(n, layer_sizes, 7, [kv] * n, 1)  # context 1: KV is kv bytes a layer
+    caps = [WorkerCapacity(f"w{i}", m, c) for i, (m, c) in enumerate(caps_spec)]
+    try:
+        result = plan(facts, caps, context_tokens=1)
+    except PlanError:
+        assert n < len(caps) or not _any_split_fits(facts, caps)  # nothing fits, truly
+        return
+    ranges = [w.layers for w in result.workers]
+    assert [r.start for r in ranges] == [0, *(r.end for r in ranges[:-1])]
+    assert ranges[-1].end == n and all(r.count >= 1 for r in ranges)
+    for cap, w in zip(caps, result.workers, strict=True):
+        assert w.memory_bytes_used <= cap.memory_bytes
+        assert w.kv_tokens >= result.context_tokens == 1
+    ideal = [max(c, 1) for c in split_proportional(n, [c for _, c in caps_spec])]
+    if sum(ideal) == n and _fits(facts, caps, (0, *itertools.accumulate(ideal))):
+        assert counts(result) == ideal  # the proportional split is kept when it fits
+
+
+# --- output and the plan command ----------------------------------------------------------------
+
+
+def test_render_plan_table_and_json():
+    result = plan(uniform(4, kv_per_token=1000), workers([8, 4]))
+    table = render_plan(result)
+    assert table.splitlines()[0] == "worker  layers  weights GB  KV tokens  memory use"
+    assert "w0      [0, 3)  3.00" in table
+    assert "context: 1024 tokens" in table
+    data = json.loads(render_plan(result, json=True))
+    assert data["workers"][1]["layers"] == [3, 4]
+    assert data["context_tokens"] == 1024
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_cmd.add_parsers(sub)
+    return plan_cmd.run(parser.parse_args(argv))
+
+
+def test_plan_command_on_a_real_model(model_factory: Callable[..., Path], tmp_path, capsys):
+    model = model_factory("llama")
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"model: {model}\nworkers:\n"
+        "  - {address: 'a:1', memory_gb: 2}\n  - {address: 'b:1', memory_gb: 1}\n"
+        "reserve_gb: 0.5\n"
+    )
+    assert _run(["plan", "--config", str(config), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [w["layers"] for w in data["workers"]] == [[0, 5], [5, 8]]  # 2:1 memory
+    assert data["context_tokens"] == 2048  # the model's max_position_embeddings
+    assert _run(["plan", "--config", str(config), "--set", "kv.max_session_tokens=512"]) == 0
+    assert "context: 512 tokens" in capsys.readouterr().out
+
+
+def test_plan_command_needs_memory_for_every_worker(model_factory, tmp_path, capsys):
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"model: {model_factory('llama')}\n"
+        "workers:\n  - {address: 'a:1', memory_gb: 2}\n  - {address: 'b:1', name: mini}\n"
+    )
+    assert _run(["plan", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "workers[1] (mini) has no memory_gb" in err
+
+
+def test_plan_command_needs_a_local_model(tmp_path, capsys):
+    config = tmp_path / "cluster.yaml"
+    config.write_text("model: org/some-model\nworkers: ['a:1']\n")
+    assert _run(["plan", "--config", str(config)]) == 2
+    assert "'org/some-model' is not a local directory" in capsys.readouterr().err
+
+
+def test_config_show_prints_sources(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .env here
+    config = tmp_path / "cluster.yaml"
+    config.write_text("model: m\nworkers: ['a:1']\n")
+    monkeypatch.setenv("MLX_CLUSTER_KV__SESSION_TTL_S", "60")
+    assert _run(["config", "show", "--config", str(config), "--set", "reserve_gb=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: m  # file:{config}" in out
+    assert "session_ttl_s: 60.0  # env:MLX_CLUSTER_KV__SESSION_TTL_S" in out
+    assert "reserve_gb: 3.0  # cli" in out
+    assert "max_session_tokens: 8192  # default" in out
+
+
+def test_layer_range_type_is_the_contract_one():
+    assert manual_ranges([(0, 2)], 2) == [LayerRange(0, 2, 2)]
