@@ -89,7 +89,8 @@ async def make_pipeline(
 @pytest.fixture
 async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[..., object]]:
     """Start workers, a Cluster over them and the HTTP API on port 0; returns its URL."""
-    from coordinator.app import ApiSettings, create_app
+    from contract.config import LimitsConfig
+    from coordinator.app import create_app
     from coordinator.cluster import Cluster
     from coordinator.http_server import HttpServer
 
@@ -100,7 +101,7 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
         model: Path | None = None,
         workers: int = 2,
         counts: Sequence[int] | None = None,
-        settings: ApiSettings | None = None,
+        settings: LimitsConfig | None = None,
         **worker_settings: object,
     ) -> tuple[str, Cluster]:
         clients = await start_workers(workers, **worker_settings)

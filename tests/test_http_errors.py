@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from coordinator.app import ApiSettings
+from contract.config import LimitsConfig
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
 
@@ -31,7 +31,7 @@ async def assert_serves(http: httpx.AsyncClient) -> None:
 
 @pytest.fixture
 async def http(serve_cluster):
-    settings = ApiSettings(max_prompt_bytes=2000, max_tokens_ceiling=64)
+    settings = LimitsConfig(max_prompt_bytes=2000, max_tokens_ceiling=64, default_max_tokens=16)
     url, _ = await serve_cluster(settings=settings)
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         yield client
@@ -122,7 +122,7 @@ async def test_capacity_is_429_with_retry_after(serve_cluster):
 
 
 async def test_timeout_is_504_and_frees_sessions(serve_cluster):
-    url, cluster = await serve_cluster(settings=ApiSettings(request_timeout_s=0.3))
+    url, cluster = await serve_cluster(settings=LimitsConfig(request_timeout_s=0.3))
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         body = {"prompt": "the river", "max_tokens": 4000, "temperature": 0}
         assert_error(await http.post("/generate", json=body), 504, "timed out")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from contract.config import LimitsConfig
 from coordinator import openai_format as fmt
 from coordinator.cluster import Cluster
 from coordinator.generation import TextChunk
@@ -29,18 +30,6 @@ from coordinator.schemas import ChatCompletionRequest, CompletionRequest, Genera
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ApiSettings:
-    """Limits and options of the HTTP API."""
-
-    max_prompt_bytes: int = 1_048_576  # larger prompts get 413
-    max_prompt_tokens: int | None = None  # None = the context window
-    default_max_tokens: int = 256  # when a request gives none
-    max_tokens_ceiling: int = 4096  # larger max_tokens get 400
-    request_timeout_s: float = 300.0  # then 504, or an error event in a stream
-    cors_origins: tuple[str, ...] = ()  # origins allowed to call from a browser
-
-
 @dataclass
 class Prepared:
     tokens: list[int]
@@ -50,7 +39,7 @@ class Prepared:
 # --- settling a request -----------------------------------------------------------------
 
 
-def _check_prompt_bytes(size: int, settings: ApiSettings) -> None:
+def _check_prompt_bytes(size: int, settings: LimitsConfig) -> None:
     if size > settings.max_prompt_bytes:
         raise ApiError(
             413,
@@ -61,7 +50,7 @@ def _check_prompt_bytes(size: int, settings: ApiSettings) -> None:
 
 
 def _settle(
-    request: _Request, tokens: list[int], cluster: Cluster, settings: ApiSettings
+    request: _Request, tokens: list[int], cluster: Cluster, settings: LimitsConfig
 ) -> Prepared:
     """Check the prompt against the limits and the context window; settle max_tokens."""
     context = cluster.context_length
@@ -88,7 +77,7 @@ def _settle(
 
 
 def _chat_tokens(
-    request: ChatCompletionRequest, cluster: Cluster, settings: ApiSettings
+    request: ChatCompletionRequest, cluster: Cluster, settings: LimitsConfig
 ) -> Prepared:
     messages = request.chat_messages()
     _check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), settings)
@@ -102,7 +91,7 @@ def _chat_tokens(
 
 
 def _completion_tokens(
-    request: CompletionRequest, cluster: Cluster, settings: ApiSettings
+    request: CompletionRequest, cluster: Cluster, settings: LimitsConfig
 ) -> Prepared:
     prompt = request.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -174,15 +163,17 @@ async def _stream(
 # --- the app -----------------------------------------------------------------------------
 
 
-def create_app(cluster: Cluster, settings: ApiSettings | None = None) -> FastAPI:
-    """The HTTP API over a started Cluster."""
-    settings = settings or ApiSettings()
+def create_app(
+    cluster: Cluster, settings: LimitsConfig | None = None, cors_origins: Sequence[str] = ()
+) -> FastAPI:
+    """The HTTP API over a started Cluster, with the request limits of `settings`."""
+    settings = settings or LimitsConfig()
     app = FastAPI(title="mlx-cluster", version="1")
     install_error_handlers(app)
-    if settings.cors_origins:
+    if cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
+            allow_origins=list(cors_origins),
             allow_methods=["*"],
             allow_headers=["*"],
         )

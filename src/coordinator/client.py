@@ -72,10 +72,14 @@ class WorkerClient:
         return await self.info()
 
     async def load_layers(
-        self, model: str, start: int, end: int, kv_budget_tokens: int = 0
+        self, model: str, start: int, end: int, kv_budget_tokens: int = 0, session_ttl_s: float = 0
     ) -> pb.LoadLayersResponse:
         request = pb.LoadLayersRequest(
-            model=model, start=start, end=end, kv_budget_tokens=kv_budget_tokens
+            model=model,
+            start=start,
+            end=end,
+            kv_budget_tokens=kv_budget_tokens,
+            session_ttl_s=session_ttl_s,
         )
         return await self._call(lambda: self._stub.LoadLayers(request, timeout=LOAD_DEADLINE_S))
 

@@ -50,15 +50,21 @@ class WorkerRuntime:
 
     # --- loading ---------------------------------------------------------------
 
-    def load(self, model: str, start: int, end: int, kv_budget_tokens: int) -> LoadResult:
-        """Load layers [start, end) of `model`; a new range frees the old one first."""
+    def load(
+        self, model: str, start: int, end: int, kv_budget_tokens: int = 0, session_ttl_s: float = 0
+    ) -> LoadResult:
+        """Load layers [start, end) of `model`; a new range frees the old one first.
+
+        A budget or TTL of 0 keeps the worker's own default.
+        """
         if not model:
             raise InvalidArgument("model must name a model directory")
         capacity = kv_budget_tokens or self.settings.kv_budget_tokens
+        ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.layer_slice
         if current and (self.model, current.start, current.end) == (model, start, end):
             if self.sessions is not None:
-                self.sessions.capacity = capacity
+                self.sessions.capacity, self.sessions.idle_ttl_s = capacity, ttl
             return LoadResult(reloaded=False, memory_used_bytes=current.weight_bytes)
         if end <= start:
             raise InvalidArgument(f"layer range [{start}, {end}) is empty")
@@ -69,7 +75,7 @@ class WorkerRuntime:
         except (ValueError, FileNotFoundError) as exc:
             raise InvalidArgument(str(exc)) from exc
         self.model, self.layer_slice = model, loaded
-        self.sessions = SessionStore(capacity, loaded.make_caches, self.settings.session_ttl_s)
+        self.sessions = SessionStore(capacity, loaded.make_caches, ttl)
         used = mx.get_active_memory() - before
         log.info(
             "loaded layers [%d, %d) of %s: %.1f MB of weights",

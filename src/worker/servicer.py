@@ -99,6 +99,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             request.start,
             request.end,
             request.kv_budget_tokens,
+            request.session_ttl_s,
         )
         return pb.LoadLayersResponse(
             info=self.info(), memory_used_bytes=result.memory_used_bytes, reloaded=result.reloaded

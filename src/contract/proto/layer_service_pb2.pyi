@@ -71,16 +71,18 @@ class InfoResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "kv_budget_tokens")
+    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
     kv_budget_tokens: int
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ...) -> None: ...
+    session_ttl_s: float
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
 
 class LoadLayersResponse(_message.Message):
     __slots__ = ("info", "memory_used_bytes", "reloaded")
