@@ -15,7 +15,7 @@ import itertools
 import json as jsonlib
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from contract.layers import LayerRange, check_coverage, split_by_counts
 
@@ -365,16 +365,20 @@ def _size_worker(
 # --- output ----------------------------------------------------------------------------
 
 
+def plan_as_dict(plan: ClusterPlan) -> dict[str, Any]:
+    """The plan as plain JSON-ready data."""
+    rows = [{**asdict(w), "layers": [w.layers.start, w.layers.end]} for w in plan.workers]
+    return {
+        "workers": rows,
+        "context_tokens": plan.context_tokens,
+        "edge_weight_bytes": plan.edge_weight_bytes,
+    }
+
+
 def render_plan(plan: ClusterPlan, json: bool = False) -> str:
     """The plan as a table (worker, layers, weight GB, KV tokens, memory use %), or JSON."""
     if json:
-        rows = [{**asdict(w), "layers": [w.layers.start, w.layers.end]} for w in plan.workers]
-        data = {
-            "workers": rows,
-            "context_tokens": plan.context_tokens,
-            "edge_weight_bytes": plan.edge_weight_bytes,
-        }
-        return jsonlib.dumps(data, indent=2)
+        return jsonlib.dumps(plan_as_dict(plan), indent=2)
     header = ("worker", "layers", "weights GB", "KV tokens", "memory use")
     rows_text = [
         (

@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from contract.config import LimitsConfig
+from contract.plan import plan_as_dict
 from coordinator import openai_format as fmt
 from coordinator.cluster import Cluster
 from coordinator.generation import TextChunk
@@ -221,6 +222,8 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         status, body = await cluster_health(model_id, cluster.stages)
+        body["context_tokens"] = cluster.context_length
+        body["plan"] = plan_as_dict(cluster.plan) if cluster.plan else None
         return JSONResponse(body, status_code=status)
 
     @app.post("/v1/chat/completions", response_model=None)

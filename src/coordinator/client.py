@@ -40,6 +40,7 @@ class WorkerClient:
     def __init__(self, address: str, name: str | None = None) -> None:
         self.address = address
         self.name = name or address
+        self._named = name is not None  # a configured name beats the worker's own
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LayerServiceStub(self._channel)
         self.last_round_trip_s: float | None = None
@@ -57,7 +58,7 @@ class WorkerClient:
         started = time.perf_counter()
         reply = await self._call(lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout))
         self.last_round_trip_s = time.perf_counter() - started
-        if reply.name:
+        if reply.name and not self._named:
             self.name = reply.name
         return reply
 

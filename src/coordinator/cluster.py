@@ -1,8 +1,11 @@
 """The coordinator's view of a running cluster: workers, their layers, the model's ends.
 
-`Cluster.start` connects to the workers, gives each its layers, loads the
-tokenizer and the embedding/norm/head, and checks that the slices chain up.
-`Cluster.generate` is the Python API the HTTP layer wraps.
+`Cluster.start` connects to workers given by address and splits the layers
+evenly (or by counts); `coordinator.startup.start_from_config` plans from the
+workers' capabilities instead. Both end in `Cluster.assemble`, which gives each
+worker its layers, loads the tokenizer and the embedding/norm/head, and checks
+that the slices chain up. `Cluster.generate` is the Python API the HTTP layer
+wraps.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from mlx_lm.utils import load_tokenizer
 import tensor
 from contract.errors import ClusterError, InvalidArgument
 from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
+from contract.plan import ClusterPlan
 from coordinator.client import WorkerClient
 from coordinator.generation import TextChunk, generate_text
 from coordinator.pipeline import Pipeline, Stage
 from coordinator.sampling import SamplingParams
+from coordinator.supervisor import Supervisor
 from models.slicing import ModelEdges, load_edges
 
 log = logging.getLogger(__name__)
@@ -30,21 +35,35 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096  # for models whose config names no context length
 
 
+def model_context(config: dict) -> int:
+    """The context window a model's config.json declares."""
+    return int(
+        config.get("max_position_embeddings")
+        or config.get("text_config", {}).get("max_position_embeddings")
+        or DEFAULT_CONTEXT
+    )
+
+
 class Cluster:
     """A model served by a chain of workers."""
 
-    def __init__(self, model: Path, pipeline: Pipeline, tokenizer: TokenizerWrapper) -> None:
+    def __init__(
+        self,
+        model: Path,
+        pipeline: Pipeline,
+        tokenizer: TokenizerWrapper,
+        context_tokens: int | None = None,
+        plan: ClusterPlan | None = None,
+    ) -> None:
         self.model = model
         self.pipeline = pipeline
         self.tokenizer = tokenizer
+        self.plan = plan
         self.model_id = model.name
         self.created = int((model / "config.json").stat().st_mtime)
-        config = pipeline.edges.config
-        self.context_length = int(
-            config.get("max_position_embeddings")
-            or config.get("text_config", {}).get("max_position_embeddings")
-            or DEFAULT_CONTEXT
-        )
+        declared = model_context(pipeline.edges.config)
+        self.context_length = min(declared, context_tokens or declared)
+        self.supervisor = Supervisor(str(model), pipeline.stages)
 
     @property
     def stages(self) -> list[Stage]:
@@ -59,7 +78,7 @@ class Cluster:
         kv_budget_tokens: int = 0,
         ready_timeout: float = 60.0,
     ) -> Cluster:
-        """Connect to the workers (in chain order), load their slices and the model's ends.
+        """Connect to workers by address (in chain order) and split the layers between them.
 
         Args:
             model: a model directory every worker and the coordinator can read.
@@ -80,18 +99,31 @@ class Cluster:
                 if layer_counts
                 else split_evenly(total, len(clients))
             )
-            check_coverage(ranges)
-            stages = [Stage(c, r) for c, r in zip(clients, ranges, strict=True)]
-            await asyncio.gather(*(_load(s, model, kv_budget_tokens, edges) for s in stages))
-            tokenizer = await asyncio.to_thread(
-                load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
-            )
+            stages = [Stage(c, r, kv_budget_tokens) for c, r in zip(clients, ranges, strict=True)]
+            return await cls.assemble(model, edges, stages)
         except BaseException:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
             raise
-        return cls(model, Pipeline(edges, stages), tokenizer)
+
+    @classmethod
+    async def assemble(
+        cls,
+        model: Path,
+        edges: ModelEdges,
+        stages: list[Stage],
+        context_tokens: int | None = None,
+        plan: ClusterPlan | None = None,
+    ) -> Cluster:
+        """Give each stage's worker its layers, load the tokenizer, and check the chain."""
+        check_coverage([s.layers for s in stages])
+        await asyncio.gather(*(_load(s, model, edges) for s in stages))
+        tokenizer = await asyncio.to_thread(
+            load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
+        )
+        return cls(model, Pipeline(edges, stages), tokenizer, context_tokens, plan)
 
     async def close(self) -> None:
+        await self.supervisor.stop()
         await asyncio.gather(*(s.client.close() for s in self.stages), return_exceptions=True)
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -118,9 +150,11 @@ class Cluster:
                 yield chunk
 
 
-async def _load(stage: Stage, model: Path, kv_budget_tokens: int, edges: ModelEdges) -> None:
+async def _load(stage: Stage, model: Path, edges: ModelEdges) -> None:
     r: LayerRange = stage.layers
-    reply = await stage.client.load_layers(str(model), r.start, r.end, kv_budget_tokens)
+    reply = await stage.client.load_layers(
+        str(model), r.start, r.end, stage.kv_budget_tokens, stage.session_ttl_s
+    )
     info = reply.info
     expected_dtype = tensor.dtype_name(edges.dtype)
     if info.hidden_size != edges.hidden_size or info.dtype != expected_dtype:

@@ -27,10 +27,12 @@ from models.slicing import ModelEdges
 
 @dataclass
 class Stage:
-    """One worker and the layers it holds."""
+    """One worker, the layers it holds, and what it was loaded with."""
 
     client: WorkerClient
     layers: LayerRange
+    kv_budget_tokens: int = 0  # 0 = the worker's default
+    session_ttl_s: float = 0.0  # 0 = the worker's default
 
 
 @dataclass

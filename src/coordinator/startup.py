@@ -1,0 +1,66 @@
+"""Start a cluster from its configuration: ask the workers what they have, plan, load.
+
+The planner is pure (contract.plan); this module feeds it the model's facts
+(read from disk, no weights loaded) and each worker's capabilities (from Info,
+unless the config overrides memory or compute), then assembles the Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from contract.config import ClusterConfig
+from contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
+from contract.proto import layer_service_pb2 as pb
+from coordinator.client import WorkerClient
+from coordinator.cluster import Cluster
+from coordinator.pipeline import Stage
+from models.inspect import model_facts
+from models.slicing import load_edges
+
+log = logging.getLogger(__name__)
+
+
+def capacities(config: ClusterConfig, infos: list[pb.InfoResponse]) -> list[WorkerCapacity]:
+    """Each worker's usable memory and relative compute: the config's overrides, else Info.
+
+    Compute defaults to the worker's memory, so an uneven cluster is split by memory.
+    """
+    result = []
+    for entry, info in zip(config.workers, infos, strict=True):
+        detected = info.capabilities.memory_available_bytes
+        memory = int(entry.memory_gb * GB) if entry.memory_gb else detected
+        result.append(WorkerCapacity(entry.label, memory, entry.compute or memory / GB))
+    return result
+
+
+async def plan_cluster(
+    config: ClusterConfig, model: Path, clients: list[WorkerClient], ready_timeout: float
+) -> ClusterPlan:
+    """Ask every worker for its capabilities and plan the layers over them."""
+    infos = await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
+    facts = await asyncio.to_thread(model_facts, model)
+    plan = plan_for_config(facts, config, capacities(config, list(infos)))
+    log.info("plan:\n%s", render_plan(plan))
+    return plan
+
+
+async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0) -> Cluster:
+    """Connect to the configured workers, plan, load every slice; returns the Cluster."""
+    model = Path(config.model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"model {config.model!r} is not a local model directory")
+    clients = [WorkerClient(w.address, w.name) for w in config.workers]
+    try:
+        plan = await plan_cluster(config, model, clients, ready_timeout)
+        edges = await asyncio.to_thread(load_edges, model)
+        stages = [
+            Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
+            for client, wp in zip(clients, plan.workers, strict=True)
+        ]
+        return await Cluster.assemble(model, edges, stages, plan.context_tokens, plan)
+    except BaseException:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        raise

@@ -1,0 +1,70 @@
+"""`mlx-cluster coordinator`: plan over running workers, load them, serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from mlx_cluster.logs import setup_logging
+from mlx_cluster.plan_cmd import cli_overrides
+from mlx_cluster.worker_cmd import add_logging_flags
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="plan, load the workers, serve the HTTP API")
+    p.add_argument("--config", type=Path, default=None, help="cluster YAML file")
+    p.add_argument("--model", default=None, help="model directory (overrides `model`)")
+    p.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        dest="workers",
+        help="worker HOST:PORT in layer order, repeated (overrides `workers`)",
+    )
+    p.add_argument(
+        "--listen", default=None, help="HTTP HOST:PORT (overrides coordinator.http_listen)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting"
+    )
+    add_logging_flags(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from contract.config import ConfigError, load_config
+    from coordinator.startup import start_from_config
+    from mlx_cluster.serving import serve_http
+
+    overrides = cli_overrides(args)
+    if args.workers:
+        overrides["workers"] = ",".join(args.workers)
+    if args.listen:
+        overrides["coordinator.http_listen"] = args.listen
+    try:
+        config = load_config(args.config, cli=overrides).config
+    except ConfigError as exc:
+        print(f"mlx-cluster coordinator: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(
+        "coordinator",
+        args.log_level or config.logging.level,
+        args.log_format or config.logging.format,
+        args.log_file or config.logging.file,
+    )
+
+    async def main() -> int:
+        cluster = await start_from_config(config)
+        try:
+            await serve_http(
+                cluster,
+                config.coordinator.http_listen,
+                config.limits,
+                config.coordinator.cors_origins,
+            )
+        finally:
+            await cluster.close()
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,59 @@
+"""Run the coordinator's HTTP API until a signal, and coroutines that Ctrl-C may cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from contract.config import LimitsConfig
+from coordinator.app import create_app
+from coordinator.cluster import Cluster
+from coordinator.http_server import HttpServer
+
+log = logging.getLogger("mlx_cluster")
+
+
+def _on_signals(callback: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, callback)
+
+
+async def serve_http(
+    cluster: Cluster,
+    listen: str,
+    limits: LimitsConfig | None = None,
+    cors_origins: Sequence[str] = (),
+) -> None:
+    """Serve the HTTP API until SIGINT/SIGTERM, then let requests in flight finish."""
+    host, port = listen.rsplit(":", 1)
+    server = HttpServer(create_app(cluster, limits, cors_origins), host, int(port))
+    await server.start()
+    cluster.supervisor.start()
+    log.warning("serving %s on %s", cluster.model_id, server.url)
+    stop = asyncio.Event()
+    _on_signals(stop.set)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait(
+        [waiter, asyncio.ensure_future(server.wait())], return_when="FIRST_COMPLETED"
+    )
+    await server.stop()
+
+
+def run_until_signal(main: Coroutine[Any, Any, int]) -> int:
+    """Run a coroutine; SIGINT/SIGTERM cancel it so its cleanup runs. Exit code 130 then."""
+
+    async def wrapper() -> int:
+        task = asyncio.ensure_future(main)
+        _on_signals(task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 130
+
+    return asyncio.run(wrapper())

@@ -1,0 +1,99 @@
+"""`mlx-cluster up`: N workers on loopback plus the coordinator, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from mlx_cluster.logs import setup_logging
+from mlx_cluster.worker_cmd import add_logging_flags
+
+log = logging.getLogger("mlx_cluster")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run a whole cluster on this host")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: the bundled demo model)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker processes to start")
+    p.add_argument("--layers", default=None, help="layers per worker, comma-separated (e.g. 1,5,2)")
+    p.add_argument("--prompt", default=None, help="answer this prompt and exit (else serve HTTP)")
+    p.add_argument("--listen", default="127.0.0.1:8100", help="HTTP address when serving")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--no-chat-template", action="store_true", help="send the prompt as raw text, not as chat"
+    )
+    add_logging_flags(p)
+
+
+def layer_counts(layers: str | None, workers: int) -> list[int] | None:
+    if not layers:
+        return None
+    counts = [int(n) for n in layers.split(",")]
+    if len(counts) != workers:
+        raise SystemExit(f"--layers gives {len(counts)} counts for {workers} workers")
+    return counts
+
+
+async def _answer(args: argparse.Namespace, cluster: object) -> None:
+    from coordinator.cluster import Cluster
+    from coordinator.sampling import SamplingParams
+
+    assert isinstance(cluster, Cluster)
+    chat = not args.no_chat_template and cluster.tokenizer.chat_template is not None
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    log.info("generating up to %d tokens", args.max_tokens)
+    async for chunk in cluster.generate(args.prompt, params, chat=chat):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.performance is not None:
+            perf = chunk.performance
+            sys.stdout.write("\n")
+            log.warning(
+                "%d prompt + %d generated tokens, %.1f tok/s, first token %.0f ms",
+                perf.prompt_tokens,
+                perf.completion_tokens,
+                perf.tokens_per_second,
+                perf.ttft_s * 1000,
+            )
+
+
+async def _up(args: argparse.Namespace, model: Path) -> int:
+    from coordinator.cluster import Cluster
+    from mlx_cluster.local import local_workers
+    from mlx_cluster.serving import serve_http
+
+    counts = layer_counts(args.layers, args.workers)
+    worker_args = ["--log-level", args.log_level or "WARNING"]
+    async with local_workers(args.workers, worker_args) as workers:
+        cluster = await Cluster.start(model, [w.address for w in workers], counts)
+        try:
+            if args.prompt is not None:
+                await _answer(args, cluster)
+            else:
+                await serve_http(cluster, args.listen)
+        finally:
+            await cluster.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlx_cluster.serving import run_until_signal
+
+    setup_logging("up", args.log_level or "WARNING", args.log_format or "text", args.log_file)
+    model = args.model
+    if model is None:
+        from models.demo import ensure_demo_model
+
+        model = ensure_demo_model()
+    if args.prompt is None:
+        return asyncio.run(_up(args, model))
+    return run_until_signal(_up(args, model))

@@ -1,0 +1,94 @@
+"""Start-up from a config file: plan from capabilities, load, serve; reload restarted workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import yaml
+
+from contract.config import load_config
+from coordinator.app import create_app
+from coordinator.http_server import HttpServer
+from coordinator.sampling import SamplingParams
+from coordinator.startup import start_from_config
+from worker.runtime import WorkerSettings
+from worker.server import create_server
+
+
+def write_config(tmp_path, model, addresses, memory_gb):
+    config = {
+        "model": str(model),
+        "workers": [
+            {"address": a, "name": f"host-{i}", "memory_gb": m}
+            for i, (a, m) in enumerate(zip(addresses, memory_gb, strict=True))
+        ],
+        "kv": {"max_session_tokens": 512},
+        "reserve_gb": 0.5,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_uneven_cluster_serves_the_split_plan_printed(tmp_path, start_workers, tiny_llama):
+    clients = await start_workers(3)
+    path = write_config(tmp_path, tiny_llama, [c.address for c in clients], [16, 8, 8])
+    printed = subprocess.run(
+        [sys.executable, "-m", "mlx_cluster", "plan", "--config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
+    plan = json.loads(printed.stdout)
+    assert [w["layers"] for w in plan["workers"]] == [[0, 4], [4, 6], [6, 8]]
+
+    config = load_config(path, dotenv=None, env={}).config
+    cluster = await start_from_config(config)
+    server = HttpServer(create_app(cluster, config.limits), "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            reply = await http.post("/generate", json={"prompt": "the river", "max_tokens": 8})
+            assert reply.status_code == 200 and reply.json()["text"]
+            health = (await http.get("/health")).json()
+        assert health["status"] == "ok"
+        assert [w["layers"] for w in health["workers"]] == [w["layers"] for w in plan["workers"]]
+        assert [w["name"] for w in health["workers"]] == ["host-0", "host-1", "host-2"]
+        live = health["plan"]["workers"]
+        assert [w["kv_tokens"] for w in live] == [w["kv_tokens"] for w in plan["workers"]]
+        assert [w["kv_tokens"]["capacity"] for w in health["workers"]] == [
+            w["kv_tokens"] for w in plan["workers"]
+        ]
+    finally:
+        await server.stop()
+        await cluster.close()
+
+
+async def test_a_worker_that_restarts_empty_gets_its_slice_again(
+    tmp_path, start_workers, tiny_llama
+):
+    clients = await start_workers(2)
+    path = write_config(tmp_path, tiny_llama, [c.address for c in clients], [8, 8])
+    cluster = await start_from_config(load_config(path, dotenv=None, env={}).config)
+    try:
+        victim = cluster.stages[1].client
+        await start_workers.servers[victim.address].stop(grace=None)
+        port = int(victim.address.rsplit(":", 1)[1])
+        reborn = await create_server(f"127.0.0.1:{port}", WorkerSettings(name="reborn"))
+        try:
+            assert (await victim.info()).layer_end == 0  # empty after the restart
+            await cluster.supervisor.check_all()
+            info = await victim.info()
+            assert (info.layer_start, info.layer_end) == (4, 8)
+            assert info.kv_capacity_tokens == cluster.plan.workers[1].kv_tokens
+            assert cluster.supervisor.reloads == 1
+            chunks = [c async for c in cluster.generate("the river", SamplingParams(max_tokens=4))]
+            assert chunks[-1].finish_reason in {"stop", "length"}
+        finally:
+            await reborn.stop(grace=None)
+    finally:
+        await cluster.close()
