@@ -239,3 +239,24 @@ async def test_bfloat16_crosses_the_wire_at_two_bytes(start_workers, model_facto
     assert reply.hidden.dtype == "bfloat16" and len(reply.hidden.data) == 2 * values
     assert reply.ByteSize() < 2 * values + 64
     await channel.close()
+
+
+async def test_standard_health_service_tracks_loading(start_workers, tiny_llama):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from contract.rpc import LAYER_SERVICE_NAME
+
+    (client,) = await start_workers(1)
+    channel = grpc.aio.insecure_channel(client.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def status(service: str) -> int:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return reply.status
+
+    assert await status("") == serving
+    assert await status(LAYER_SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+    await client.load_layers(str(tiny_llama), 0, 2)
+    assert await status(LAYER_SERVICE_NAME) == serving
+    await channel.close()

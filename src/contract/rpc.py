@@ -18,6 +18,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+# The name the standard grpc.health.v1 service reports LayerService under.
+LAYER_SERVICE_NAME = "mlx_cluster.v1.LayerService"
+
 # Deadlines (seconds) for unary calls; Forward streams carry the request's own deadline.
 INFO_DEADLINE_S = 10.0
 SESSION_DEADLINE_S = 10.0

@@ -14,9 +14,10 @@ from typing import TypeVar
 
 import grpc
 import mlx.core as mx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tensor
-from contract.errors import ClusterError, InvalidArgument, error_from_status
+from contract.errors import ClusterError, InvalidArgument, WorkerUnavailable, error_from_status
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESSION_DEADLINE_S
@@ -43,6 +44,7 @@ class WorkerClient:
         self._named = name is not None  # a configured name beats the worker's own
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LayerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self.last_round_trip_s: float | None = None
 
     async def close(self) -> None:
@@ -63,13 +65,16 @@ class WorkerClient:
         return reply
 
     async def wait_ready(self, timeout: float) -> pb.InfoResponse:
-        """Wait for the channel to connect, then return Info."""
+        """Wait until the worker's standard health service says SERVING, then return Info."""
+        request = health_pb2.HealthCheckRequest(service="")
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
-        except TimeoutError as exc:
-            raise ClusterError(
-                f"worker at {self.address} not reachable after {timeout:.0f} s"
+            reply = await self._health.Check(request, timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerUnavailable(
+                f"worker at {self.address} not ready after {timeout:.0f} s: {exc.details()}"
             ) from exc
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise WorkerUnavailable(f"worker at {self.address} reports status {reply.status}")
         return await self.info()
 
     async def load_layers(

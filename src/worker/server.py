@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import CHANNEL_OPTIONS
+from contract.rpc import CHANNEL_OPTIONS, LAYER_SERVICE_NAME
 from worker.capabilities import detect
 from worker.runtime import WorkerRuntime, WorkerSettings
 from worker.servicer import LayerServicer
@@ -26,11 +27,13 @@ class RunningWorker:
     server: grpc.aio.Server
     port: int
     servicer: LayerServicer
+    health: health.aio.HealthServicer
     _evictor: asyncio.Task[None]
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Finish calls in flight (up to `grace` seconds), then stop."""
+        """Stop taking calls, finish those in flight (up to `grace` s) and the step in progress."""
         self._evictor.cancel()
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.servicer.close()
 
@@ -43,15 +46,20 @@ async def create_server(
     Raises:
         RuntimeError: if the address cannot be bound.
     """
-    servicer = LayerServicer(WorkerRuntime(settings, detect()))
+    health_servicer = health.aio.HealthServicer()
+    servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     pb_grpc.add_LayerServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
+    # The process serves once started; LayerService only once it holds layers.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(LAYER_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     evictor = asyncio.create_task(servicer.evict_idle_sessions(evict_every_s))
-    return RunningWorker(server, port, servicer, evictor)
+    return RunningWorker(server, port, servicer, health_servicer, evictor)
 
 
 async def serve(address: str, settings: WorkerSettings) -> None:

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 import tensor
 from contract.errors import ClusterError, InvalidArgument
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import PROTOCOL_VERSION
+from contract.rpc import LAYER_SERVICE_NAME, PROTOCOL_VERSION
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ except Exception:  # running from a source tree without an install
 class LayerServicer(pb_grpc.LayerServiceServicer):
     """Thin gRPC front of a WorkerRuntime."""
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, health: health.aio.HealthServicer) -> None:
         self.runtime = runtime
+        self._health = health
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-compute")
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
@@ -92,6 +94,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     async def LoadLayers(
         self, request: pb.LoadLayersRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadLayersResponse:
+        await self._health.set(LAYER_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         result = await self._run(
             context,
             self.runtime.load,
@@ -101,6 +104,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             request.kv_budget_tokens,
             request.session_ttl_s,
         )
+        await self._health.set(LAYER_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return pb.LoadLayersResponse(
             info=self.info(), memory_used_bytes=result.memory_used_bytes, reloaded=result.reloaded
         )
