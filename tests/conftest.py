@@ -117,3 +117,10 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
         await server.stop()
     for cluster in clusters:
         await cluster.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """MLX wants its streams cleared by each thread before exit (the main thread too)."""
+    import mlx.core as mx
+
+    mx.clear_streams()

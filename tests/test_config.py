@@ -255,3 +255,12 @@ def test_render_config_shows_values_and_sources(tmp_path):
     assert "reserve_gb: 4.0  # cli" in text
     assert "  max_prompt_tokens: null  # default" in text
     assert "  - address: a:50051" in text
+
+
+def test_tool_variables_are_not_settings(tmp_path):
+    from contract.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /m\nworkers: [127.0.0.1:50051]\n")
+    env = {"MLX_CLUSTER_HOME": "/cache", "MLX_CLUSTER_RUN_DIR": "/run"}
+    assert load_config(path, env=env, dotenv=None).config.model == "/m"

@@ -4,7 +4,8 @@ Precedence, lowest first: defaults < YAML file < .env file < environment < CLI f
 Environment names are `MLX_CLUSTER_<FIELD>` or `MLX_CLUSTER_<SECTION>__<FIELD>`
 (e.g. `MLX_CLUSTER_MODEL`, `MLX_CLUSTER_KV__MAX_SESSION_TOKENS`); list settings take
 commas (`MLX_CLUSTER_WORKERS=host1:50051,host2:50051`). Every `MLX_CLUSTER_*` name is
-a setting, so a misspelt one is an error rather than silently ignored.
+a setting, so a misspelt one is an error rather than silently ignored, except
+the tools' own variables in TOOL_ENV (model cache home, launcher settings).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "MLX_CLUSTER_"
+# Variables with our prefix that belong to the tools, not to the cluster's settings.
+TOOL_ENV = frozenset(
+    f"{ENV_PREFIX}{name}"
+    for name in ("HOME", "RUN_DIR", "PYTHON", "URL", "WORKER_LISTEN", "WORKER_NAME")
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -56,6 +62,7 @@ class CoordinatorConfig(_Strict):
 
     http_listen: str = "127.0.0.1:8100"  # HOST:PORT of the OpenAI-style HTTP API (port 0: any)
     cors_origins: list[str] = []  # origins browsers may call the API from
+    shutdown_grace_s: float = Field(default=30.0, ge=0)  # on SIGTERM, in-flight requests get this
 
     @field_validator("http_listen")
     @classmethod
@@ -249,7 +256,8 @@ def _env_layer(env: Mapping[str, str | None]) -> dict[str, list[str]]:
     """MLX_CLUSTER_A__B=v -> {"MLX_CLUSTER_A__B": ["a", "b"]}, for the variables with our prefix."""
     paths = {}
     for name in sorted(env):
-        if name.upper().startswith(ENV_PREFIX) and env[name] is not None:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in TOOL_ENV and env[name] is not None:
             paths[name] = name[len(ENV_PREFIX) :].lower().split("__")
     return paths
 

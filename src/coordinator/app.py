@@ -8,23 +8,28 @@ http_errors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from contract.config import LimitsConfig
+from contract.errors import ClusterError
 from contract.plan import plan_as_dict
 from coordinator import openai_format as fmt
 from coordinator.cluster import Cluster
 from coordinator.generation import TextChunk
 from coordinator.health import cluster_health
-from coordinator.http_errors import ApiError, api_error, install_error_handlers
+from coordinator.http_errors import ApiError, install_error_handlers
+from coordinator.metrics import Metrics
+from coordinator.middleware import RequestContext
+from coordinator.pipeline import Stage
+from coordinator.responses import Drain, collect, metered, stream
 from coordinator.sampling import SamplingParams
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, _Request
 
@@ -106,61 +111,6 @@ def _completion_tokens(
     return _settle(request, list(cluster.tokenizer.encode(text)), cluster, settings)
 
 
-# --- running a generation ----------------------------------------------------------------
-
-
-async def _with_deadline(
-    chunks: AsyncGenerator[TextChunk, None], timeout: float
-) -> AsyncGenerator[TextChunk, None]:
-    """Pass chunks through until `timeout` seconds after the start, then raise TimeoutError."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with contextlib.aclosing(chunks):
-        while True:
-            try:
-                chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0))
-            except StopAsyncIteration:
-                return
-            yield chunk
-
-
-async def _collect(chunks: AsyncGenerator[TextChunk, None]) -> list[TextChunk]:
-    try:
-        return [c async for c in chunks]
-    except BaseException as exc:
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise api_error(exc) from exc
-
-
-async def _stream(
-    chunks: AsyncGenerator[TextChunk, None],
-    render: Callable[[TextChunk, bool], list[dict[str, Any]]],
-) -> StreamingResponse:
-    """Start the stream: failures before the first chunk are HTTP errors, later ones events."""
-    try:
-        first = await anext(chunks)
-    except BaseException as exc:
-        await chunks.aclose()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise api_error(exc) from exc
-
-    async def events() -> AsyncIterator[str]:
-        async with contextlib.aclosing(chunks):
-            for event in render(first, True):
-                yield fmt.sse(event)
-            try:
-                async for chunk in chunks:
-                    for event in render(chunk, False):
-                        yield fmt.sse(event)
-            except Exception as exc:
-                yield fmt.sse(api_error(exc).body())
-            yield fmt.sse("[DONE]")
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
 # --- the app -----------------------------------------------------------------------------
 
 
@@ -171,6 +121,11 @@ def create_app(
     settings = settings or LimitsConfig()
     app = FastAPI(title="mlx-cluster", version="1")
     install_error_handlers(app)
+    metrics = Metrics()
+    drain = Drain()
+    app.state.metrics, app.state.drain = metrics, drain
+    cluster.pipeline.hop_observer = metrics.observe_hop
+    app.add_middleware(RequestContext, metrics=metrics)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -184,10 +139,10 @@ def create_app(
         return str(cluster.tokenizer.decode([token]))
 
     def run(prepared: Prepared) -> AsyncGenerator[TextChunk, None]:
-        return _with_deadline(
-            cluster.generate(prepared.tokens, prepared.params, timeout=settings.request_timeout_s),
-            settings.request_timeout_s,
-        )
+        drain.refuse_new()
+        timeout = settings.request_timeout_s
+        chunks = cluster.generate(prepared.tokens, prepared.params, timeout=timeout)
+        return metered(chunks, timeout, drain, metrics)
 
     @app.get("/")
     async def root() -> dict[str, Any]:
@@ -219,6 +174,18 @@ def create_app(
             ],
         }
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        async def refresh(stage: Stage) -> None:
+            try:
+                info = await stage.client.info(timeout=2.0)
+            except ClusterError:
+                info = None
+            metrics.set_worker(stage.client.name, info)
+
+        await asyncio.gather(*(refresh(s) for s in cluster.stages))
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status, body = await cluster_health(model_id, cluster.stages)
@@ -232,7 +199,7 @@ def create_app(
         env = fmt.Envelope("chat.completion", model_id)
         logprobs = request.logprobs
         if not request.stream:
-            return fmt.chat_response(env, await _collect(run(prepared)), token_text, logprobs)
+            return fmt.chat_response(env, await collect(run(prepared)), token_text, logprobs)
         usage = bool(request.stream_options and request.stream_options.include_usage)
 
         def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
@@ -241,7 +208,7 @@ def create_app(
                 events.append(fmt.usage_chunk(env, chunk.performance))
             return events
 
-        return await _stream(run(prepared), render)
+        return await stream(run(prepared), render)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
@@ -250,7 +217,7 @@ def create_app(
         logprobs = request.logprobs is not None
         echo = cluster.tokenizer.decode(prepared.tokens) if request.echo else ""
         if not request.stream:
-            chunks = await _collect(run(prepared))
+            chunks = await collect(run(prepared))
             return fmt.completion_response(env, chunks, token_text, logprobs, echo)
         usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -261,7 +228,7 @@ def create_app(
                 events.append(env.wrap("text_completion", [], usage=fmt.usage(chunk.performance)))
             return events
 
-        return await _stream(run(prepared), render)
+        return await stream(run(prepared), render)
 
     @app.post("/generate", response_model=None)
     async def generate(request: GenerateRequest) -> dict[str, Any] | StreamingResponse:
@@ -269,7 +236,7 @@ def create_app(
         tokens = cluster.encode(request.prompt, chat=request.chat)
         prepared = _settle(request, tokens, cluster, settings)
         if not request.stream:
-            return fmt.generate_response(await _collect(run(prepared)))
-        return await _stream(run(prepared), lambda chunk, first: [fmt.generate_chunk(chunk)])
+            return fmt.generate_response(await collect(run(prepared)))
+        return await stream(run(prepared), lambda chunk, first: [fmt.generate_chunk(chunk)])
 
     return app

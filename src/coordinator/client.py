@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tensor
 from contract.errors import ClusterError, InvalidArgument, WorkerUnavailable, error_from_status
+from contract.logs import REQUEST_ID_HEADER, request_id
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESSION_DEADLINE_S
@@ -25,14 +26,30 @@ from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESS
 R = TypeVar("R")
 
 
+def _metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata naming the request being served, so worker logs can name it too."""
+    return ((REQUEST_ID_HEADER, request_id.get()),)
+
+
 @dataclass
 class HopTiming:
-    """Where the time of one step on one worker went (seconds)."""
+    """Where the time of steps on one worker went (seconds)."""
 
     encode: float = 0.0
     round_trip: float = 0.0  # send to receive, worker compute included
     compute: float = 0.0  # as the worker measured it
     decode: float = 0.0
+
+    @property
+    def network(self) -> float:
+        """Round trip minus the worker's compute: transport, queueing, framing."""
+        return max(self.round_trip - self.compute, 0.0)
+
+    def add(self, other: HopTiming) -> None:
+        self.encode += other.encode
+        self.round_trip += other.round_trip
+        self.compute += other.compute
+        self.decode += other.decode
 
 
 class WorkerClient:
@@ -58,7 +75,9 @@ class WorkerClient:
 
     async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
         started = time.perf_counter()
-        reply = await self._call(lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout))
+        reply = await self._call(
+            lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout, metadata=_metadata())
+        )
         self.last_round_trip_s = time.perf_counter() - started
         if reply.name and not self._named:
             self.name = reply.name
@@ -87,27 +106,37 @@ class WorkerClient:
             kv_budget_tokens=kv_budget_tokens,
             session_ttl_s=session_ttl_s,
         )
-        return await self._call(lambda: self._stub.LoadLayers(request, timeout=LOAD_DEADLINE_S))
+        return await self._call(
+            lambda: self._stub.LoadLayers(request, timeout=LOAD_DEADLINE_S, metadata=_metadata())
+        )
 
     async def open_session(self, session_id: str, reserve_tokens: int = 0) -> None:
         request = pb.OpenSessionRequest(session_id=session_id, reserve_tokens=reserve_tokens)
-        await self._call(lambda: self._stub.OpenSession(request, timeout=SESSION_DEADLINE_S))
+        await self._call(
+            lambda: self._stub.OpenSession(
+                request, timeout=SESSION_DEADLINE_S, metadata=_metadata()
+            )
+        )
 
     async def end_sessions(self, session_ids: list[str]) -> int:
         request = pb.EndSessionRequest(session_ids=session_ids)
-        reply = await self._call(lambda: self._stub.EndSession(request, timeout=SESSION_DEADLINE_S))
+        reply = await self._call(
+            lambda: self._stub.EndSession(request, timeout=SESSION_DEADLINE_S, metadata=_metadata())
+        )
         return reply.ended
 
     async def truncate_session(self, session_id: str, length: int) -> int:
         request = pb.TruncateSessionRequest(session_id=session_id, length=length)
         reply = await self._call(
-            lambda: self._stub.TruncateSession(request, timeout=SESSION_DEADLINE_S)
+            lambda: self._stub.TruncateSession(
+                request, timeout=SESSION_DEADLINE_S, metadata=_metadata()
+            )
         )
         return reply.length
 
     def open_stream(self, timeout: float | None = None) -> ForwardStream:
         """A Forward stream for one generation; steps on it are answered in order."""
-        return ForwardStream(self, self._stub.Forward(timeout=timeout))
+        return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=_metadata()))
 
 
 class ForwardStream:
@@ -124,9 +153,12 @@ class ForwardStream:
         hidden: mx.array,
         offsets: list[int],
         last_position_only: bool = False,
-        timing: HopTiming | None = None,
-    ) -> mx.array:
-        """Send hidden states [B, L, D] through the worker's layers; returns its output."""
+    ) -> tuple[mx.array, HopTiming]:
+        """Send hidden states [B, L, D] through the worker's layers.
+
+        Returns:
+            The worker's output and where this step's time went.
+        """
         t0 = time.perf_counter()
         self._step_id += 1
         request = pb.ForwardRequest(
@@ -154,13 +186,9 @@ class ForwardStream:
             out = tensor.decode(reply.hidden)
         except ValueError as exc:
             raise InvalidArgument(f"worker {self._client.name} sent a bad tensor: {exc}") from exc
-        if timing is not None:
-            timing.encode += t1 - t0
-            timing.round_trip += t2 - t1
-            timing.compute += reply.compute_seconds
-            timing.decode += time.perf_counter() - t2
-        self._client.last_round_trip_s = t2 - t1 - reply.compute_seconds
-        return out
+        timing = HopTiming(t1 - t0, t2 - t1, reply.compute_seconds, time.perf_counter() - t2)
+        self._client.last_round_trip_s = timing.network
+        return out, timing
 
     async def _stream_error(self) -> ClusterError:
         code = await self._call.code()

@@ -92,7 +92,7 @@ class Cluster:
         clients = [WorkerClient(a) for a in addresses]
         try:
             await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
-            edges = await asyncio.to_thread(load_edges, model)
+            edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
             total = edges.num_layers
             ranges = (
                 split_by_counts(list(layer_counts), total)

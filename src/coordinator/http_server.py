@@ -23,8 +23,26 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn serving `app` on host:port (port 0 picks a free one)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        log_level: str = "warning",
+        shutdown_grace_s: float = 30.0,
+    ) -> None:
+        # The app ends its own generations at the grace deadline (see responses.Drain);
+        # uvicorn's own limit is the backstop a little later.
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=int(shutdown_grace_s) + 5,
+        )
+        self.app = app
+        self.shutdown_grace_s = shutdown_grace_s
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
         self.host = host
@@ -50,7 +68,8 @@ class HttpServer:
         await self._task
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish, then return."""
+        """Stop accepting; requests in flight get the grace period, then end with an error."""
+        self.app.state.drain.begin(self.shutdown_grace_s)
         self._server.should_exit = True
         if self._task is not None:
             await self._task

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -23,6 +23,9 @@ import mlx.core as mx
 from contract.layers import LayerRange
 from coordinator.client import ForwardStream, HopTiming, WorkerClient
 from models.slicing import ModelEdges
+
+# (worker name, serialize s, network s, compute s, deserialize s) for one step on one worker.
+HopObserver = Callable[[str, float, float, float, float], None]
 
 
 @dataclass
@@ -44,7 +47,8 @@ class PipelineSession:
     stages: list[Stage]
     streams: list[ForwardStream]
     offset: int = 0
-    timings: list[HopTiming] = field(default_factory=list)
+    timings: list[HopTiming] = field(default_factory=list)  # per stage, summed over steps
+    hop_observer: HopObserver | None = None
 
     async def forward(self, tokens: mx.array) -> mx.array:
         """Run token ids [L] through every stage; returns hidden states [1, 1, D] of the last.
@@ -54,13 +58,15 @@ class PipelineSession:
         hidden = self.edges.embed(tokens[None])
         last = len(self.streams) - 1
         for i, stream in enumerate(self.streams):
-            hidden = await stream.step(
-                [self.session_id],
-                hidden,
-                [self.offset],
-                last_position_only=(i == last),
-                timing=self.timings[i],
+            hidden, timing = await stream.step(
+                [self.session_id], hidden, [self.offset], last_position_only=(i == last)
             )
+            self.timings[i].add(timing)
+            if self.hop_observer is not None:
+                name = self.stages[i].client.name
+                self.hop_observer(
+                    name, timing.encode, timing.network, timing.compute, timing.decode
+                )
         self.offset += tokens.shape[0]
         return hidden
 
@@ -76,6 +82,7 @@ class Pipeline:
     def __init__(self, edges: ModelEdges, stages: list[Stage]) -> None:
         self.edges = edges
         self.stages = stages
+        self.hop_observer: HopObserver | None = None  # called once per step per worker
 
     @contextlib.asynccontextmanager
     async def session(
@@ -106,6 +113,7 @@ class Pipeline:
                 self.stages,
                 streams,
                 timings=[HopTiming() for _ in self.stages],
+                hop_observer=self.hop_observer,
             )
         finally:
             await asyncio.shield(self._close(session_id, opened, streams))

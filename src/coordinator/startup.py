@@ -55,7 +55,7 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
     clients = [WorkerClient(w.address, w.name) for w in config.workers]
     try:
         plan = await plan_cluster(config, model, clients, ready_timeout)
-        edges = await asyncio.to_thread(load_edges, model)
+        edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
         stages = [
             Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
             for client, wp in zip(clients, plan.workers, strict=True)

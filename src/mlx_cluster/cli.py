@@ -29,4 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": plan_cmd.run,
         "config": plan_cmd.run,
     }
-    return runners[args.command](args)
+    try:
+        return runners[args.command](args)
+    finally:
+        import mlx.core as mx
+
+        mx.clear_streams()  # MLX's streams must go before the interpreter does

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from mlx_cluster.logs import setup_logging
+from contract.logs import setup_logging
 from mlx_cluster.plan_cmd import cli_overrides
 from mlx_cluster.worker_cmd import add_logging_flags
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 config.coordinator.http_listen,
                 config.limits,
                 config.coordinator.cors_origins,
+                config.coordinator.shutdown_grace_s,
             )
         finally:
             await cluster.close()

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def _stop_with_parent() -> None:
+    """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -37,6 +49,7 @@ async def _start_worker(name: str, extra_args: list[str], ready_timeout: float) 
         *extra_args,
         stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_stop_with_parent,
     )
     assert process.stdout is not None
     try:
@@ -51,30 +64,42 @@ async def _start_worker(name: str, extra_args: list[str], ready_timeout: float) 
     return WorkerProcess(name, event["address"], process)
 
 
-async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
     if process.returncode is not None:
-        return
+        return process.returncode
     with contextlib.suppress(ProcessLookupError):
         process.terminate()
     try:
-        await asyncio.wait_for(process.wait(), grace)
+        return await asyncio.wait_for(process.wait(), grace)
     except TimeoutError:
+        log.error("worker pid %d ignored SIGTERM for %.0f s: killing it", process.pid, grace)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
-        await process.wait()
+        return await process.wait()
+
+
+class LocalWorkers(list[WorkerProcess]):
+    """The started workers; `exit_codes` is filled in once they are stopped."""
+
+    exit_codes: list[int]
+
+    @property
+    def clean_exit(self) -> bool:
+        return all(code == 0 for code in self.exit_codes)
 
 
 @contextlib.asynccontextmanager
 async def local_workers(
     count: int, extra_args: list[str] | None = None, ready_timeout: float = 120.0
-) -> AsyncIterator[list[WorkerProcess]]:
+) -> AsyncIterator[LocalWorkers]:
     """Start `count` workers on loopback; stop them all on exit, whatever happened."""
     tasks = [
         asyncio.ensure_future(_start_worker(f"worker-{i}", extra_args or [], ready_timeout))
         for i in range(count)
     ]
     try:
-        workers = await asyncio.gather(*tasks)
+        workers = LocalWorkers(await asyncio.gather(*tasks))
     except BaseException:
         started = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(_stop(w.process) for w in started if isinstance(w, WorkerProcess)))
@@ -83,4 +108,8 @@ async def local_workers(
         log.info("workers ready: %s", ", ".join(f"{w.name}@{w.address}" for w in workers))
         yield workers
     finally:
-        await asyncio.shield(asyncio.gather(*(_stop(w.process) for w in workers)))
+        codes = await asyncio.shield(asyncio.gather(*(_stop(w.process) for w in workers)))
+        workers.exit_codes = list(codes)
+        for worker, code in zip(workers, codes, strict=True):
+            if code != 0:
+                log.error("%s exited with code %d", worker.name, code)

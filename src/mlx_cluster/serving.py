@@ -29,10 +29,12 @@ async def serve_http(
     listen: str,
     limits: LimitsConfig | None = None,
     cors_origins: Sequence[str] = (),
+    shutdown_grace_s: float = 30.0,
 ) -> None:
-    """Serve the HTTP API until SIGINT/SIGTERM, then let requests in flight finish."""
+    """Serve the HTTP API until SIGINT/SIGTERM; requests in flight get the grace period."""
     host, port = listen.rsplit(":", 1)
-    server = HttpServer(create_app(cluster, limits, cors_origins), host, int(port))
+    app = create_app(cluster, limits, cors_origins)
+    server = HttpServer(app, host, int(port), shutdown_grace_s=shutdown_grace_s)
     await server.start()
     cluster.supervisor.start()
     log.warning("serving %s on %s", cluster.model_id, server.url)
@@ -42,6 +44,7 @@ async def serve_http(
     await asyncio.wait(
         [waiter, asyncio.ensure_future(server.wait())], return_when="FIRST_COMPLETED"
     )
+    log.warning("shutting down: requests in flight get %.0f s", shutdown_grace_s)
     await server.stop()
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
-from mlx_cluster.logs import setup_logging
+from contract.logs import setup_logging
 from mlx_cluster.worker_cmd import add_logging_flags
 
 log = logging.getLogger("mlx_cluster")
@@ -23,6 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=None, help="layers per worker, comma-separated (e.g. 1,5,2)")
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (else serve HTTP)")
     p.add_argument("--listen", default="127.0.0.1:8100", help="HTTP address when serving")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds requests in flight may take before they end with an error",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -79,10 +84,10 @@ async def _up(args: argparse.Namespace, model: Path) -> int:
             if args.prompt is not None:
                 await _answer(args, cluster)
             else:
-                await serve_http(cluster, args.listen)
+                await serve_http(cluster, args.listen, shutdown_grace_s=args.shutdown_grace)
         finally:
             await cluster.close()
-    return 0
+    return 0 if workers.clean_exit else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +99,4 @@ def run(args: argparse.Namespace) -> int:
         from models.demo import ensure_demo_model
 
         model = ensure_demo_model()
-    if args.prompt is None:
-        return asyncio.run(_up(args, model))
     return run_until_signal(_up(args, model))

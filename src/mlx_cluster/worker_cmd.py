@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import socket
 
-from mlx_cluster.logs import setup_logging
+from contract.logs import setup_logging
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,8 @@ so the event loop stays free for Info, EndSession and other streams.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+import mlx.core as mx
 from grpc_health.v1 import health, health_pb2
 
 import tensor
 from contract.errors import ClusterError, InvalidArgument
+from contract.logs import REQUEST_ID_HEADER, request_id
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import LAYER_SERVICE_NAME, PROTOCOL_VERSION
@@ -43,10 +47,16 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-compute")
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn on the compute thread; contract errors become gRPC statuses."""
+        """Run fn on the compute thread; contract errors become gRPC statuses.
+
+        The caller's request id (gRPC metadata) rides along into the thread's log lines.
+        """
         loop = asyncio.get_running_loop()
+        metadata = dict(context.invocation_metadata() or ())
+        request_id.set(str(metadata.get(REQUEST_ID_HEADER, "-")))
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
         try:
-            return await loop.run_in_executor(self._compute, fn, *args)
+            return await loop.run_in_executor(self._compute, call)
         except ClusterError as exc:
             await context.abort(exc.code, str(exc))
         except ValueError as exc:
@@ -54,7 +64,13 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     def close(self) -> None:
-        self._compute.shutdown(wait=True, cancel_futures=True)
+        """Finish the step in progress, then release the compute thread's MLX streams.
+
+        MLX wants each thread that used it to clear its streams before it exits;
+        otherwise the process may abort at exit.
+        """
+        self._compute.submit(mx.clear_streams)
+        self._compute.shutdown(wait=True, cancel_futures=False)
 
     # --- unary calls -------------------------------------------------------------
 
@@ -115,6 +131,13 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         def open_session() -> pb.OpenSessionResponse:
             _, store = self.runtime.require_loaded()
             store.open(request.session_id, request.reserve_tokens)
+            log.info(
+                "session %s opened, %d tokens reserved, %d of %d in use",
+                request.session_id,
+                request.reserve_tokens,
+                store.used,
+                store.capacity,
+            )
             return pb.OpenSessionResponse(
                 kv_used_tokens=store.used, kv_capacity_tokens=store.capacity
             )
@@ -126,7 +149,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     ) -> pb.EndSessionResponse:
         def end() -> int:
             store = self.runtime.sessions
-            return store.end(list(request.session_ids)) if store is not None else 0
+            ended = store.end(list(request.session_ids)) if store is not None else 0
+            log.info("ended %d of sessions %s", ended, list(request.session_ids))
+            return ended
 
         return pb.EndSessionResponse(ended=await self._run(context, end))
 

@@ -16,6 +16,8 @@ from contextvars import ContextVar
 
 # The request being served in this task, or "-" outside requests.
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+# Where the id travels: HTTP header (any case) and gRPC metadata key (lower case).
+REQUEST_ID_HEADER = "x-request-id"
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(role)s@%(host)s [%(request_id)s] %(name)s: %(message)s"
 

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the coordinator, in a registry of their own (one per app).
+
+Request counts and latencies are recorded by the HTTP layer; hop timings by
+the pipeline (through `observe_hop`); worker gauges are refreshed from each
+worker's Info when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from contract.proto import layer_service_pb2 as pb
+
+# Seconds: from sub-millisecond hops to minute-long prefills.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every series /metrics exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mlx_cluster_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "mlx_cluster_requests_in_flight", "requests being served", registry=r
+        )
+        self.ttft = Histogram(
+            "mlx_cluster_time_to_first_token_seconds", "request start to first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inter_token = Histogram(
+            "mlx_cluster_inter_token_latency_seconds", "time between streamed tokens",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.generated = Counter("mlx_cluster_generated_tokens", "tokens generated", registry=r)
+        self.prompt = Counter("mlx_cluster_prompt_tokens", "prompt tokens processed", registry=r)
+        self.hop = Histogram(
+            "mlx_cluster_hop_seconds",
+            "one pipeline step on one worker, by phase (serialize, network, compute, deserialize)",
+            ["worker", "phase"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.kv_used = Gauge(
+            "mlx_cluster_worker_kv_tokens_used", "KV tokens in use", ["worker"], registry=r
+        )
+        self.kv_capacity = Gauge(
+            "mlx_cluster_worker_kv_tokens_capacity", "KV token capacity", ["worker"], registry=r
+        )
+        self.sessions = Gauge(
+            "mlx_cluster_worker_sessions_open", "open sessions", ["worker"], registry=r
+        )
+        self.worker_up = Gauge(
+            "mlx_cluster_worker_up", "1 if the worker answered", ["worker"], registry=r
+        )
+
+    def observe_hop(
+        self, worker: str, serialize: float, network: float, compute: float, deserialize: float
+    ) -> None:
+        """Record one step on one worker (seconds); network = round trip minus compute."""
+        for phase, seconds in (
+            ("serialize", serialize),
+            ("network", network),
+            ("compute", compute),
+            ("deserialize", deserialize),
+        ):
+            self.hop.labels(worker, phase).observe(seconds)
+
+    def set_worker(self, worker: str, info: pb.InfoResponse | None) -> None:
+        """Refresh one worker's gauges from its Info (None: it did not answer)."""
+        self.worker_up.labels(worker).set(0 if info is None else 1)
+        if info is not None:
+            self.kv_used.labels(worker).set(info.kv_used_tokens)
+            self.kv_capacity.labels(worker).set(info.kv_capacity_tokens)
+            self.sessions.labels(worker).set(info.sessions_open)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

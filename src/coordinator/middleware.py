@@ -1,0 +1,70 @@
+"""Per-request context for the HTTP API: request id, access log line, request metrics.
+
+A plain ASGI middleware, so the request id (a contextvar) also covers the body
+of streaming responses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from contract.logs import REQUEST_ID_HEADER, request_id
+from coordinator.metrics import Metrics
+
+log = logging.getLogger("coordinator.http")
+
+KNOWN_ENDPOINTS = {
+    "/",
+    "/health",
+    "/metrics",
+    "/generate",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+}
+
+
+class RequestContext:
+    """Sets the request id, counts the request, and logs one line when it is answered."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        path = scope["path"] if scope["path"] in KNOWN_ENDPOINTS else "other"
+        status: dict[str, Any] = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode()))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+            if path != "/metrics":
+                log.info(
+                    "%s %s -> %d in %.1f ms",
+                    scope["method"],
+                    scope["path"],
+                    status["code"],
+                    (time.perf_counter() - started) * 1000,
+                )
+            request_id.reset(token)

@@ -1,0 +1,109 @@
+"""Run one generation for an HTTP request: deadline, shutdown drain, metrics, SSE.
+
+`metered` wraps a generation's chunks with the request's deadline and the
+server's drain deadline and records token metrics; `collect` and `stream`
+turn the chunks into a JSON body or a server-sent event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from coordinator import openai_format as fmt
+from coordinator.generation import TextChunk
+from coordinator.http_errors import ApiError, api_error
+from coordinator.metrics import Metrics
+
+Chunks = AsyncGenerator[TextChunk, None]
+
+
+class Drain:
+    """The server's shutdown: after `begin(grace)`, generations end by the grace deadline."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None  # loop time by which generations must end
+
+    def begin(self, grace_s: float) -> None:
+        self.deadline = asyncio.get_running_loop().time() + grace_s
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def refuse_new(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+
+
+async def metered(chunks: Chunks, timeout: float, drain: Drain, metrics: Metrics) -> Chunks:
+    """Pass chunks through until the request's or the drain's deadline, recording metrics.
+
+    Raises:
+        TimeoutError: the request ran past `timeout` seconds.
+        ApiError: 503 when the server's shutdown grace period ended first.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = time.perf_counter()
+    async with contextlib.aclosing(chunks):
+        for count in range(1 << 62):
+            limit = min(deadline, drain.deadline or deadline)
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), max(limit - loop.time(), 0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                drain.refuse_new()
+                raise
+            now = time.perf_counter()
+            if count and chunk.token is not None:
+                metrics.inter_token.observe(now - last)
+            last = now
+            if chunk.performance is not None:
+                metrics.ttft.observe(chunk.performance.ttft_s)
+                metrics.generated.inc(chunk.performance.completion_tokens)
+                metrics.prompt.inc(chunk.performance.prompt_tokens)
+            yield chunk
+
+
+async def collect(chunks: Chunks) -> list[TextChunk]:
+    """All chunks of a generation; failures become ApiErrors."""
+    try:
+        return [c async for c in chunks]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise api_error(exc) from exc
+
+
+async def stream(
+    chunks: Chunks, render: Callable[[TextChunk, bool], list[dict[str, Any]]]
+) -> StreamingResponse:
+    """Start a stream: failures before the first chunk are HTTP errors, later ones events."""
+    try:
+        first = await anext(chunks)
+    except BaseException as exc:
+        await chunks.aclose()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise api_error(exc) from exc
+
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(chunks):
+            for event in render(first, True):
+                yield fmt.sse(event)
+            try:
+                async for chunk in chunks:
+                    for event in render(chunk, False):
+                        yield fmt.sse(event)
+            except Exception as exc:
+                yield fmt.sse(api_error(exc).body())
+            yield fmt.sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
