@@ -55,7 +55,10 @@ async def metered(chunks: Chunks, timeout: float, drain: Drain, metrics: Metrics
         for count in range(1 << 62):
             limit = min(deadline, drain.deadline or deadline)
             try:
-                chunk = await asyncio.wait_for(anext(chunks), max(limit - loop.time(), 0))
+                # A timeout scope, not wait_for: the generation must keep running in this
+                # task, so that cancelling it (a client gone) closes it right here.
+                async with asyncio.timeout_at(limit):
+                    chunk = await anext(chunks)
             except StopAsyncIteration:
                 return
             except TimeoutError:
