@@ -28,6 +28,8 @@ TOOL_ENV = frozenset(
     for name in ("HOME", "RUN_DIR", "PYTHON", "URL", "WORKER_LISTEN", "WORKER_NAME")
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Settings whose values are never printed (`config show`, validation errors).
+SECRET_FIELDS = frozenset({"auth.token", "auth.api_keys"})
 
 
 class ConfigError(ValueError):
@@ -145,6 +147,32 @@ class LoggingConfig(_Strict):
         return value.upper()
 
 
+class AuthConfig(_Strict):
+    """Credentials: the token and TLS towards workers, API keys on the HTTP API."""
+
+    token: str | None = Field(default=None, min_length=1)  # the workers' shared cluster token
+    token_file: str | None = None  # or a file holding it (instead of token)
+    tls_cert: str | None = None  # client certificate (PEM) for workers that require mutual TLS
+    tls_key: str | None = None  # the private key of tls_cert
+    tls_ca: str | None = None  # CA (PEM) that signed the workers' certificates; turns TLS on
+    tls_server_name: str | None = None  # name in the workers' certificates, if not their host
+    api_keys: list[str] = []  # keys HTTP clients must send as `Authorization: Bearer KEY`
+    api_keys_file: str | None = None  # or a file of keys, one a line (added to api_keys)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> AuthConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+
 class ClusterConfig(_Strict):
     """Everything a cluster needs, from one file (plus overrides)."""
 
@@ -154,6 +182,7 @@ class ClusterConfig(_Strict):
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
+    auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys
     reserve_gb: float = Field(default=1.0, ge=0)  # memory left free on every worker
 
     @field_validator("workers", mode="before")
@@ -341,9 +370,9 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
         details = []
         value = error.get("input")
         shown = "got " in message or isinstance(value, dict | list)  # ours name the value
-        if error["type"] != "missing" and not shown:
-            details.append(f"got {value!r}")
         plain = ".".join(str(p) for p in loc if isinstance(p, str))
+        if error["type"] != "missing" and not shown and plain not in SECRET_FIELDS:
+            details.append(f"got {value!r}")
         source = next((sources[p] for p in _prefixes(plain) if p in sources), None)
         if source is not None:
             details.append(f"from {source}")
@@ -360,6 +389,7 @@ def _allowed(loc: tuple[int | str, ...]) -> str:
         "kv": KVConfig,
         "limits": LimitsConfig,
         "logging": LoggingConfig,
+        "auth": AuthConfig,
     }
     section = str(loc[0]) if len(loc) > 1 else ""
     model = sections.get(section, ClusterConfig)
@@ -403,7 +433,9 @@ def render_config(loaded: LoadedConfig) -> str:
         if isinstance(value, dict):
             lines.append(f"{key}:")
             for sub, item in value.items():
-                lines.append(f"  {sub}: {_scalar(item)}  # {loaded.sources[f'{key}.{sub}']}")
+                dotted = f"{key}.{sub}"
+                shown = "<hidden>" if dotted in SECRET_FIELDS and item else _scalar(item)
+                lines.append(f"  {sub}: {shown}  # {loaded.sources[dotted]}")
         elif key == "workers":
             lines.append(f"workers:  # {loaded.sources['workers']}")
             for worker in value:

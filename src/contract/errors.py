@@ -61,12 +61,19 @@ class WorkerUnavailable(ClusterError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ClusterError):
+    """A call without the worker's cluster token, or with another one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ClusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: SessionNotFound,
     grpc.StatusCode.ALREADY_EXISTS: SessionExists,
     grpc.StatusCode.RESOURCE_EXHAUSTED: KVCapacityExceeded,
     grpc.StatusCode.UNAVAILABLE: WorkerUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

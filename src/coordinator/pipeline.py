@@ -4,28 +4,46 @@ Topology: a star. The coordinator sends each worker's output to the next
 worker itself (coordinator -> w1 -> coordinator -> w2 -> ...). This costs one
 extra transfer per hop compared with workers forwarding to each other, but it
 keeps workers independent of each other's addresses, lets the coordinator see
-and time every hop, and keeps failure handling (a lost worker, a replay on a
-standby) in one place. With [1, 1, D] hidden states per decode step the extra
-transfer is a few KB on a persistent stream; see benchmarks/ for the measured
-cost of a hop.
+and time every hop, and keeps failure handling in one place.
+
+Failure handling: a session remembers the token chunks it sent, in order. When
+a worker fails mid-session, the stage is handed to a standby (or to the same
+worker if it is back), the session is reopened on every stage and its chunks
+are replayed with the same boundaries, so every cache is rebuilt exactly and
+generation continues with the tokens it would have produced anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from contract.errors import (
+    ClusterError,
+    KVCapacityExceeded,
+    NotLoaded,
+    OffsetMismatch,
+    SessionNotFound,
+    WorkerUnavailable,
+)
 from contract.layers import LayerRange
 from coordinator.client import ForwardStream, HopTiming, WorkerClient
 from models.slicing import ModelEdges
 
+log = logging.getLogger(__name__)
+
 # (worker name, serialize s, network s, compute s, deserialize s) for one step on one worker.
 HopObserver = Callable[[str, float, float, float, float], None]
+
+# A worker that failed this way lost the session's state: replaying can restore it.
+RECOVERABLE = (WorkerUnavailable, SessionNotFound, NotLoaded, OffsetMismatch)
+MAX_RECOVERIES = 2  # per step
 
 
 @dataclass
@@ -38,35 +56,107 @@ class Stage:
     session_ttl_s: float = 0.0  # 0 = the worker's default
 
 
-@dataclass
-class PipelineSession:
-    """One session open on every worker: its streams and how many tokens it has cached."""
+class StageFailed(ClusterError):
+    """A step failed on one stage; `cause` says how."""
 
-    session_id: str
-    edges: ModelEdges
-    stages: list[Stage]
-    streams: list[ForwardStream]
-    offset: int = 0
-    timings: list[HopTiming] = field(default_factory=list)  # per stage, summed over steps
-    hop_observer: HopObserver | None = None
+    def __init__(self, index: int, client: WorkerClient, cause: ClusterError) -> None:
+        super().__init__(str(cause))
+        self.index, self.client, self.cause = index, client, cause
+        self.code = cause.code
+
+
+@dataclass
+class Admission:
+    """Sessions waiting for KV room: at most `max_waiting`, each for at most `max_wait_s`."""
+
+    max_waiting: int = 0  # 0 = refuse at once when full
+    max_wait_s: float = 30.0
+    waiting: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.freed.set()
+
+    async def wait_for_room(self, error: KVCapacityExceeded, deadline: float) -> None:
+        """Wait until some session ends, or re-raise `error` if the queue is full or time is up."""
+        loop = asyncio.get_running_loop()
+        if self.waiting >= self.max_waiting or loop.time() >= deadline:
+            raise error
+        self.waiting += 1
+        self.freed.clear()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.freed.wait()
+        except TimeoutError:
+            raise error from None
+        finally:
+            self.waiting -= 1
+
+
+class PipelineSession:
+    """One session open on every stage, with the history needed to rebuild it."""
+
+    def __init__(self, pipeline: Pipeline, reserve_tokens: int, timeout: float | None) -> None:
+        self.pipeline = pipeline
+        self.edges = pipeline.edges
+        self.reserve_tokens = reserve_tokens
+        self.timeout = timeout
+        self.session_id = ""
+        self.stages: list[Stage] = []
+        self.streams: list[ForwardStream] = []
+        self.offset = 0  # tokens cached on every stage
+        self.history: list[mx.array] = []  # token chunks sent, in order
+        self.timings = [HopTiming() for _ in pipeline.stages]  # per stage, summed
+        self.recoveries = 0
+
+    # --- opening and closing ------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the session on every current stage (all or nothing)."""
+        self.session_id = uuid.uuid4().hex
+        stages = list(self.pipeline.stages)
+        results = await asyncio.gather(
+            *(s.client.open_session(self.session_id, self.reserve_tokens) for s in stages),
+            return_exceptions=True,
+        )
+        opened = [s for s, r in zip(stages, results, strict=True) if r is None]
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                await self._end(opened, [])
+                if isinstance(result, RECOVERABLE):
+                    raise StageFailed(i, stages[i].client, result) from result
+                raise result
+        self.stages = stages
+        self.streams = [s.client.open_stream(self.timeout) for s in stages]
+
+    async def close(self) -> None:
+        await self._end(self.stages, self.streams)
+        self.stages, self.streams = [], []
+        self.pipeline.admission.notify()
+
+    async def _end(self, stages: list[Stage], streams: list[ForwardStream]) -> None:
+        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        await asyncio.gather(
+            *(s.client.end_sessions([self.session_id]) for s in stages), return_exceptions=True
+        )
+
+    # --- stepping ----------------------------------------------------------------------
 
     async def forward(self, tokens: mx.array) -> mx.array:
         """Run token ids [L] through every stage; returns hidden states [1, 1, D] of the last.
 
-        Each worker appends these L tokens to its cache for this session.
+        Each worker appends these L tokens to its cache for this session. A worker
+        lost on the way is replaced and the session replayed (up to MAX_RECOVERIES).
         """
-        hidden = self.edges.embed(tokens[None])
-        last = len(self.streams) - 1
-        for i, stream in enumerate(self.streams):
-            hidden, timing = await stream.step(
-                [self.session_id], hidden, [self.offset], last_position_only=(i == last)
-            )
-            self.timings[i].add(timing)
-            if self.hop_observer is not None:
-                name = self.stages[i].client.name
-                self.hop_observer(
-                    name, timing.encode, timing.network, timing.compute, timing.decode
-                )
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                hidden = await self._step(tokens, self.offset)
+                break
+            except StageFailed as failure:
+                if attempt == MAX_RECOVERIES:
+                    raise failure.cause from failure
+                await self.recover(failure)
+        self.history.append(tokens)
         self.offset += tokens.shape[0]
         return hidden
 
@@ -75,14 +165,58 @@ class PipelineSession:
         hidden = await self.forward(tokens)
         return self.edges.head(hidden)[:, -1, :]
 
+    async def _step(self, tokens: mx.array, offset: int) -> mx.array:
+        hidden = self.edges.embed(tokens[None])
+        last = len(self.streams) - 1
+        for i, stream in enumerate(self.streams):
+            try:
+                hidden, timing = await stream.step(
+                    [self.session_id], hidden, [offset], last_position_only=(i == last)
+                )
+            except RECOVERABLE as exc:
+                raise StageFailed(i, self.stages[i].client, exc) from exc
+            self.timings[i].add(timing)
+            observer = self.pipeline.hop_observer
+            if observer is not None:
+                name = self.stages[i].client.name
+                observer(name, timing.encode, timing.network, timing.compute, timing.decode)
+        return hidden
+
+    async def recover(self, failure: StageFailed) -> None:
+        """Replace the failed stage's worker, reopen everywhere, replay the history."""
+        log.warning(
+            "session %s: worker %s failed (%s); recovering",
+            self.session_id,
+            failure.client.name,
+            failure.cause,
+        )
+        await self.pipeline.replace_stage(failure.index, failure.client)
+        await self._end(self.stages, self.streams)
+        await self.open()
+        offset = 0
+        for chunk in self.history:
+            await self._step(chunk, offset)
+            offset += chunk.shape[0]
+        self.recoveries += 1
+        log.warning("session %s: replayed %d tokens onto the new chain", self.session_id, offset)
+
 
 class Pipeline:
     """The workers, in layer order, plus the coordinator's embedding and head."""
 
-    def __init__(self, edges: ModelEdges, stages: list[Stage]) -> None:
+    def __init__(
+        self,
+        edges: ModelEdges,
+        stages: list[Stage],
+        standbys: list[WorkerClient] | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.edges = edges
         self.stages = stages
+        self.standbys = list(standbys or [])
+        self.admission = admission or Admission()
         self.hop_observer: HopObserver | None = None  # called once per step per worker
+        self._replacing = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def session(
@@ -92,35 +226,76 @@ class Pipeline:
 
         Args:
             reserve_tokens: KV tokens each worker reserves for it (prompt + max new tokens).
-            timeout: deadline in seconds for the session's Forward streams.
+            timeout: deadline in seconds for the session's Forward streams, and for
+                waiting in the admission queue.
         """
-        session_id = uuid.uuid4().hex
-        opened: list[Stage] = []
-        streams: list[ForwardStream] = []
+        session = PipelineSession(self, reserve_tokens, timeout)
+        await self._open(session)
         try:
-            results = await asyncio.gather(
-                *(s.client.open_session(session_id, reserve_tokens) for s in self.stages),
-                return_exceptions=True,
-            )
-            opened = [s for s, r in zip(self.stages, results, strict=True) if r is None]
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            streams = [s.client.open_stream(timeout) for s in self.stages]
-            yield PipelineSession(
-                session_id,
-                self.edges,
-                self.stages,
-                streams,
-                timings=[HopTiming() for _ in self.stages],
-                hop_observer=self.hop_observer,
-            )
+            yield session
         finally:
-            await asyncio.shield(self._close(session_id, opened, streams))
+            await asyncio.shield(session.close())
 
-    @staticmethod
-    async def _close(session_id: str, opened: list[Stage], streams: list[ForwardStream]) -> None:
-        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-        await asyncio.gather(
-            *(s.client.end_sessions([session_id]) for s in opened), return_exceptions=True
-        )
+    async def _open(self, session: PipelineSession) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.admission.max_wait_s, session.timeout or 1e9)
+        for _ in range(MAX_RECOVERIES + 1):
+            try:
+                await session.open()
+                return
+            except KVCapacityExceeded as full:
+                await self.admission.wait_for_room(full, deadline)
+            except StageFailed as failure:
+                await self.replace_stage(failure.index, failure.client)
+        await session.open()
+
+    async def replace_stage(self, index: int, failed: WorkerClient) -> None:
+        """Give stage `index` a serving worker: the same one if it is back, else a standby.
+
+        Raises:
+            WorkerUnavailable: if neither the worker nor any standby can take the slice.
+        """
+        async with self._replacing:
+            stage = self.stages[index]
+            if stage.client is not failed:
+                return  # another session already replaced it
+            candidates = [failed, *self.standbys]
+            for client in candidates:
+                if await self._load_on(client, stage):
+                    self.standbys = [c for c in candidates if c is not client]
+                    self.stages[index] = Stage(
+                        client, stage.layers, stage.kv_budget_tokens, stage.session_ttl_s
+                    )
+                    if client is not failed:
+                        log.warning(
+                            "stage %s moved from %s to standby %s",
+                            stage.layers,
+                            failed.name,
+                            client.name,
+                        )
+                    return
+            raise WorkerUnavailable(
+                f"worker {failed.name} holding layers {stage.layers} is down and "
+                f"no standby could take its place ({len(self.standbys)} standbys)"
+            )
+
+    async def _load_on(self, client: WorkerClient, stage: Stage) -> bool:
+        r = stage.layers
+        try:
+            info = await client.info(timeout=2.0)
+            if (info.model, info.layer_start, info.layer_end) != (
+                str(self.edges.path),
+                r.start,
+                r.end,
+            ):
+                await client.load_layers(
+                    str(self.edges.path),
+                    r.start,
+                    r.end,
+                    stage.kv_budget_tokens,
+                    stage.session_ttl_s,
+                )
+            return True
+        except ClusterError as exc:
+            log.info("worker %s cannot take layers %s: %s", client.name, r, exc)
+            return False

@@ -45,6 +45,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         self.runtime = runtime
         self._health = health
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-compute")
+        self._closed = False
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the compute thread; contract errors become gRPC statuses.
@@ -69,6 +70,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         MLX wants each thread that used it to clear its streams before it exits;
         otherwise the process may abort at exit.
         """
+        if self._closed:
+            return
+        self._closed = True
         self._compute.submit(mx.clear_streams)
         self._compute.shutdown(wait=True, cancel_futures=False)
 
