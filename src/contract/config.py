@@ -121,6 +121,8 @@ class LimitsConfig(_Strict):
     default_max_tokens: int = Field(default=256, gt=0)  # when a request gives no max_tokens
     max_tokens_ceiling: int = Field(default=4096, gt=0)  # the most a request may ask for
     request_timeout_s: float = Field(default=300.0, gt=0)  # a request is cancelled after this
+    queue_length: int = Field(default=16, ge=0)  # requests that may wait for KV room; then 429
+    queue_timeout_s: float = Field(default=30.0, ge=0)  # longest wait for KV room; then 429
 
     @model_validator(mode="after")
     def _defaults_below_ceiling(self) -> LimitsConfig:
@@ -179,13 +181,14 @@ class ClusterConfig(_Strict):
     model: str = Field(min_length=1)  # local model directory or Hugging Face model id
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)  # the HTTP side
     workers: list[WorkerEntry] = Field(min_length=1)  # in chain order: first runs layer 0
+    standby: list[WorkerEntry] = []  # spare workers that take over a failed worker's layers
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
     auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys
     reserve_gb: float = Field(default=1.0, ge=0)  # memory left free on every worker
 
-    @field_validator("workers", mode="before")
+    @field_validator("workers", "standby", mode="before")
     @classmethod
     def _worker_shorthand(cls, value: Any) -> Any:
         value = _split_commas(value)
@@ -203,6 +206,14 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"each worker needs its own {attr}, {dupes} appear twice")
         _check_manual_layers(workers)
         return workers
+
+    @model_validator(mode="after")
+    def _standby_apart(self) -> ClusterConfig:
+        active = {w.address for w in self.workers}
+        shared = sorted(active & {w.address for w in self.standby})
+        if shared:
+            raise ValueError(f"standby workers must not also be active workers: {shared}")
+        return self
 
 
 def _check_manual_layers(workers: list[WorkerEntry]) -> None:

@@ -22,6 +22,7 @@ from contract.config import LimitsConfig
 from contract.errors import ClusterError
 from contract.plan import plan_as_dict
 from coordinator import openai_format as fmt
+from coordinator.auth import ApiKeyAuth
 from coordinator.cluster import Cluster
 from coordinator.generation import TextChunk
 from coordinator.health import cluster_health
@@ -115,9 +116,15 @@ def _completion_tokens(
 
 
 def create_app(
-    cluster: Cluster, settings: LimitsConfig | None = None, cors_origins: Sequence[str] = ()
+    cluster: Cluster,
+    settings: LimitsConfig | None = None,
+    cors_origins: Sequence[str] = (),
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:
-    """The HTTP API over a started Cluster, with the request limits of `settings`."""
+    """The HTTP API over a started Cluster, with the request limits of `settings`.
+
+    With `api_keys`, every route but `GET /` and `GET /health` needs one of them.
+    """
     settings = settings or LimitsConfig()
     app = FastAPI(title="mlx-cluster", version="1")
     install_error_handlers(app)
@@ -125,6 +132,8 @@ def create_app(
     drain = Drain()
     app.state.metrics, app.state.drain = metrics, drain
     cluster.pipeline.hop_observer = metrics.observe_hop
+    if api_keys:  # innermost: refusals are logged and counted; CORS preflights pass
+        app.add_middleware(ApiKeyAuth, keys=api_keys)
     app.add_middleware(RequestContext, metrics=metrics)
     if cors_origins:
         app.add_middleware(
@@ -191,6 +200,9 @@ def create_app(
         status, body = await cluster_health(model_id, cluster.stages)
         body["context_tokens"] = cluster.context_length
         body["plan"] = plan_as_dict(cluster.plan) if cluster.plan else None
+        body["standby"] = [
+            {"name": c.name, "address": c.address} for c in cluster.pipeline.standbys
+        ]
         return JSONResponse(body, status_code=status)
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -10,13 +10,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import mlx.core as mx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tensor
+from contract.auth import TlsFiles, token_metadata
 from contract.errors import ClusterError, InvalidArgument, WorkerUnavailable, error_from_status
 from contract.logs import REQUEST_ID_HEADER, request_id
 from contract.proto import layer_service_pb2 as pb
@@ -24,11 +25,6 @@ from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESSION_DEADLINE_S
 
 R = TypeVar("R")
-
-
-def _metadata() -> tuple[tuple[str, str], ...]:
-    """gRPC metadata naming the request being served, so worker logs can name it too."""
-    return ((REQUEST_ID_HEADER, request_id.get()),)
 
 
 @dataclass
@@ -53,19 +49,40 @@ class HopTiming:
 
 
 class WorkerClient:
-    """Calls to one worker at `address`; `name` is filled in from Info."""
+    """Calls to one worker at `address`; `name` is filled in from Info.
 
-    def __init__(self, address: str, name: str | None = None) -> None:
+    With `token`, every call carries the cluster token; with `tls`, the channel is
+    TLS, verified against `tls.ca` (mutual TLS when `tls.cert` and `tls.key` are set).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        name: str | None = None,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.address = address
         self.name = name or address
         self._named = name is not None  # a configured name beats the worker's own
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._auth = (token_metadata(token),) if token else ()
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+            if tls.server_name:  # the name the worker's certificate carries, if not its host
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)
         self._stub = pb_grpc.LayerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.last_round_trip_s: float | None = None
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata of every call: the request id (for worker logs), the cluster token."""
+        return ((REQUEST_ID_HEADER, request_id.get()), *self._auth)
 
     async def _call(self, call: Callable[[], Awaitable[R]]) -> R:
         try:
@@ -76,7 +93,7 @@ class WorkerClient:
     async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
         started = time.perf_counter()
         reply = await self._call(
-            lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout, metadata=_metadata())
+            lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self._metadata())
         )
         self.last_round_trip_s = time.perf_counter() - started
         if reply.name and not self._named:
@@ -87,7 +104,9 @@ class WorkerClient:
         """Wait until the worker's standard health service says SERVING, then return Info."""
         request = health_pb2.HealthCheckRequest(service="")
         try:
-            reply = await self._health.Check(request, timeout=timeout, wait_for_ready=True)
+            reply = await self._health.Check(
+                request, timeout=timeout, wait_for_ready=True, metadata=self._metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise WorkerUnavailable(
                 f"worker at {self.address} not ready after {timeout:.0f} s: {exc.details()}"
@@ -107,21 +126,25 @@ class WorkerClient:
             session_ttl_s=session_ttl_s,
         )
         return await self._call(
-            lambda: self._stub.LoadLayers(request, timeout=LOAD_DEADLINE_S, metadata=_metadata())
+            lambda: self._stub.LoadLayers(
+                request, timeout=LOAD_DEADLINE_S, metadata=self._metadata()
+            )
         )
 
     async def open_session(self, session_id: str, reserve_tokens: int = 0) -> None:
         request = pb.OpenSessionRequest(session_id=session_id, reserve_tokens=reserve_tokens)
         await self._call(
             lambda: self._stub.OpenSession(
-                request, timeout=SESSION_DEADLINE_S, metadata=_metadata()
+                request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
             )
         )
 
     async def end_sessions(self, session_ids: list[str]) -> int:
         request = pb.EndSessionRequest(session_ids=session_ids)
         reply = await self._call(
-            lambda: self._stub.EndSession(request, timeout=SESSION_DEADLINE_S, metadata=_metadata())
+            lambda: self._stub.EndSession(
+                request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
+            )
         )
         return reply.ended
 
@@ -129,14 +152,14 @@ class WorkerClient:
         request = pb.TruncateSessionRequest(session_id=session_id, length=length)
         reply = await self._call(
             lambda: self._stub.TruncateSession(
-                request, timeout=SESSION_DEADLINE_S, metadata=_metadata()
+                request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
             )
         )
         return reply.length
 
     def open_stream(self, timeout: float | None = None) -> ForwardStream:
         """A Forward stream for one generation; steps on it are answered in order."""
-        return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=_metadata()))
+        return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=self._metadata()))
 
 
 class ForwardStream:
@@ -174,6 +197,8 @@ class ForwardStream:
             reply = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise error_from_status(exc.code(), exc.details() or "", self._client.name) from exc
+        except asyncio.InvalidStateError:  # the call ended before this write: say why
+            raise await self._stream_error() from None
         if reply is grpc.aio.EOF:
             raise await self._stream_error()
         t2 = time.perf_counter()

@@ -20,12 +20,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 import tensor
+from contract.auth import TlsFiles
 from contract.errors import ClusterError, InvalidArgument
 from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
 from contract.plan import ClusterPlan
 from coordinator.client import WorkerClient
 from coordinator.generation import TextChunk, generate_text
-from coordinator.pipeline import Pipeline, Stage
+from coordinator.pipeline import Admission, Pipeline, Stage
 from coordinator.sampling import SamplingParams
 from coordinator.supervisor import Supervisor
 from models.slicing import ModelEdges, load_edges
@@ -77,6 +78,8 @@ class Cluster:
         layer_counts: Sequence[int] | None = None,
         kv_budget_tokens: int = 0,
         ready_timeout: float = 60.0,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> Cluster:
         """Connect to workers by address (in chain order) and split the layers between them.
 
@@ -86,10 +89,12 @@ class Cluster:
             layer_counts: layers per worker; default an even split.
             kv_budget_tokens: each worker's KV budget in tokens; 0 = the worker's default.
             ready_timeout: seconds to wait for each worker to answer.
+            token: the workers' cluster token, if they require one.
+            tls: TLS towards the workers (see WorkerClient); None: plaintext.
         """
         if not addresses:
             raise InvalidArgument("a cluster needs at least one worker")
-        clients = [WorkerClient(a) for a in addresses]
+        clients = [WorkerClient(a, token=token, tls=tls) for a in addresses]
         try:
             await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
             edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
@@ -113,18 +118,25 @@ class Cluster:
         stages: list[Stage],
         context_tokens: int | None = None,
         plan: ClusterPlan | None = None,
+        standbys: list[WorkerClient] | None = None,
+        admission: Admission | None = None,
     ) -> Cluster:
-        """Give each stage's worker its layers, load the tokenizer, and check the chain."""
+        """Give each stage's worker its layers, load the tokenizer, and check the chain.
+
+        Standbys stay empty until a worker fails and one takes over its layers.
+        """
         check_coverage([s.layers for s in stages])
         await asyncio.gather(*(_load(s, model, edges) for s in stages))
         tokenizer = await asyncio.to_thread(
             load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
         )
-        return cls(model, Pipeline(edges, stages), tokenizer, context_tokens, plan)
+        pipeline = Pipeline(edges, stages, standbys, admission)
+        return cls(model, pipeline, tokenizer, context_tokens, plan)
 
     async def close(self) -> None:
         await self.supervisor.stop()
-        await asyncio.gather(*(s.client.close() for s in self.stages), return_exceptions=True)
+        clients = [s.client for s in self.stages] + self.pipeline.standbys
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids for a prompt: text (optionally as a one-message chat) or ids as given."""

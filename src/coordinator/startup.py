@@ -11,12 +11,13 @@ import asyncio
 import logging
 from pathlib import Path
 
-from contract.config import ClusterConfig
+from contract.auth import client_credentials
+from contract.config import ClusterConfig, WorkerEntry
 from contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
 from contract.proto import layer_service_pb2 as pb
 from coordinator.client import WorkerClient
 from coordinator.cluster import Cluster
-from coordinator.pipeline import Stage
+from coordinator.pipeline import Admission, Stage
 from models.inspect import model_facts
 from models.slicing import load_edges
 
@@ -52,7 +53,8 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
     model = Path(config.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"model {config.model!r} is not a local model directory")
-    clients = [WorkerClient(w.address, w.name) for w in config.workers]
+    clients = [worker_client(w, config) for w in config.workers]
+    standbys = [worker_client(w, config) for w in config.standby]
     try:
         plan = await plan_cluster(config, model, clients, ready_timeout)
         edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
@@ -60,7 +62,16 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
             Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
             for client, wp in zip(clients, plan.workers, strict=True)
         ]
-        return await Cluster.assemble(model, edges, stages, plan.context_tokens, plan)
+        admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
+        return await Cluster.assemble(
+            model, edges, stages, plan.context_tokens, plan, standbys, admission
+        )
     except BaseException:
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
         raise
+
+
+def worker_client(entry: WorkerEntry, config: ClusterConfig) -> WorkerClient:
+    """A client for one configured worker (active or standby), with the cluster's credentials."""
+    token, tls = client_credentials(config.auth)
+    return WorkerClient(entry.address, entry.name, token=token, tls=tls)
