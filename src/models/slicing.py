@@ -28,6 +28,7 @@ from models.architecture import (
     inner_model,
     run_layers,
 )
+from models.shards import shard_view
 
 
 def _parameter_bytes(module: nn.Module) -> int:
@@ -83,19 +84,22 @@ def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
         UnsupportedArchitecture: if the model cannot be split by layers.
         FileNotFoundError: if `path` holds no model.
     """
-    model, config = _lazy_load(path)
-    architecture_of(model)
-    inner = inner_model(model)
-    total = len(inner.layers)
-    if not 0 <= start < end <= total:
-        raise ValueError(f"layer range [{start}, {end}) is not inside a model of {total} layers")
-    make_cache = getattr(model, "make_cache", None)
-    templates = make_cache() if make_cache else [KVCache() for _ in range(total)]
-    layers = list(inner.layers[start:end])
-    del model, inner  # everything outside the slice goes before anything is read
-    holder = nn.Module()
-    holder.layers = layers
-    mx.eval(holder.parameters())
+    with shard_view(path, layers=range(start, end)) as view:
+        model, config = _lazy_load(view)
+        architecture_of(model)
+        inner = inner_model(model)
+        total = len(inner.layers)
+        if not 0 <= start < end <= total:
+            raise ValueError(
+                f"layer range [{start}, {end}) is not inside a model of {total} layers"
+            )
+        make_cache = getattr(model, "make_cache", None)
+        templates = make_cache() if make_cache else [KVCache() for _ in range(total)]
+        layers = list(inner.layers[start:end])
+        del model, inner  # everything outside the slice goes before anything is read
+        holder = nn.Module()
+        holder.layers = layers
+        mx.eval(holder.parameters())
     return LayerSlice(
         path=path,
         start=start,
@@ -134,12 +138,13 @@ class ModelEdges:
 
 def load_edges(path: Path) -> ModelEdges:
     """Load the embedding, final norm and LM head of the model at `path`; no layers."""
-    model, config = _lazy_load(path)
-    arch = architecture_of(model)
-    inner = inner_model(model)
-    total = len(inner.layers)
-    inner.layers = []
-    mx.eval(model.parameters())
+    with shard_view(path, edges=True) as view:
+        model, config = _lazy_load(view)
+        arch = architecture_of(model)
+        inner = inner_model(model)
+        total = len(inner.layers)
+        inner.layers = []
+        mx.eval(model.parameters())
     probe = embed(model, arch, mx.zeros((1, 1), dtype=mx.uint32))
     return ModelEdges(
         path=path,
