@@ -64,7 +64,7 @@ class Cluster:
         self.created = int((model / "config.json").stat().st_mtime)
         declared = model_context(pipeline.edges.config)
         self.context_length = min(declared, context_tokens or declared)
-        self.supervisor = Supervisor(str(model), pipeline.stages)
+        self.supervisor = Supervisor(pipeline.model_ref, pipeline.stages)
 
     @property
     def stages(self) -> list[Stage]:
@@ -120,17 +120,21 @@ class Cluster:
         plan: ClusterPlan | None = None,
         standbys: list[WorkerClient] | None = None,
         admission: Admission | None = None,
+        model_ref: str | None = None,
     ) -> Cluster:
         """Give each stage's worker its layers, load the tokenizer, and check the chain.
 
         Standbys stay empty until a worker fails and one takes over its layers.
+        `model_ref` is what workers are told to load (a model id each resolves
+        locally); default: the coordinator's own path.
         """
         check_coverage([s.layers for s in stages])
-        await asyncio.gather(*(_load(s, model, edges) for s in stages))
+        ref = model_ref or str(model)
+        await asyncio.gather(*(_load(s, ref, edges) for s in stages))
         tokenizer = await asyncio.to_thread(
             load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
         )
-        pipeline = Pipeline(edges, stages, standbys, admission)
+        pipeline = Pipeline(edges, stages, standbys, admission, ref)
         return cls(model, pipeline, tokenizer, context_tokens, plan)
 
     async def close(self) -> None:
@@ -162,10 +166,10 @@ class Cluster:
                 yield chunk
 
 
-async def _load(stage: Stage, model: Path, edges: ModelEdges) -> None:
+async def _load(stage: Stage, model_ref: str, edges: ModelEdges) -> None:
     r: LayerRange = stage.layers
     reply = await stage.client.load_layers(
-        str(model), r.start, r.end, stage.kv_budget_tokens, stage.session_ttl_s
+        model_ref, r.start, r.end, stage.kv_budget_tokens, stage.session_ttl_s
     )
     info = reply.info
     expected_dtype = tensor.dtype_name(edges.dtype)

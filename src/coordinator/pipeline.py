@@ -210,9 +210,11 @@ class Pipeline:
         stages: list[Stage],
         standbys: list[WorkerClient] | None = None,
         admission: Admission | None = None,
+        model_ref: str | None = None,
     ) -> None:
         self.edges = edges
         self.stages = stages
+        self.model_ref = model_ref or str(edges.path)  # what workers are told to load
         self.standbys = list(standbys or [])
         self.admission = admission or Admission()
         self.hop_observer: HopObserver | None = None  # called once per step per worker
@@ -284,12 +286,12 @@ class Pipeline:
         try:
             info = await client.info(timeout=2.0)
             if (info.model, info.layer_start, info.layer_end) != (
-                str(self.edges.path),
+                self.model_ref,
                 r.start,
                 r.end,
             ):
                 await client.load_layers(
-                    str(self.edges.path),
+                    self.model_ref,
                     r.start,
                     r.end,
                     stage.kv_budget_tokens,

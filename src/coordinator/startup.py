@@ -20,6 +20,7 @@ from coordinator.cluster import Cluster
 from coordinator.pipeline import Admission, Stage
 from models.inspect import model_facts
 from models.slicing import load_edges
+from models.sources import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ async def plan_cluster(
 
 async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0) -> Cluster:
     """Connect to the configured workers, plan, load every slice; returns the Cluster."""
-    model = Path(config.model)
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"model {config.model!r} is not a local model directory")
+    model = resolve_model(config.model, edges=True)
     clients = [worker_client(w, config) for w in config.workers]
     standbys = [worker_client(w, config) for w in config.standby]
     try:
@@ -64,7 +63,7 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
         ]
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
         return await Cluster.assemble(
-            model, edges, stages, plan.context_tokens, plan, standbys, admission
+            model, edges, stages, plan.context_tokens, plan, standbys, admission, config.model
         )
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)

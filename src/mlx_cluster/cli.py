@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mlx_cluster import coordinator_cmd, plan_cmd, up_cmd, worker_cmd
+from mlx_cluster import coordinator_cmd, models_cmd, plan_cmd, up_cmd, worker_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator_cmd.add_parser(sub)
     up_cmd.add_parser(sub)
     plan_cmd.add_parsers(sub)
+    models_cmd.add_parser(sub)
     return parser
 
 
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "up": up_cmd.run,
         "plan": plan_cmd.run,
         "config": plan_cmd.run,
+        "models": models_cmd.run,
     }
     try:
         return runners[args.command](args)

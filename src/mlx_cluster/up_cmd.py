@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 from pathlib import Path
 
+from contract.auth import TOKEN_ENV
 from contract.logs import setup_logging
 from mlx_cluster.worker_cmd import add_logging_flags
 
@@ -62,6 +64,7 @@ async def _answer(args: argparse.Namespace, cluster: object) -> None:
         if chunk.performance is not None:
             perf = chunk.performance
             sys.stdout.write("\n")
+            sys.stdout.flush()
             log.warning(
                 "%d prompt + %d generated tokens, %.1f tok/s, first token %.0f ms",
                 perf.prompt_tokens,
@@ -78,8 +81,10 @@ async def _up(args: argparse.Namespace, model: Path) -> int:
 
     counts = layer_counts(args.layers, args.workers)
     worker_args = ["--log-level", args.log_level or "WARNING"]
-    async with local_workers(args.workers, worker_args) as workers:
-        cluster = await Cluster.start(model, [w.address for w in workers], counts)
+    token = secrets.token_urlsafe(32)  # a new cluster token each run, even on loopback
+    async with local_workers(args.workers, worker_args, env={TOKEN_ENV: token}) as workers:
+        addresses = [w.address for w in workers]
+        cluster = await Cluster.start(model, addresses, counts, token=token)
         try:
             if args.prompt is not None:
                 await _answer(args, cluster)

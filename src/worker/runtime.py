@@ -9,12 +9,12 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 
 from contract.errors import InvalidArgument, NotLoaded
 from models.slicing import LayerSlice, load_layer_slice
+from models.sources import resolve_model
 from worker.capabilities import Capabilities
 from worker.compute import forward_rows
 from worker.sessions import SessionStore
@@ -71,7 +71,8 @@ class WorkerRuntime:
         self.unload()
         before = mx.get_active_memory()
         try:
-            loaded = load_layer_slice(Path(model), start, end)
+            path = resolve_model(model, layers=range(start, end))
+            loaded = load_layer_slice(path, start, end)
         except (ValueError, FileNotFoundError) as exc:
             raise InvalidArgument(str(exc)) from exc
         self.model, self.layer_slice = model, loaded

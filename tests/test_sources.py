@@ -1,0 +1,105 @@
+"""Model sources: local directories, and model ids in a Hugging Face cache (offline or fetched)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models import sources
+from models.shards import shards_for, weight_map
+from models.sources import ModelNotAvailable, resolve_model
+
+REPO = "test-org/tiny"
+
+
+def hf_cache(tmp_path: Path, model: Path) -> Path:
+    """A Hugging Face cache holding `model` as the snapshot of REPO."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--test-org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return cache
+
+
+class FakeHub:
+    """A remote repository in a directory; the first tries of `flaky` fail."""
+
+    def __init__(self, remote: Path, local: Path, flaky: str = "", failures: int = 0) -> None:
+        self.remote, self.local = remote, local
+        self.flaky, self.failures = flaky, failures
+        self.fetched: list[str] = []
+
+    def list_files(self, repo: str) -> list[str]:
+        return sorted(p.name for p in self.remote.iterdir())
+
+    def download(self, repo: str, filename: str) -> str:
+        if filename == self.flaky and self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection reset")
+        self.local.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.remote / filename, self.local / filename)
+        self.fetched.append(filename)
+        return str(self.local / filename)
+
+    def cached(self, repo: str, filename: str) -> str | None:
+        path = self.local / filename
+        return str(path) if path.exists() else None
+
+
+@pytest.fixture
+def sharded(model_factory) -> Path:
+    return model_factory("llama", max_shard_bytes=120_000)
+
+
+def test_a_directory_is_used_as_it_is(tiny_llama):
+    assert resolve_model(str(tiny_llama)) == tiny_llama
+
+
+def test_neither_directory_nor_id():
+    with pytest.raises(ModelNotAvailable, match="neither a directory nor a model id"):
+        resolve_model("/no/such/dir")
+
+
+def test_offline_uses_the_cache(tmp_path, sharded):
+    cache = hf_cache(tmp_path, sharded)
+    hub = sources.HuggingFaceHub(str(cache))
+    path = resolve_model(REPO, layers=range(0, 2), hub=hub, offline=True)
+    assert (path / "config.json").is_file() and path.name == "0123abcd"
+
+
+def test_offline_names_exactly_what_is_missing(tmp_path, sharded):
+    cache = hf_cache(tmp_path, sharded)
+    weights = weight_map(sharded)
+    assert weights is not None
+    needed = sorted(shards_for(weights, layers=range(6, 8)))
+    snapshot = cache / "models--test-org--tiny" / "snapshots" / "0123abcd"
+    (snapshot / needed[0]).unlink()
+    hub = sources.HuggingFaceHub(str(cache))
+    with pytest.raises(ModelNotAvailable, match=f"without 1 file.*{needed[0]}"):
+        resolve_model(REPO, layers=range(6, 8), hub=hub, offline=True)
+    # Layers whose shards are all there still resolve.
+    other = shards_for(weights, layers=range(0, 1))
+    if needed[0] not in other:
+        resolve_model(REPO, layers=range(0, 1), hub=hub, offline=True)
+    with pytest.raises(ModelNotAvailable, match="not in the Hugging Face cache"):
+        resolve_model("test-org/absent", hub=hub, offline=True)
+
+
+def test_online_fetches_only_the_shards_of_this_host_with_retries(tmp_path, sharded, monkeypatch):
+    monkeypatch.setattr(sources, "BACKOFF_S", 0.0)
+    weights = weight_map(sharded)
+    assert weights is not None
+    mine = shards_for(weights, layers=range(2, 4))
+    flaky = sorted(mine)[0]
+    hub = FakeHub(sharded, tmp_path / "local", flaky=flaky, failures=2)
+    path = resolve_model(REPO, layers=range(2, 4), hub=hub, offline=False)
+    fetched_shards = {f for f in hub.fetched if f.endswith(".safetensors")}
+    assert fetched_shards == mine and len(mine) < len(set(weights.values()))
+    assert (path / "tokenizer.json").is_file() and (path / "config.json").is_file()
+    hub = FakeHub(sharded, tmp_path / "local2", flaky="config.json", failures=9)
+    with pytest.raises(ModelNotAvailable, match="config.json .* after 4 tries"):
+        resolve_model(REPO, hub=hub, offline=False)
