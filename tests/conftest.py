@@ -102,12 +102,13 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
         workers: int = 2,
         counts: Sequence[int] | None = None,
         settings: LimitsConfig | None = None,
+        cors_origins: Sequence[str] = (),
         **worker_settings: object,
     ) -> tuple[str, Cluster]:
         clients = await start_workers(workers, **worker_settings)
         cluster = await Cluster.start(model or tiny_llama, [c.address for c in clients], counts)
         clusters.append(cluster)
-        server = HttpServer(create_app(cluster, settings), "127.0.0.1", 0)
+        server = HttpServer(create_app(cluster, settings, cors_origins), "127.0.0.1", 0)
         await server.start()
         servers.append(server)
         return server.url, cluster

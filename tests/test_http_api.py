@@ -202,3 +202,17 @@ async def test_client_disconnect_mid_stream_frees_every_session(api):
         await asyncio.sleep(0.05)
     assert [i.sessions_open for i in infos] == [0, 0]
     assert [i.kv_used_tokens for i in infos] == [0, 0]
+
+
+async def test_cors_is_configurable(serve_cluster):
+    url, _ = await serve_cluster(cors_origins=["http://app.example"])
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    async with httpx.AsyncClient(base_url=url) as http:
+        allowed = await http.options("/v1/chat/completions", headers=preflight)
+        other = await http.get("/", headers={"Origin": "http://elsewhere.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+    assert "access-control-allow-origin" not in other.headers
