@@ -34,7 +34,7 @@ def demo_home(tmp_path_factory):
 
 @pytest.mark.slow
 def test_models_demo_then_up_answers_paris(demo_home):
-    home, env = demo_home
+    _, env = demo_home
     listed = subprocess.run(
         [sys.executable, "-m", "mlx_cluster", "models", "list"],
         env=env, capture_output=True, text=True, check=True,

@@ -89,6 +89,10 @@ def is_loopback(host: str) -> bool:
 # --- TLS ---------------------------------------------------------------------------------
 
 
+def _pem(path: str | None, what: str) -> bytes | None:
+    return _read_text(path, what).encode() if path else None
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files for TLS on the worker port, as seen from one side."""
@@ -98,16 +102,13 @@ class TlsFiles:
     ca: str | None = None  # CA of the other side: a worker then requires client certificates
     server_name: str | None = None  # client only: name in the worker's certificate, if not its host
 
-    def _read(self, path: str | None, what: str) -> bytes | None:
-        return _read_text(path, what).encode() if path else None
-
     def server_credentials(self) -> grpc.ServerCredentials:
         """A worker's credentials; with `ca`, clients must present a certificate it signed."""
         if not (self.cert and self.key):
             raise ConfigError("TLS on a worker needs both a certificate and its key")
-        cert = self._read(self.cert, "TLS certificate")
-        key = self._read(self.key, "TLS key")
-        ca = self._read(self.ca, "TLS CA certificate")
+        cert = _pem(self.cert, "TLS certificate")
+        key = _pem(self.key, "TLS key")
+        ca = _pem(self.ca, "TLS CA certificate")
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
         )
@@ -115,9 +116,9 @@ class TlsFiles:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """A client's credentials: verify the worker against `ca` (else the system's roots)."""
         return grpc.ssl_channel_credentials(
-            root_certificates=self._read(self.ca, "TLS CA certificate"),
-            private_key=self._read(self.key, "TLS key"),
-            certificate_chain=self._read(self.cert, "TLS certificate"),
+            root_certificates=_pem(self.ca, "TLS CA certificate"),
+            private_key=_pem(self.key, "TLS key"),
+            certificate_chain=_pem(self.cert, "TLS certificate"),
         )
 
 

@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contract.auth import load_api_keys
     from contract.config import ConfigError, load_config
     from coordinator.startup import start_from_config
     from mlx_cluster.serving import serve_http
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["coordinator.http_listen"] = args.listen
     try:
         config = load_config(args.config, cli=overrides).config
+        api_keys = load_api_keys(config.auth.api_keys, config.auth.api_keys_file)
     except ConfigError as exc:
         print(f"mlx-cluster coordinator: {exc}", file=sys.stderr)
         return 2
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 config.limits,
                 config.coordinator.cors_origins,
                 config.coordinator.shutdown_grace_s,
+                api_keys,
             )
         finally:
             await cluster.close()

@@ -2,6 +2,8 @@
 
 Each worker prints one JSON line when it accepts calls; we read that line
 instead of sleeping, and stop every process we started on the way out.
+Secrets (the cluster token) go to the workers in their environment, not their
+command line, so other users do not see them in `ps`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,9 @@ class WorkerProcess:
     process: asyncio.subprocess.Process
 
 
-async def _start_worker(name: str, extra_args: list[str], ready_timeout: float) -> WorkerProcess:
+async def _start_worker(
+    name: str, extra_args: list[str], env: Mapping[str, str], ready_timeout: float
+) -> WorkerProcess:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -49,6 +54,7 @@ async def _start_worker(name: str, extra_args: list[str], ready_timeout: float) 
         *extra_args,
         stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **env},
         preexec_fn=_stop_with_parent,
     )
     assert process.stdout is not None
@@ -91,11 +97,19 @@ class LocalWorkers(list[WorkerProcess]):
 
 @contextlib.asynccontextmanager
 async def local_workers(
-    count: int, extra_args: list[str] | None = None, ready_timeout: float = 120.0
+    count: int,
+    extra_args: list[str] | None = None,
+    ready_timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[LocalWorkers]:
-    """Start `count` workers on loopback; stop them all on exit, whatever happened."""
+    """Start `count` workers on loopback; stop them all on exit, whatever happened.
+
+    `env` is added to this process's environment for the workers.
+    """
     tasks = [
-        asyncio.ensure_future(_start_worker(f"worker-{i}", extra_args or [], ready_timeout))
+        asyncio.ensure_future(
+            _start_worker(f"worker-{i}", extra_args or [], env or {}, ready_timeout)
+        )
         for i in range(count)
     ]
     try:

@@ -30,10 +30,14 @@ async def serve_http(
     limits: LimitsConfig | None = None,
     cors_origins: Sequence[str] = (),
     shutdown_grace_s: float = 30.0,
+    api_keys: Sequence[str] = (),
 ) -> None:
-    """Serve the HTTP API until SIGINT/SIGTERM; requests in flight get the grace period."""
+    """Serve the HTTP API until SIGINT/SIGTERM; requests in flight get the grace period.
+
+    With `api_keys`, requests need `Authorization: Bearer KEY` (see coordinator.auth).
+    """
     host, port = listen.rsplit(":", 1)
-    app = create_app(cluster, limits, cors_origins)
+    app = create_app(cluster, limits, cors_origins, api_keys)
     server = HttpServer(app, host, int(port), shutdown_grace_s=shutdown_grace_s)
     await server.start()
     cluster.supervisor.start()

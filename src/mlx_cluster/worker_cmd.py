@@ -1,11 +1,19 @@
-"""`mlx-cluster worker`: serve a slice of a model's layers over gRPC."""
+"""`mlx-cluster worker`: serve a slice of a model's layers over gRPC.
+
+The cluster token comes from `--token-file` or else the environment variable
+MLX_CLUSTER_AUTH__TOKEN (never a flag, so it stays out of `ps`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
+import sys
 
+from contract.auth import TOKEN_ENV, TlsFiles, load_secret
+from contract.config import ConfigError
 from contract.logs import setup_logging
 
 
@@ -22,6 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache"
     )
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the cluster token every call must carry (else ${TOKEN_ENV})",
+    )
+    p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="the private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--tls-ca", default=None, help="require client certificates signed by this CA (mutual TLS)"
+    )
     add_logging_flags(p)
 
 
@@ -29,6 +47,14 @@ def add_logging_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--log-format", choices=["text", "json"], default=None, help="default text")
     p.add_argument("--log-file", default=None, help="also append log lines to this file")
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if args.tls_ca and not args.tls_cert:
+        raise ConfigError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key too")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +65,10 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         name=args.name, kv_budget_tokens=args.kv_budget_tokens, session_ttl_s=args.session_ttl
     )
-    asyncio.run(serve(args.listen, settings))
+    try:
+        token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")
+        asyncio.run(serve(args.listen, settings, token=token, tls=_tls(args)))
+    except ConfigError as exc:  # unreadable token or TLS files
+        print(f"mlx-cluster worker: {exc}", file=sys.stderr)
+        return 2
     return 0

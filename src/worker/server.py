@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from contract.auth import TOKEN_ENV, TlsFiles, is_loopback
 from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import CHANNEL_OPTIONS, LAYER_SERVICE_NAME
+from worker.auth import TokenInterceptor
 from worker.capabilities import detect
 from worker.runtime import WorkerRuntime, WorkerSettings
 from worker.servicer import LayerServicer
@@ -39,21 +41,37 @@ class RunningWorker:
 
 
 async def create_server(
-    address: str, settings: WorkerSettings, evict_every_s: float = 10.0
+    address: str,
+    settings: WorkerSettings,
+    evict_every_s: float = 10.0,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> RunningWorker:
     """Build and start a worker on `address` ("host:port"; port 0 picks a free one).
 
+    Args:
+        token: the cluster token every call except health checks must carry; None: none.
+        tls: the worker's certificate and key; with `tls.ca`, clients need a certificate
+            signed by that CA (mutual TLS). None: plaintext.
+
     Raises:
         RuntimeError: if the address cannot be bound.
+        ConfigError: if a TLS file cannot be read.
     """
+    credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer()
     servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     pb_grpc.add_LayerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
+    _warn_if_open(settings.name, address.rsplit(":", 1)[0], port, token, tls)
     await server.start()
     # The process serves once started; LayerService only once it holds layers.
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -62,15 +80,42 @@ async def create_server(
     return RunningWorker(server, port, servicer, health_servicer, evictor)
 
 
-async def serve(address: str, settings: WorkerSettings) -> None:
-    """Run a worker until SIGINT/SIGTERM.
+def _warn_if_open(name: str, host: str, port: int, token: str | None, tls: TlsFiles | None) -> None:
+    """Warn loudly when anyone beyond this host may call the worker unchecked."""
+    if token or (tls and tls.ca) or is_loopback(host):
+        return
+    log.warning(
+        "\n!!! SECURITY: worker %s listens on %s:%d with NO cluster token.\n"
+        "!!! Anyone who can reach this port can load models on it, read and write its\n"
+        "!!! hidden states and use its memory. Set a token (%s or --token-file FILE)\n"
+        "!!! and give the coordinator the same one (auth.token or auth.token_file),\n"
+        "!!! or listen on 127.0.0.1 only.",
+        name,
+        host,
+        port,
+        TOKEN_ENV,
+    )
+
+
+async def serve(
+    address: str, settings: WorkerSettings, token: str | None = None, tls: TlsFiles | None = None
+) -> None:
+    """Run a worker until SIGINT/SIGTERM (`token` and `tls` as for create_server).
 
     Prints one JSON line `{"event": "ready", "port": N, ...}` on stdout once it
     accepts calls, so that launchers wait on readiness rather than sleep.
     """
-    worker = await create_server(address, settings)
+    worker = await create_server(address, settings, token=token, tls=tls)
     host = address.rsplit(":", 1)[0]
-    log.info("worker %s listening on %s:%d", settings.name, host, worker.port)
+    security = ("mutual TLS" if tls.ca else "TLS") if tls else "plaintext"
+    log.info(
+        "worker %s listening on %s:%d (%s, %s)",
+        settings.name,
+        host,
+        worker.port,
+        security,
+        "cluster token required" if token else "no cluster token",
+    )
     print(
         json.dumps({"event": "ready", "name": settings.name, "address": f"{host}:{worker.port}"}),
         flush=True,
