@@ -56,6 +56,27 @@ def _check_prompt_bytes(size: int, settings: LimitsConfig) -> None:
         )
 
 
+def _check_vocab_fields(request: _Request, vocab: int) -> None:
+    """Token ids in the request must exist: MLX does not bounds-check embeddings or biases."""
+    if request.top_k >= vocab:
+        raise ApiError(
+            400, f"top_k must be less than the vocabulary size {vocab}, got {request.top_k}",
+            param="top_k",
+        )  # fmt: skip
+    bad = [k for k in request.logit_bias or {} if int(k) >= vocab]
+    if bad:
+        raise ApiError(
+            400, f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias"
+        )
+
+
+def _utf8_size(text: str, param: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param} is not valid Unicode: {exc.reason}", param=param) from exc
+
+
 def _settle(
     request: _Request, tokens: list[int], cluster: Cluster, settings: LimitsConfig
 ) -> Prepared:
@@ -72,6 +93,7 @@ def _settle(
             param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
+    _check_vocab_fields(request, cluster.pipeline.edges.vocab_size)
     wanted = request.requested_max_tokens()
     if wanted is not None and wanted > settings.max_tokens_ceiling:
         raise ApiError(
@@ -86,8 +108,11 @@ def _settle(
 def _chat_tokens(
     request: ChatCompletionRequest, cluster: Cluster, settings: LimitsConfig
 ) -> Prepared:
-    messages = request.chat_messages()
-    _check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), settings)
+    try:
+        messages = request.chat_messages()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
+    _check_prompt_bytes(sum(_utf8_size(m["content"], "messages") for m in messages), settings)
     try:
         tokens = cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as exc:  # jinja raises its own errors for unsupported conversations
@@ -108,7 +133,7 @@ def _completion_tokens(
             raise ApiError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
         return _settle(request, [int(t) for t in prompt], cluster, settings)
     text = prompt if isinstance(prompt, str) else str(prompt[0])
-    _check_prompt_bytes(len(text.encode()), settings)
+    _check_prompt_bytes(_utf8_size(text, "prompt"), settings)
     return _settle(request, list(cluster.tokenizer.encode(text)), cluster, settings)
 
 
@@ -244,7 +269,7 @@ def create_app(
 
     @app.post("/generate", response_model=None)
     async def generate(request: GenerateRequest) -> dict[str, Any] | StreamingResponse:
-        _check_prompt_bytes(len(request.prompt.encode()), settings)
+        _check_prompt_bytes(_utf8_size(request.prompt, "prompt"), settings)
         tokens = cluster.encode(request.prompt, chat=request.chat)
         prepared = _settle(request, tokens, cluster, settings)
         if not request.stream:

@@ -122,6 +122,16 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found" if exc.status_code == 404 else "invalid_request"
         return ApiError(exc.status_code, str(exc.detail), code=kind).response()
 
+    # Handlers for Exception run in Starlette's outermost middleware, which logs and
+    # re-raises: the expected errors get handlers of their own.
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(ClusterError)
+    async def on_cluster_error(request: Request, exc: ClusterError) -> JSONResponse:
+        return api_error(exc).response()
+
     @app.exception_handler(Exception)
     async def on_any(request: Request, exc: Exception) -> JSONResponse:
         return api_error(exc).response()

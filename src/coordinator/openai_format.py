@@ -7,6 +7,7 @@ Timing figures ride along in a `performance` field, which OpenAI clients ignore.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -67,9 +68,14 @@ def sse(data: dict[str, Any] | str) -> str:
 # --- logprobs ------------------------------------------------------------------------
 
 
+def _finite(logprob: float | None) -> float | None:
+    # JSON has no -Infinity; OpenAI reports impossible tokens as -9999.0.
+    return logprob if logprob is None or math.isfinite(logprob) else -9999.0
+
+
 def _entry(token_text: TokenText, token: int, logprob: float) -> dict[str, Any]:
     text = token_text(token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
 
 def chat_logprobs(chunks: Sequence[TextChunk], token_text: TokenText) -> dict[str, Any]:
@@ -91,8 +97,8 @@ def completion_logprobs(
         if c.token is None:
             continue
         tokens.append(token_text(c.token))
-        token_logprobs.append(c.logprob)
-        top.append({token_text(t): lp for t, lp in c.top_logprobs})
+        token_logprobs.append(_finite(c.logprob))
+        top.append({token_text(t): _finite(lp) for t, lp in c.top_logprobs})
         offsets.append(offset)
         offset += len(c.text)
     return {

@@ -26,9 +26,9 @@ class _Request(BaseModel):
     max_tokens: MaxTokens | None = None  # new tokens at most; default from the limits
     temperature: Temperature = 1.0  # 0 = greedy
     top_p: TopP = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # extension: 0 = off
+    top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # extension: 0 = off
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension: 0 = off
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0  # extension
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] = 1.0  # extension
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
@@ -56,8 +56,8 @@ class _Request(BaseModel):
     @classmethod
     def _bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return bias
 
     def requested_max_tokens(self) -> int | None:

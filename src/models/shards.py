@@ -43,6 +43,23 @@ def shards_for(
     return needed
 
 
+def check_weights_present(view: Path, layers: range | None, edges: bool, model: Path) -> None:
+    """Raise unless the weight files in `view` hold every layer asked for (and the edges).
+
+    mlx-lm's non-strict loading would otherwise leave missing weights at their
+    random initial values and serve garbage.
+    """
+    from models.inspect import read_safetensors_header
+
+    names = [n for f in sorted(view.glob("*.safetensors")) for n in read_safetensors_header(f)]
+    found = {int(m.group(1)) for n in names if (m := LAYER_KEY.search(n))}
+    missing = sorted(set(layers or ()) - found)
+    if missing:
+        raise ValueError(f"the weights of {model} hold no tensors for layers {missing}")
+    if edges and not any(LAYER_KEY.search(n) is None for n in names):
+        raise ValueError(f"the weights of {model} hold no embedding, norm or head")
+
+
 @contextlib.contextmanager
 def shard_view(model: Path, layers: range | None = None, edges: bool = False) -> Iterator[Path]:
     """A directory like `model` whose only weight files are the shards needed.

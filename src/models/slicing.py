@@ -28,7 +28,7 @@ from models.architecture import (
     inner_model,
     run_layers,
 )
-from models.shards import shard_view
+from models.shards import check_weights_present, shard_view
 
 
 def _parameter_bytes(module: nn.Module) -> int:
@@ -93,6 +93,7 @@ def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
             raise ValueError(
                 f"layer range [{start}, {end}) is not inside a model of {total} layers"
             )
+        check_weights_present(view, range(start, end), edges=False, model=path)
         make_cache = getattr(model, "make_cache", None)
         templates = make_cache() if make_cache else [KVCache() for _ in range(total)]
         layers = list(inner.layers[start:end])
@@ -140,6 +141,7 @@ def load_edges(path: Path) -> ModelEdges:
     """Load the embedding, final norm and LM head of the model at `path`; no layers."""
     with shard_view(path, edges=True) as view:
         model, config = _lazy_load(view)
+        check_weights_present(view, None, edges=True, model=path)
         arch = architecture_of(model)
         inner = inner_model(model)
         total = len(inner.layers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -59,6 +60,10 @@ class WorkerRuntime:
         """
         if not model:
             raise InvalidArgument("model must name a model directory")
+        if not (math.isfinite(session_ttl_s) and session_ttl_s >= 0):
+            raise InvalidArgument(
+                f"session_ttl_s must be a finite number >= 0, got {session_ttl_s}"
+            )
         capacity = kv_budget_tokens or self.settings.kv_budget_tokens
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.layer_slice
@@ -73,8 +78,12 @@ class WorkerRuntime:
         try:
             path = resolve_model(model, layers=range(start, end))
             loaded = load_layer_slice(path, start, end)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:  # bad range, missing files, unknown architecture
             raise InvalidArgument(str(exc)) from exc
+        except (KeyError, TypeError, AttributeError) as exc:  # a config.json mlx-lm cannot read
+            raise InvalidArgument(
+                f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
+            ) from exc
         self.model, self.layer_slice = model, loaded
         self.sessions = SessionStore(capacity, loaded.make_caches, ttl)
         used = mx.get_active_memory() - before

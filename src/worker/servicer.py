@@ -186,7 +186,15 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     async def Forward(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
-        async for request in request_iterator:
+        requests = aiter(request_iterator)
+        while True:
+            try:
+                request = await anext(requests)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # bytes that are no ForwardRequest
+                log.warning("undecodable Forward message: %r", exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed ForwardRequest")
             yield await self._run(context, self._step, request)
 
     # --- housekeeping ------------------------------------------------------------
