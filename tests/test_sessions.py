@@ -51,3 +51,11 @@ def test_session_ids_are_checked():
         store().open("", 0)
     with pytest.raises(InvalidArgument, match="got 129"):
         store().open("x" * 129, 0)
+
+
+def test_sessions_are_bounded_in_number():
+    s = SessionStore(100, lambda: [KVCache()], idle_ttl_s=30, max_sessions=2)
+    s.open("a", 0)
+    s.open("b", 0)
+    with pytest.raises(KVCapacityExceeded, match="2 sessions open, at most 2 allowed"):
+        s.open("c", 0)

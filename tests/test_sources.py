@@ -104,3 +104,19 @@ def test_online_fetches_only_the_shards_of_this_host_with_retries(tmp_path, shar
     hub = FakeHub(sharded, tmp_path / "local2", flaky="config.json", failures=9)
     with pytest.raises(ModelNotAvailable, match=r"config\.json .* after 4 tries"):
         resolve_model(REPO, hub=hub, offline=False)
+
+
+def test_facts_of_a_partly_fetched_model_estimate_the_missing_layers(tmp_path, sharded):
+    from models.inspect import model_facts
+
+    weights = weight_map(sharded)
+    assert weights is not None
+    partial = tmp_path / "partial"
+    shutil.copytree(sharded, partial)
+    for shard in set(weights.values()) - shards_for(weights, edges=True):
+        (partial / shard).unlink()
+    full, part = model_facts(sharded), model_facts(partial)
+    assert part.num_layers == full.num_layers and part.edge_weight_bytes == full.edge_weight_bytes
+    assert all(b > 0 for b in part.layer_weight_bytes)
+    typical = sorted(full.layer_weight_bytes)[len(full.layer_weight_bytes) // 2]
+    assert all(abs(b - typical) <= 0.5 * typical for b in part.layer_weight_bytes)

@@ -260,3 +260,17 @@ async def test_standard_health_service_tracks_loading(start_workers, tiny_llama)
     await client.load_layers(str(tiny_llama), 0, 2)
     assert await status(LAYER_SERVICE_NAME) == serving
     await channel.close()
+
+
+async def test_messages_over_the_configured_size_are_refused(start_workers, tiny_llama):
+    (client,) = await start_workers(1, max_message_bytes=4096)
+    await client.load_layers(str(tiny_llama), 0, 2)
+    channel = grpc.aio.insecure_channel(client.address)  # a client allowing big messages
+    stub = pb_grpc.LayerServiceStub(channel)
+    await stub.OpenSession(pb.OpenSessionRequest(session_id="s"))
+    await assert_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        forward_once(stub, step(["s"], mx.ones((1, 32, HIDDEN)), [0])),
+    )
+    await assert_still_serves(stub)
+    await channel.close()

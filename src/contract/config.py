@@ -123,6 +123,7 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(default=300.0, gt=0)  # a request is cancelled after this
     queue_length: int = Field(default=16, ge=0)  # requests that may wait for KV room; then 429
     queue_timeout_s: float = Field(default=30.0, ge=0)  # longest wait for KV room; then 429
+    max_message_mb: int = Field(default=256, ge=1, le=2047)  # largest gRPC message to workers
 
     @model_validator(mode="after")
     def _defaults_below_ceiling(self) -> LimitsConfig:

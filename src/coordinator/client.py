@@ -22,7 +22,13 @@ from contract.errors import ClusterError, InvalidArgument, WorkerUnavailable, er
 from contract.logs import REQUEST_ID_HEADER, request_id
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import CHANNEL_OPTIONS, INFO_DEADLINE_S, LOAD_DEADLINE_S, SESSION_DEADLINE_S
+from contract.rpc import (
+    INFO_DEADLINE_S,
+    LOAD_DEADLINE_S,
+    MAX_MESSAGE_BYTES,
+    SESSION_DEADLINE_S,
+    channel_options,
+)
 
 R = TypeVar("R")
 
@@ -61,15 +67,18 @@ class WorkerClient:
         name: str | None = None,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.address = address
         self.name = name or address
         self._named = name is not None  # a configured name beats the worker's own
         self._auth = (token_metadata(token),) if token else ()
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(
+                address, options=channel_options(max_message_bytes)
+            )
         else:
-            options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+            options: list[tuple[str, Any]] = list(channel_options(max_message_bytes))
             if tls.server_name:  # the name the worker's certificate carries, if not its host
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)

@@ -73,4 +73,7 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
 def worker_client(entry: WorkerEntry, config: ClusterConfig) -> WorkerClient:
     """A client for one configured worker (active or standby), with the cluster's credentials."""
     token, tls = client_credentials(config.auth)
-    return WorkerClient(entry.address, entry.name, token=token, tls=tls)
+    max_bytes = config.limits.max_message_mb * 1024 * 1024
+    return WorkerClient(
+        entry.address, entry.name, token=token, tls=tls, max_message_bytes=max_bytes
+    )

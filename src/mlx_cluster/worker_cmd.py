@@ -30,6 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache"
     )
+    p.add_argument("--max-sessions", type=int, default=256, help="sessions open at once")
+    p.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=256,
+        help="largest gRPC message (match the coordinator)",
+    )
     p.add_argument(
         "--token-file",
         default=None,
@@ -63,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.name, args.log_level or "INFO", args.log_format or "text", args.log_file)
     settings = WorkerSettings(
-        name=args.name, kv_budget_tokens=args.kv_budget_tokens, session_ttl_s=args.session_ttl
+        name=args.name,
+        kv_budget_tokens=args.kv_budget_tokens,
+        session_ttl_s=args.session_ttl,
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
     )
     try:
         token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")

@@ -63,7 +63,11 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        # A host holding part of a model id has only some shards: read what is here.
+        present = [path / n for n in sorted(set(weight_map.values())) if (path / n).is_file()]
+        if not present:
+            raise FileNotFoundError(f"none of the shards listed in {index} is present")
+        return present
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {path}")
@@ -101,9 +105,36 @@ def _bytes_per_layer(table: dict[str, dict[str, Any]], num_layers: int) -> tuple
             edges += end - start
         elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
             layers[int(match.group(1))] += end - start
-    if not any(layers):
-        raise ValueError(f"no tensors named like 'layers.N.' among {len(table)} tensors")
     return layers, edges
+
+
+def _fill_missing_layers(path: Path, layers: list[int], edges: int) -> list[int]:
+    """Estimate the layers whose shards are not on this host (a model id fetched in part).
+
+    Layers with every shard present give the typical size; without any, the
+    index's total size is shared out.
+    """
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return layers
+    data = json.loads(index.read_text())
+    incomplete = {
+        int(m.group(1))
+        for name, shard in data["weight_map"].items()
+        if (m := _LAYER.search(name)) and not (path / shard).is_file()
+    }
+    incomplete = {i for i in incomplete if i < len(layers)}
+    if not incomplete:
+        return layers
+    complete = sorted(b for i, b in enumerate(layers) if i not in incomplete and b)
+    if complete:
+        typical = complete[len(complete) // 2]
+    else:
+        total = data.get("metadata", {}).get("total_size")
+        if not total:
+            raise ValueError(f"no tensors named like 'layers.N.' in the weights at {path}")
+        typical = max(int(total) - edges, 0) // len(layers)
+    return [typical if i in incomplete else b for i, b in enumerate(layers)]
 
 
 def _activation_bytes(table: dict[str, dict[str, Any]], config: dict[str, Any]) -> int:
@@ -161,6 +192,9 @@ def model_facts(path: Path, dtype_bytes: int | None = None) -> ModelFacts:
     num_layers = int(config["num_hidden_layers"])
     table = _tensor_table(path)
     layer_bytes, edge_bytes = _bytes_per_layer(table, num_layers)
+    layer_bytes = _fill_missing_layers(path, layer_bytes, edge_bytes)
+    if not any(layer_bytes):
+        raise ValueError(f"no tensors named like 'layers.N.' in the weights at {path}")
     value_bytes = dtype_bytes or _activation_bytes(table, config)
     per_token = _kv_values_per_token(config) * value_bytes
     kinds = _layer_kinds(config, num_layers)

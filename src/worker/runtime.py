@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from contract.errors import InvalidArgument, NotLoaded
+from contract.rpc import MAX_MESSAGE_BYTES
 from models.slicing import LayerSlice, load_layer_slice
 from models.sources import resolve_model
 from worker.capabilities import Capabilities
@@ -31,6 +32,8 @@ class WorkerSettings:
     kv_budget_tokens: int = 65_536  # default total cached tokens when LoadLayers gives 0
     session_ttl_s: float = 600.0  # sessions idle this long are evicted
     max_batch: int = 64  # sessions in one Forward step
+    max_sessions: int = 256  # sessions open at once; more get RESOURCE_EXHAUSTED
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # largest gRPC message, in or out
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class WorkerRuntime:
                 f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
             ) from exc
         self.model, self.layer_slice = model, loaded
-        self.sessions = SessionStore(capacity, loaded.make_caches, ttl)
+        self.sessions = SessionStore(
+            capacity, loaded.make_caches, ttl, max_sessions=self.settings.max_sessions
+        )
         used = mx.get_active_memory() - before
         log.info(
             "loaded layers [%d, %d) of %s: %.1f MB of weights",

@@ -52,8 +52,10 @@ class SessionStore:
         make_caches: Callable[[], list[Any]],
         idle_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        max_sessions: int = 256,
     ) -> None:
         self.capacity = capacity
+        self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
         self._make_caches = make_caches
         self._clock = clock
@@ -75,6 +77,10 @@ class SessionStore:
             )
         if session_id in self._sessions:
             raise SessionExists(f"session {session_id!r} is already open")
+        if len(self._sessions) >= self.max_sessions:
+            raise KVCapacityExceeded(
+                f"{len(self._sessions)} sessions open, at most {self.max_sessions} allowed"
+            )
         self._check_room(reserve, extra_for=None)
         session = Session(session_id, self._make_caches(), reserved=reserve)
         session.last_used = self._clock()
