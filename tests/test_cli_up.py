@@ -7,18 +7,29 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
 
+MARK = "MLXC_TEST_RUN_TAG"  # not MLX_CLUSTER_*: those are settings
 
-def workers_of(model_dir) -> list[psutil.Process]:
-    """Worker processes still alive that a cluster on this model could have started."""
+
+def marked_env() -> tuple[dict[str, str], str]:
+    """An environment tagging every process started with it (workers inherit it)."""
+    tag = uuid.uuid4().hex
+    return {**os.environ, MARK: tag}, tag
+
+
+def processes_tagged(tag: str) -> list[psutil.Process]:
+    """Live processes started under `tag`, whoever else runs workers on this machine."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "mlx_cluster worker" in cmd and "--name worker-" in cmd:
-            found.append(proc)
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
@@ -38,17 +49,18 @@ def up(model, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_up_answers_the_prompt_and_exits_cleanly(tiny_llama):
-    before = {p.pid for p in workers_of(tiny_llama)}
+    env, tag = marked_env()
     result = subprocess.run(
         up(tiny_llama, "--prompt", "hello", "--max-tokens", "12"),
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "a completion is printed"
     assert "12 generated tokens" in result.stderr or "generated tokens" in result.stderr
-    assert {p.pid for p in workers_of(tiny_llama)} - before == set()
+    assert processes_tagged(tag) == []
 
 
 @pytest.mark.slow
