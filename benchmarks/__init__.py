@@ -1,0 +1,1 @@
+"""Benchmarks of mlx-cluster, kept apart from the tests; see benchmarks/README.md."""

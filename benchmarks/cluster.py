@@ -1,0 +1,172 @@
+"""The pipeline side: N worker processes on loopback, the coordinator in this process.
+
+Workers are started by `mlx_cluster.local.local_workers`, the cluster by
+`Cluster.start` (even split), and tokens come from
+`coordinator.generation.generate_tokens` inside `pipeline.session()`, as the
+HTTP API makes them. Every hop of every step is recorded through the
+pipeline's hop observer, so decode steps and prefill chunks are broken down
+separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from benchmarks.memory import PeakRss, mlx_peak
+from benchmarks.workload import (
+    WARMUP_NEW_TOKENS,
+    EngineResult,
+    PrefillTiming,
+    Workload,
+    decode_rate,
+)
+from coordinator.cluster import Cluster
+from coordinator.generation import PREFILL_STEP_SIZE, generate_tokens
+from coordinator.sampling import SamplingParams
+from mlx_cluster.local import local_workers
+
+WORKER_ARGS = ["--log-level", "WARNING"]
+Hop = tuple[float, float, float, float]  # encode, network, compute, decode seconds of one hop
+
+
+@dataclass
+class HopBreakdown:
+    """Mean time of one worker's hop per step (seconds), as the coordinator saw it."""
+
+    worker: str
+    steps: int
+    encode_s: float  # coordinator: hidden states -> ForwardRequest
+    network_s: float  # round trip minus the worker's compute: gRPC, framing, thread hops
+    compute_s: float  # worker: decode request, run layers, encode reply
+    decode_s: float  # coordinator: ForwardResponse -> hidden states
+    overhead_s: float = field(init=False)  # all of the above but compute
+
+    def __post_init__(self) -> None:
+        self.overhead_s = self.encode_s + self.network_s + self.decode_s
+
+
+@dataclass
+class ClusterResult(EngineResult):
+    """An EngineResult of the pipeline, with where a step's time went."""
+
+    workers: int = 0
+    layers: list[str] = field(default_factory=list)  # each worker's [start, end)
+    decode_hops: list[HopBreakdown] = field(default_factory=list)  # per decode step
+    prefill_hops: dict[int, list[HopBreakdown]] = field(default_factory=dict)  # per chunk
+    coordinator_step_s: float = 0.0  # decode step time outside the hops: embed, head, sampling
+
+
+class HopRecorder:
+    """A pipeline hop observer keeping every hop's timing, grouped into steps."""
+
+    def __init__(self, workers: list[str]) -> None:
+        self.workers = workers
+        self.hops: list[Hop] = []
+
+    def __call__(
+        self, name: str, encode: float, network: float, compute: float, decode: float
+    ) -> None:
+        self.hops.append((encode, network, compute, decode))
+
+    def steps(self) -> list[list[Hop]]:
+        """The recorded hops as steps: each step holds one hop per worker, in order."""
+        n = len(self.workers)
+        return [self.hops[i : i + n] for i in range(0, len(self.hops), n)]
+
+    def breakdown(self, first: int, last: int | None = None) -> list[HopBreakdown]:
+        """Per-worker means over steps [first, last)."""
+        steps = self.steps()[first:last]
+        return [
+            HopBreakdown(
+                name, len(steps), *(statistics.fmean(h[i][k] for h in steps) for k in range(4))
+            )
+            for i, name in enumerate(self.workers)
+        ]
+
+
+def prefill_chunks(prompt_tokens: int) -> int:
+    """Prefill chunks before the last prompt token, as generate_tokens cuts them."""
+    return math.ceil((prompt_tokens - 1) / PREFILL_STEP_SIZE)
+
+
+async def _generate(
+    cluster: Cluster, prompt: list[int], max_tokens: int
+) -> tuple[float, list[float], list[int]]:
+    """Greedy tokens through the pipeline; returns (start, arrival times, tokens)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    stamps: list[float] = []
+    tokens: list[int] = []
+    started = time.perf_counter()
+    async with cluster.pipeline.session(len(prompt) + max_tokens) as session:
+        async for token, _ in generate_tokens(session, prompt, params):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+    return started, stamps, tokens
+
+
+async def _run_workload(
+    cluster: Cluster, workload: Workload, recorder: HopRecorder
+) -> ClusterResult:
+    await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS)
+    recorder.hops.clear()
+    started, stamps, tokens = await _generate(
+        cluster, workload.decode_prompt, workload.decode_tokens
+    )
+    # Steps 2..N are what the decode rate measures; step 1 ends the prefill.
+    decode_hops = recorder.breakdown(prefill_chunks(len(workload.decode_prompt)) + 1)
+    step_s = 1 / decode_rate(stamps)
+    prefill: list[PrefillTiming] = []
+    prefill_hops: dict[int, list[HopBreakdown]] = {}
+    for length in workload.prompt_lengths:
+        recorder.hops.clear()
+        start, (first, *_), _ = await _generate(cluster, workload.prompt(length), 1)
+        prefill.append(PrefillTiming(length, first - start))
+        prefill_hops[length] = recorder.breakdown(0, prefill_chunks(length))
+    n = len(cluster.stages)
+    return ClusterResult(
+        label=f"{n} worker" + ("s" if n > 1 else ""),
+        decode_tokens_per_s=1 / step_s,
+        decode_ttft_s=stamps[0] - started,
+        prefill=prefill,
+        tokens=tokens,
+        workers=n,
+        layers=[str(s.layers) for s in cluster.stages],
+        decode_hops=decode_hops,
+        prefill_hops=prefill_hops,
+        coordinator_step_s=step_s - sum(h.overhead_s + h.compute_s for h in decode_hops),
+    )
+
+
+async def run_cluster(model_dir: Path, workers: int, workload: Workload) -> ClusterResult:
+    """Start `workers` worker processes, run the workload through them, stop them."""
+    gc.collect()
+    mx.clear_cache()  # what an earlier run left must not count in this one's peak
+    async with local_workers(workers, WORKER_ARGS) as processes:
+        pids = [os.getpid(), *(w.process.pid for w in processes)]
+        with PeakRss(pids) as rss:
+            mx.reset_peak_memory()
+            cluster = await Cluster.start(model_dir, [w.address for w in processes])
+            try:
+                recorder = HopRecorder([s.client.name for s in cluster.stages])
+                cluster.pipeline.hop_observer = recorder
+                result = await _run_workload(cluster, workload, recorder)
+                infos = await asyncio.gather(*(s.client.info() for s in cluster.stages))
+            finally:
+                await cluster.close()
+        result.memory = {
+            "method": rss.method,
+            "coordinator_peak_rss_bytes": rss.peaks[pids[0]],
+            "coordinator_mlx_peak_bytes": mlx_peak(),
+            "worker_peak_rss_bytes": [rss.peaks[pid] for pid in pids[1:]],
+            "worker_weight_bytes": [info.weight_bytes for info in infos],
+        }
+    return result

@@ -1,0 +1,148 @@
+"""Tables for the terminal and the JSON document of one benchmark run.
+
+Ratios are pipeline / baseline (higher is better for rates), and per-hop
+overhead / bare echo round trip of a message of the same size (1.0 = the
+hop costs no more than the transport itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from benchmarks.cluster import ClusterResult, HopBreakdown
+from benchmarks.echo import EchoResult
+from benchmarks.workload import EngineResult
+
+MB = 1e6
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in lines
+    )
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f" ({value / base:.2f}x)" if base else ""
+
+
+def _memory(result: EngineResult) -> tuple[str, str]:
+    """(this process's peak, the workers' peaks) in MB."""
+    m = result.memory
+    if "worker_peak_rss_bytes" not in m:
+        return f"{m['peak_rss_bytes'] / MB:.0f}", "-"
+    workers = "/".join(f"{b / MB:.0f}" for b in m["worker_peak_rss_bytes"])
+    return f"{m['coordinator_peak_rss_bytes'] / MB:.0f}", workers
+
+
+def engine_table(baseline: EngineResult | None, results: Sequence[EngineResult]) -> str:
+    """Decode and prefill rates, TTFT and peak memory of each engine, with ratios."""
+    engines = [r for r in [baseline, *results] if r is not None]
+    lengths = [p.prompt_tokens for p in engines[0].prefill]
+    headers = [
+        "engine",
+        "decode tok/s",
+        f"TTFT@{lengths[0]} ms",
+        *(f"prefill@{n} tok/s" for n in lengths),
+        "peak RSS MB",
+        "workers RSS MB",
+        "other load",
+    ]
+    rows = []
+    for r in engines:
+        base = baseline if baseline is not None and r is not baseline else None
+        prefill = [
+            f"{p.tokens_per_s:.1f}" + _ratio(p.tokens_per_s, base and base.prefill[i].tokens_per_s)
+            for i, p in enumerate(r.prefill)
+        ]
+        rows.append(
+            [
+                r.label,
+                f"{r.decode_tokens_per_s:.2f}"
+                + _ratio(r.decode_tokens_per_s, base and base.decode_tokens_per_s),
+                f"{r.prefill[0].ttft_s * 1e3:.1f}",
+                *prefill,
+                *_memory(r),
+                f"{r.other_load_cores:.2f}",
+            ]
+        )
+    return _table(headers, rows)
+
+
+def _echo_for(echo: Sequence[EchoResult], size: int) -> EchoResult | None:
+    return next((e for e in echo if e.message_bytes == size), None)
+
+
+def _hop_row(label: str, hop: HopBreakdown, echo: EchoResult | None) -> list[str]:
+    us = [f"{t * 1e6:.0f}" for t in (hop.compute_s, hop.encode_s, hop.network_s, hop.decode_s)]
+    floor = echo.mean_s if echo else None
+    ratios = (
+        [f"{floor * 1e6:.0f}", f"{hop.overhead_s / floor:.2f}", f"{hop.network_s / floor:.2f}"]
+        if floor
+        else ["-", "-", "-"]
+    )
+    return [label, hop.worker, *us, f"{hop.overhead_s * 1e6:.0f}", *ratios]
+
+
+HOP_HEADERS = [
+    "run",
+    "worker",
+    "compute us",
+    "encode us",
+    "network us",
+    "decode us",
+    "overhead us",
+    "echo RTT us",
+    "overhead/echo",
+    "network/echo",
+]
+
+
+def hop_table(
+    results: Sequence[ClusterResult], echo: Sequence[EchoResult], sizes: dict[str, int]
+) -> str:
+    """Per-hop means per decode step and per prefill chunk, next to the echo floor.
+
+    Args:
+        sizes: message bytes by run label ("decode", "prefill@1024", ...), for the echo lookup.
+    """
+    rows = []
+    for r in results:
+        for hop in r.decode_hops:
+            rows.append(_hop_row(f"{r.label} decode", hop, _echo_for(echo, sizes["decode"])))
+        for length, hops in r.prefill_hops.items():
+            for hop in hops:
+                size = sizes[f"prefill@{length}"]
+                rows.append(_hop_row(f"{r.label} prefill@{length}", hop, _echo_for(echo, size)))
+    return _table(HOP_HEADERS, rows)
+
+
+def step_table(results: Sequence[ClusterResult]) -> str:
+    """Where one decode step's time goes: coordinator vs each hop's compute and overhead."""
+    headers = ["engine", "step ms", "coordinator ms", "workers compute ms", "hops overhead ms"]
+    rows = [
+        [
+            r.label,
+            f"{1e3 / r.decode_tokens_per_s:.2f}",
+            f"{r.coordinator_step_s * 1e3:.2f}",
+            f"{sum(h.compute_s for h in r.decode_hops) * 1e3:.2f}",
+            f"{sum(h.overhead_s for h in r.decode_hops) * 1e3:.2f}",
+        ]
+        for r in results
+    ]
+    return _table(headers, rows)
+
+
+def echo_table(echo: Sequence[EchoResult]) -> str:
+    headers = ["message bytes", "iterations", "mean us", "median us", "min us"]
+    rows = [
+        [
+            str(e.message_bytes),
+            str(e.iterations),
+            *(f"{t * 1e6:.0f}" for t in (e.mean_s, e.median_s, e.min_s)),
+        ]
+        for e in echo
+    ]
+    return _table(headers, rows)

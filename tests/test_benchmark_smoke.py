@@ -1,0 +1,51 @@
+"""The pipeline benchmark runs end to end on a tiny model and writes sane results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.pipeline",
+        "--quick",
+        "--workers",
+        "1,2",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads(out.read_text())
+    baseline = results["baseline"]
+    pipelines = results["pipeline"]
+    assert [p["workers"] for p in pipelines] == [1, 2]
+    for engine in [baseline, *pipelines]:
+        assert engine["decode_tokens_per_s"] > 0
+        assert all(p["tokens_per_s"] > 0 and p["ttft_s"] > 0 for p in engine["prefill"])
+        assert engine["tokens"][:8] == baseline["tokens"][:8]
+    for p in pipelines:
+        assert len(p["decode_hops"]) == p["workers"]
+        assert all(h["compute_s"] > 0 and h["overhead_s"] > 0 for h in p["decode_hops"])
+        assert all(b > 0 for b in p["memory"]["worker_peak_rss_bytes"])
+        assert all(b > 0 for b in p["memory"]["worker_weight_bytes"])
+    assert all(e["mean_s"] > 0 for e in results["echo"])
