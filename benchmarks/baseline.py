@@ -36,14 +36,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generate(
-    model: nn.Module, prompt: list[int], max_tokens: int
+    model: nn.Module, prompt: list[int], max_tokens: int, prefill_step_size: int
 ) -> tuple[float, list[float], list[int]]:
     """Greedy tokens of mlx-lm's generate_step; returns (start, arrival times, tokens)."""
     sampler = SamplingParams().sampler()
     stamps: list[float] = []
     tokens: list[int] = []
     started = time.perf_counter()
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler):
+    steps = generate_step(
+        mx.array(prompt),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prefill_step_size=prefill_step_size,
+    )
+    for token, _ in steps:
         stamps.append(time.perf_counter())
         tokens.append(token)
     mx.synchronize()  # generate_step evaluates one step ahead; let it finish before the next run
@@ -53,11 +60,14 @@ def _generate(
 def run_baseline(model_dir: Path, workload: Workload) -> EngineResult:
     """Run the workload on the whole model in this process."""
     model, _ = load_model(model_dir)
-    _generate(model, workload.warmup_prompt, WARMUP_NEW_TOKENS)
-    started, stamps, tokens = _generate(model, workload.decode_prompt, workload.decode_tokens)
+    chunk = workload.prefill_step_size
+    _generate(model, workload.warmup_prompt, WARMUP_NEW_TOKENS, chunk)
+    started, stamps, tokens = _generate(
+        model, workload.decode_prompt, workload.decode_tokens, chunk
+    )
     prefill = []
     for length in workload.prompt_lengths:
-        start, (first, *_), _ = _generate(model, workload.prompt(length), 1)
+        start, (first, *_), _ = _generate(model, workload.prompt(length), 1, chunk)
         prefill.append(PrefillTiming(length, first - start))
     return EngineResult(
         label="baseline",

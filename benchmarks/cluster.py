@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ from benchmarks.workload import (
     decode_rate,
 )
 from coordinator.cluster import Cluster
-from coordinator.generation import PREFILL_STEP_SIZE, generate_tokens
+from coordinator.generation import generate_tokens
 from coordinator.sampling import SamplingParams
 from mlx_cluster.local import local_workers
 
@@ -63,6 +62,7 @@ class ClusterResult(EngineResult):
     decode_hops: list[HopBreakdown] = field(default_factory=list)  # per decode step
     prefill_hops: dict[int, list[HopBreakdown]] = field(default_factory=dict)  # per chunk
     coordinator_step_s: float = 0.0  # decode step time outside the hops: embed, head, sampling
+    recoveries: int = 0  # sessions replayed after a worker failed: timings are then invalid
 
 
 class HopRecorder:
@@ -93,44 +93,45 @@ class HopRecorder:
         ]
 
 
-def prefill_chunks(prompt_tokens: int) -> int:
-    """Prefill chunks before the last prompt token, as generate_tokens cuts them."""
-    return math.ceil((prompt_tokens - 1) / PREFILL_STEP_SIZE)
-
-
 async def _generate(
-    cluster: Cluster, prompt: list[int], max_tokens: int
-) -> tuple[float, list[float], list[int]]:
-    """Greedy tokens through the pipeline; returns (start, arrival times, tokens)."""
+    cluster: Cluster, prompt: list[int], max_tokens: int, prefill_step_size: int
+) -> tuple[float, list[float], list[int], int]:
+    """Greedy tokens through the pipeline.
+
+    Returns:
+        (start, arrival times, tokens, recoveries: times a failed worker's session was replayed)
+    """
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     stamps: list[float] = []
     tokens: list[int] = []
     started = time.perf_counter()
     async with cluster.pipeline.session(len(prompt) + max_tokens) as session:
-        async for token, _ in generate_tokens(session, prompt, params):
+        async for token, _ in generate_tokens(session, prompt, params, prefill_step_size):
             stamps.append(time.perf_counter())
             tokens.append(token)
-    return started, stamps, tokens
+    return started, stamps, tokens, session.recoveries
 
 
 async def _run_workload(
     cluster: Cluster, workload: Workload, recorder: HopRecorder
 ) -> ClusterResult:
-    await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS)
+    chunk = workload.prefill_step_size
+    await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS, chunk)
     recorder.hops.clear()
-    started, stamps, tokens = await _generate(
-        cluster, workload.decode_prompt, workload.decode_tokens
+    started, stamps, tokens, recoveries = await _generate(
+        cluster, workload.decode_prompt, workload.decode_tokens, chunk
     )
     # Steps 2..N are what the decode rate measures; step 1 ends the prefill.
-    decode_hops = recorder.breakdown(prefill_chunks(len(workload.decode_prompt)) + 1)
+    decode_hops = recorder.breakdown(workload.prefill_chunks(len(workload.decode_prompt)) + 1)
     step_s = 1 / decode_rate(stamps)
     prefill: list[PrefillTiming] = []
     prefill_hops: dict[int, list[HopBreakdown]] = {}
     for length in workload.prompt_lengths:
         recorder.hops.clear()
-        start, (first, *_), _ = await _generate(cluster, workload.prompt(length), 1)
+        start, (first, *_), _, replays = await _generate(cluster, workload.prompt(length), 1, chunk)
+        recoveries += replays
         prefill.append(PrefillTiming(length, first - start))
-        prefill_hops[length] = recorder.breakdown(0, prefill_chunks(length))
+        prefill_hops[length] = recorder.breakdown(0, workload.prefill_chunks(length))
     n = len(cluster.stages)
     return ClusterResult(
         label=f"{n} worker" + ("s" if n > 1 else ""),
@@ -142,6 +143,7 @@ async def _run_workload(
         layers=[str(s.layers) for s in cluster.stages],
         decode_hops=decode_hops,
         prefill_hops=prefill_hops,
+        recoveries=recoveries,
         coordinator_step_s=step_s - sum(h.overhead_s + h.compute_s for h in decode_hops),
     )
 

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_ints, default=(1, 2, 4), help="worker counts, e.g. 1,2,4")
     p.add_argument("--decode-tokens", type=int, default=128, help="new tokens of the decode run")
     p.add_argument("--prompt-lengths", type=_ints, default=(128, 1024, 4096))
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=PREFILL_STEP_SIZE,
+        help="prompt chunk size, on both sides (default mlx-lm's)",
+    )
     p.add_argument("--echo-iterations", type=int, default=200, help="round trips per size")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-echo", action="store_true")
@@ -119,7 +125,7 @@ def message_sizes(workload: Workload, hidden_size: int, dtype: mx.Dtype) -> dict
     """Bytes of a decode step's request and of each prompt length's (first) prefill chunk."""
     sizes = {"decode": forward_request_bytes(1, hidden_size, dtype)}
     for length in workload.prompt_lengths:
-        chunk = min(length - 1, PREFILL_STEP_SIZE)
+        chunk = min(length - 1, workload.prefill_step_size)
         sizes[f"prefill@{length}"] = forward_request_bytes(chunk, hidden_size, dtype)
     return sizes
 
@@ -149,7 +155,9 @@ async def measure(args: argparse.Namespace) -> Run:
     """Build the model if needed and take every measurement, one after the other."""
     model_dir = ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    workload = Workload(config["vocab_size"], args.decode_tokens, tuple(args.prompt_lengths))
+    workload = Workload(
+        config["vocab_size"], args.decode_tokens, args.prompt_lengths, args.prefill_step_size
+    )
     sizes = message_sizes(workload, config["hidden_size"], DTYPES[args.dtype])
     _say(f"model {model_dir} ({parameter_count(model_dir) / 1e6:.0f}M parameters)")
     baseline = None
@@ -247,6 +255,11 @@ def print_report(run: Run) -> None:
     busy = [f"{label} ({cores:.2f} cores)" for label, cores in loads if cores > BUSY_WARNING_CORES]
     if busy:
         print(f"\nwarning: other processes loaded the host during: {', '.join(busy)}")
+    for r in run.pipelines:
+        if r.recoveries:
+            print(
+                f"warning: {r.label}: a worker failed and {r.recoveries} session(s) were replayed"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

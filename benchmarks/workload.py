@@ -10,6 +10,7 @@ arguments.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ class Workload:
     vocab_size: int  # prompt ids are drawn from [0, vocab_size)
     decode_tokens: int  # new tokens of the decode run
     prompt_lengths: tuple[int, ...]  # prefill runs, one per length
+    prefill_step_size: int = 2048  # prompt chunk, on both sides (mlx-lm's default)
     seed: int = 0
 
     def prompt(self, length: int) -> list[int]:
@@ -40,6 +42,10 @@ class Workload:
     @property
     def warmup_prompt(self) -> list[int]:
         return self.prompt(WARMUP_PROMPT_TOKENS)
+
+    def prefill_chunks(self, prompt_tokens: int) -> int:
+        """Chunks the prompt's first L - 1 tokens are sent in (the last token is a step)."""
+        return math.ceil((prompt_tokens - 1) / self.prefill_step_size)
 
 
 @dataclass
