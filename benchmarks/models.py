@@ -9,11 +9,14 @@ directory that exists is complete.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import mlx.core as mx
 
 from models.random_model import build_random_model
 
@@ -142,6 +145,8 @@ def ensure_model(shape: str, dtype: str, bits: int | None, cache_dir: Path) -> P
         max_shard_bytes=MAX_SHARD_BYTES,
     )
     staging.rename(target)
+    gc.collect()
+    mx.clear_cache()  # the build's buffers must not stay allocated while others measure
     return target
 
 

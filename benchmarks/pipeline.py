@@ -244,7 +244,7 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
 def print_report(run: Run) -> None:
     print(engine_table(run.baseline, run.pipelines))
     print("\nDecode step (mean over steps 2..N):")
-    print(step_table(run.pipelines))
+    print(step_table(run.baseline, run.pipelines))
     print("\nPer hop, mean per decode step / prefill chunk:")
     print(hop_table(run.pipelines, run.echo, run.message_bytes))
     if run.echo:

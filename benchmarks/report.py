@@ -1,4 +1,4 @@
-"""Tables for the terminal and the JSON document of one benchmark run.
+"""The tables `python -m benchmarks.pipeline` prints.
 
 Ratios are pipeline / baseline (higher is better for rates), and per-hop
 overhead / bare echo round trip of a message of the same size (1.0 = the
@@ -119,10 +119,13 @@ def hop_table(
     return _table(HOP_HEADERS, rows)
 
 
-def step_table(results: Sequence[ClusterResult]) -> str:
+def step_table(baseline: EngineResult | None, results: Sequence[ClusterResult]) -> str:
     """Where one decode step's time goes: coordinator vs each hop's compute and overhead."""
     headers = ["engine", "step ms", "coordinator ms", "workers compute ms", "hops overhead ms"]
-    rows = [
+    rows = []
+    if baseline is not None:
+        rows.append(["baseline", f"{1e3 / baseline.decode_tokens_per_s:.2f}", "-", "-", "-"])
+    rows += [
         [
             r.label,
             f"{1e3 / r.decode_tokens_per_s:.2f}",
