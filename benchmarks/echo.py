@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from contract.rpc import CHANNEL_OPTIONS
+from contract.rpc import CHANNEL_OPTIONS, server_options
 
 SERVICE = "bench.Echo"
 METHOD = f"/{SERVICE}/Stream"
@@ -54,7 +54,7 @@ async def _echo(
 
 async def create_server(address: str) -> tuple[grpc.aio.Server, int]:
     """Start an echo server on `address` (port 0 picks one); returns it and its port."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=server_options())
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(_echo)}
     )

@@ -1,4 +1,10 @@
-"""gRPC settings both sides must agree on."""
+"""gRPC settings both sides must agree on.
+
+Servers and clients take different option lists: `client_channel_options` for
+channels (the coordinator's, the benchmarks'), `server_options` for servers
+(workers). Both come from the same numbers, so that a server accepts the
+keepalive pings its clients send.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,56 @@ PROTOCOL_VERSION = 1
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
+# Clients ping an idle or silent connection this often, and drop it when a ping goes
+# unanswered this long: a dead worker is noticed in about 40 s, not at the TCP timeout.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options for servers and channels; both ends must allow the same message size."""
+
+def client_channel_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    keepalive_time_ms: int = KEEPALIVE_TIME_MS,
+    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS,
+) -> list[tuple[str, int]]:
+    """Options for client channels; `max_message_bytes` must match the server's."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # Hidden states are latency-bound: keep the connection warm between tokens.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Hidden states are latency-bound: keep the connection warm between tokens, and
+        # notice a dead worker while a long Forward step keeps the stream silent.
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
-CHANNEL_OPTIONS = channel_options()
+def server_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    client_keepalive_time_ms: int = KEEPALIVE_TIME_MS,
+) -> list[tuple[str, int]]:
+    """Options for servers: accept the pings of clients using `client_channel_options`.
+
+    By default a gRPC server wants at least 5 minutes between pings on a connection
+    that sends no data, and after 2 pings that come sooner it ends the connection with
+    GOAWAY "too_many_pings". A Forward step that keeps its stream silent for a few
+    client keepalive intervals (a long prefill on a slow CPU) would then be cut off.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # The least time between pings on a silent connection before a ping counts as a
+        # strike (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; the often seen
+        # "grpc.http2.min_recv_ping_interval_without_data_ms" is no gRPC option and is
+        # ignored). Half the clients' interval, so that timer jitter never makes one early.
+        ("grpc.http2.min_ping_interval_without_data_ms", client_keepalive_time_ms // 2),
+        # Clients ping between requests too (keepalive_permit_without_calls above).
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+# Options of a client channel with the defaults (tests and tools that open their own).
+CHANNEL_OPTIONS = client_channel_options()
 
 # The name the standard grpc.health.v1 service reports LayerService under.
 LAYER_SERVICE_NAME = "mlx_cluster.v1.LayerService"

@@ -27,7 +27,7 @@ from contract.rpc import (
     LOAD_DEADLINE_S,
     MAX_MESSAGE_BYTES,
     SESSION_DEADLINE_S,
-    channel_options,
+    client_channel_options,
 )
 
 R = TypeVar("R")
@@ -75,10 +75,10 @@ class WorkerClient:
         self._auth = (token_metadata(token),) if token else ()
         if tls is None:
             self._channel = grpc.aio.insecure_channel(
-                address, options=channel_options(max_message_bytes)
+                address, options=client_channel_options(max_message_bytes)
             )
         else:
-            options: list[tuple[str, Any]] = list(channel_options(max_message_bytes))
+            options: list[tuple[str, Any]] = list(client_channel_options(max_message_bytes))
             if tls.server_name:  # the name the worker's certificate carries, if not its host
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)

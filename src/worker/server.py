@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contract.auth import TOKEN_ENV, TlsFiles, is_loopback
 from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import LAYER_SERVICE_NAME, channel_options
+from contract.rpc import LAYER_SERVICE_NAME, server_options
 from worker.auth import TokenInterceptor
 from worker.capabilities import detect
 from worker.runtime import WorkerRuntime, WorkerSettings
@@ -62,7 +62,7 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer)
     interceptors = [TokenInterceptor(token)] if token else []
-    options = channel_options(settings.max_message_bytes)
+    options = server_options(settings.max_message_bytes)
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_LayerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
