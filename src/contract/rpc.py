@@ -65,6 +65,25 @@ def server_options(
 # Options of a client channel with the defaults (tests and tools that open their own).
 CHANNEL_OPTIONS = client_channel_options()
 
+# --- addresses -------------------------------------------------------------------
+
+# gRPC's scheme for Unix domain sockets: "unix:relative/path" or "unix:///absolute/path".
+UNIX_SCHEME = "unix:"
+# sun_path holds 108 bytes, the terminating NUL included.
+MAX_UNIX_PATH_BYTES = 107
+
+
+def is_unix_address(address: str) -> bool:
+    """Whether `address` names a Unix domain socket ("unix:PATH") rather than HOST:PORT."""
+    return address.startswith(UNIX_SCHEME)
+
+
+def unix_socket_path(address: str) -> str:
+    """The file system path of a "unix:PATH" or "unix:///PATH" address."""
+    path = address.removeprefix(UNIX_SCHEME)
+    return path[2:] if path.startswith("//") else path
+
+
 # The name the standard grpc.health.v1 service reports LayerService under.
 LAYER_SERVICE_NAME = "mlx_cluster.v1.LayerService"
 

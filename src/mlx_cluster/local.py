@@ -1,7 +1,9 @@
-"""A cluster on this host: N worker processes on loopback, ready when they say so.
+"""A cluster on this host: N worker processes, ready when they say so.
 
-Each worker prints one JSON line when it accepts calls; we read that line
-instead of sleeping, and stop every process we started on the way out.
+Workers listen on Unix domain sockets in a private temporary directory (only
+this user may enter it), or on TCP loopback. Each worker prints one JSON line
+when it accepts calls; we read that line instead of sleeping, and stop every
+process we started on the way out.
 Secrets (the cluster token) go to the workers in their environment, not their
 command line, so other users do not see them in `ps`.
 """
@@ -17,12 +19,17 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+Transport = Literal["unix", "tcp"]
+TRANSPORTS: tuple[Transport, ...] = ("unix", "tcp")
 
 
 def _stop_with_parent() -> None:
@@ -40,7 +47,7 @@ class WorkerProcess:
 
 
 async def _start_worker(
-    name: str, extra_args: list[str], env: Mapping[str, str], ready_timeout: float
+    name: str, listen: str, extra_args: list[str], env: Mapping[str, str], ready_timeout: float
 ) -> WorkerProcess:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -48,7 +55,7 @@ async def _start_worker(
         "mlx_cluster",
         "worker",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--name",
         name,
         *extra_args,
@@ -101,16 +108,34 @@ async def local_workers(
     extra_args: list[str] | None = None,
     ready_timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
+    transport: Transport = "tcp",
 ) -> AsyncIterator[LocalWorkers]:
-    """Start `count` workers on loopback; stop them all on exit, whatever happened.
+    """Start `count` workers on this host; stop them all on exit, whatever happened.
 
-    `env` is added to this process's environment for the workers.
+    Args:
+        env: added to this process's environment for the workers.
+        transport: "unix": each worker on a Unix domain socket in a private temporary
+            directory, removed on exit; "tcp": each on a free port of 127.0.0.1.
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    with contextlib.ExitStack() as stack:
+        listen = ["127.0.0.1:0"] * count
+        if transport == "unix":
+            socket_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlx-cluster-"))
+            listen = [f"unix:{socket_dir}/worker-{i}.sock" for i in range(count)]
+        async with _started(listen, extra_args or [], env or {}, ready_timeout) as workers:
+            yield workers
+
+
+@contextlib.asynccontextmanager
+async def _started(
+    listen: list[str], extra_args: list[str], env: Mapping[str, str], ready_timeout: float
+) -> AsyncIterator[LocalWorkers]:
+    """Start a worker on each address of `listen`; stop them all on exit."""
     tasks = [
-        asyncio.ensure_future(
-            _start_worker(f"worker-{i}", extra_args or [], env or {}, ready_timeout)
-        )
-        for i in range(count)
+        asyncio.ensure_future(_start_worker(f"worker-{i}", address, extra_args, env, ready_timeout))
+        for i, address in enumerate(listen)
     ]
     try:
         workers = LocalWorkers(await asyncio.gather(*tasks))

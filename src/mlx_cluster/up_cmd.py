@@ -1,4 +1,8 @@
-"""`mlx-cluster up`: N workers on loopback plus the coordinator, in one command."""
+"""`mlx-cluster up`: N workers on this host plus the coordinator, in one command.
+
+The workers listen on Unix domain sockets in a private temporary directory
+(`--transport tcp`: on 127.0.0.1), and every call carries a fresh cluster token.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 
 from contract.auth import TOKEN_ENV
 from contract.logs import setup_logging
+from mlx_cluster.local import TRANSPORTS
 from mlx_cluster.worker_cmd import add_logging_flags
 
 log = logging.getLogger("mlx_cluster")
@@ -22,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes to start")
     p.add_argument("--layers", default=None, help="layers per worker, comma-separated (e.g. 1,5,2)")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="unix",
+        help="how the coordinator reaches the workers: Unix domain sockets in a private "
+        "temporary directory (default), or TCP on 127.0.0.1",
+    )
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (else serve HTTP)")
     p.add_argument("--listen", default="127.0.0.1:8100", help="HTTP address when serving")
     p.add_argument(
@@ -82,7 +94,9 @@ async def _up(args: argparse.Namespace, model: Path) -> int:
     counts = layer_counts(args.layers, args.workers)
     worker_args = ["--log-level", args.log_level or "WARNING"]
     token = secrets.token_urlsafe(32)  # a new cluster token each run, even on loopback
-    async with local_workers(args.workers, worker_args, env={TOKEN_ENV: token}) as workers:
+    async with local_workers(
+        args.workers, worker_args, env={TOKEN_ENV: token}, transport=args.transport
+    ) as workers:
         addresses = [w.address for w in workers]
         cluster = await Cluster.start(model, addresses, counts, token=token)
         try:

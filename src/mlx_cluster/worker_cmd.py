@@ -19,7 +19,11 @@ from contract.logs import setup_logging
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="serve a slice of a model's layers over gRPC")
-    p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks one)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        help="HOST:PORT (port 0 picks one), or unix:PATH for a Unix domain socket (same host)",
+    )
     p.add_argument("--name", default=socket.gethostname(), help="name shown in /health and logs")
     p.add_argument(
         "--kv-budget-tokens",
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")
         asyncio.run(serve(args.listen, settings, token=token, tls=_tls(args)))
-    except ConfigError as exc:  # unreadable token or TLS files
+    except ConfigError as exc:  # unreadable token or TLS files, too long a socket path
         print(f"mlx-cluster worker: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contract.auth import TOKEN_ENV, TlsFiles, is_loopback
+from contract.config import ConfigError
 from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import LAYER_SERVICE_NAME, server_options
+from contract.rpc import (
+    LAYER_SERVICE_NAME,
+    MAX_UNIX_PATH_BYTES,
+    is_unix_address,
+    server_options,
+    unix_socket_path,
+)
 from worker.auth import TokenInterceptor
 from worker.capabilities import detect
 from worker.runtime import WorkerRuntime, WorkerSettings
@@ -27,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunningWorker:
     server: grpc.aio.Server
-    port: int
+    port: int  # the TCP port; 0 on a Unix domain socket
+    address: str  # what clients dial: "host:port" or "unix:PATH"
     servicer: LayerServicer
     health: health.aio.HealthServicer
     _evictor: asyncio.Task[None]
@@ -47,17 +55,20 @@ async def create_server(
     token: str | None = None,
     tls: TlsFiles | None = None,
 ) -> RunningWorker:
-    """Build and start a worker on `address` ("host:port"; port 0 picks a free one).
+    """Build and start a worker on `address`.
 
     Args:
+        address: "host:port" (port 0 picks a free one), or "unix:PATH": a Unix domain
+            socket, for clients on this host (a stale socket file there is replaced).
         token: the cluster token every call except health checks must carry; None: none.
         tls: the worker's certificate and key; with `tls.ca`, clients need a certificate
             signed by that CA (mutual TLS). None: plaintext.
 
     Raises:
         RuntimeError: if the address cannot be bound.
-        ConfigError: if a TLS file cannot be read.
+        ConfigError: if a TLS file cannot be read, or a Unix socket path is too long.
     """
+    _check_unix_path(address)
     credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer()
     servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer)
@@ -66,34 +77,56 @@ async def create_server(
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_LayerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc raises for an address it cannot bind
+        raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    _warn_if_open(settings.name, address.rsplit(":", 1)[0], port, token, tls)
+    if is_unix_address(address):
+        port, bound = 0, address
+    else:
+        bound = f"{address.rsplit(':', 1)[0]}:{port}"
+    _warn_if_open(settings.name, bound, token, tls)
     await server.start()
     # The process serves once started; LayerService only once it holds layers.
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(LAYER_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     evictor = asyncio.create_task(servicer.evict_idle_sessions(evict_every_s))
-    return RunningWorker(server, port, servicer, health_servicer, evictor)
+    return RunningWorker(server, port, bound, servicer, health_servicer, evictor)
 
 
-def _warn_if_open(name: str, host: str, port: int, token: str | None, tls: TlsFiles | None) -> None:
-    """Warn loudly when anyone beyond this host may call the worker unchecked."""
-    if token or (tls and tls.ca) or is_loopback(host):
+def _check_unix_path(address: str) -> None:
+    if not is_unix_address(address):
+        return
+    size = len(unix_socket_path(address).encode())
+    if size > MAX_UNIX_PATH_BYTES:
+        raise ConfigError(
+            f"cannot listen on {address}: a Unix socket path may have at most "
+            f"{MAX_UNIX_PATH_BYTES} bytes, this one has {size}"
+        )
+
+
+def _warn_if_open(name: str, address: str, token: str | None, tls: TlsFiles | None) -> None:
+    """Warn loudly when anyone beyond this host may call the worker unchecked.
+
+    A Unix domain socket, like loopback, only takes calls from this host.
+    """
+    if token or (tls and tls.ca) or is_unix_address(address):
+        return
+    if is_loopback(address.rsplit(":", 1)[0]):
         return
     log.warning(
-        "\n!!! SECURITY: worker %s listens on %s:%d with NO cluster token.\n"
+        "\n!!! SECURITY: worker %s listens on %s with NO cluster token.\n"
         "!!! Anyone who can reach this port can load models on it, read and write its\n"
         "!!! hidden states and use its memory. Set a token (%s or --token-file FILE)\n"
         "!!! and give the coordinator the same one (auth.token or auth.token_file),\n"
-        "!!! or listen on 127.0.0.1 only.",
+        "!!! or listen on 127.0.0.1 or a Unix socket (unix:PATH) only.",
         name,
-        host,
-        port,
+        address,
         TOKEN_ENV,
     )
 
@@ -103,29 +136,27 @@ async def serve(
 ) -> None:
     """Run a worker until SIGINT/SIGTERM (`token` and `tls` as for create_server).
 
-    Prints one JSON line `{"event": "ready", "port": N, ...}` on stdout once it
-    accepts calls, so that launchers wait on readiness rather than sleep.
+    Prints one JSON line `{"event": "ready", "name": ..., "address": ...}` on stdout
+    once it accepts calls, so that launchers wait on readiness rather than sleep;
+    `address` is the one clients dial ("host:port" with the port picked, or "unix:PATH").
     """
     worker = await create_server(address, settings, token=token, tls=tls)
-    host = address.rsplit(":", 1)[0]
     security = ("mutual TLS" if tls.ca else "TLS") if tls else "plaintext"
     log.info(
-        "worker %s listening on %s:%d (%s, %s)",
+        "worker %s listening on %s (%s, %s)",
         settings.name,
-        host,
-        worker.port,
+        worker.address,
         security,
         "cluster token required" if token else "no cluster token",
-    )
-    print(
-        json.dumps({"event": "ready", "name": settings.name, "address": f"{host}:{worker.port}"}),
-        flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # Windows
             loop.add_signal_handler(sig, stop.set)
+    # Only now: a launcher may send SIGTERM as soon as it reads this line.
+    ready = {"event": "ready", "name": settings.name, "address": worker.address}
+    print(json.dumps(ready), flush=True)
     await stop.wait()
     log.info("worker %s stopping", settings.name)
     await worker.stop(grace=5.0)
