@@ -39,8 +39,15 @@ class ConfigError(ValueError):
 # --- schema ----------------------------------------------------------------------------
 
 
-def check_address(value: str, *, allow_port_zero: bool = False) -> str:
-    """Return `value` if it is HOST:PORT (IPv6 hosts in brackets), else raise ValueError."""
+def check_address(value: str, *, allow_port_zero: bool = False, allow_unix: bool = False) -> str:
+    """Return `value` if it is HOST:PORT (IPv6 hosts in brackets), else raise ValueError.
+
+    With `allow_unix`, a Unix domain socket address unix:PATH is accepted too.
+    """
+    if allow_unix and value.startswith("unix:"):
+        if len(value) == len("unix:"):
+            raise ValueError(f"expected unix:PATH with a socket path, got {value!r}")
+        return value
     low = 0 if allow_port_zero else 1
     host, _, port = value.rpartition(":")
     if host.strip("[]") == "" or not port.isdigit() or not low <= int(port) <= 65535:
@@ -80,7 +87,7 @@ class CoordinatorConfig(_Strict):
 class WorkerEntry(_Strict):
     """One worker, in chain order."""
 
-    address: str  # HOST:PORT of its gRPC server, on the interface tensors travel over
+    address: str  # HOST:PORT of its gRPC server (or unix:PATH on the coordinator's host)
     name: str | None = None  # shown in plans and logs; default: the address
     layers: tuple[int, int] | None = None  # manual half-open range [start, end)
     memory_gb: float | None = Field(default=None, gt=0)  # memory to use, instead of detected
@@ -89,7 +96,7 @@ class WorkerEntry(_Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return check_address(value)
+        return check_address(value, allow_unix=True)
 
     @field_validator("layers")
     @classmethod
@@ -133,6 +140,15 @@ class LimitsConfig(_Strict):
                 f"max_tokens_ceiling ({self.max_tokens_ceiling})"
             )
         return self
+
+
+class BatchingConfig(_Strict):
+    """Continuous batching: requests decode together in micro-batches that keep stages busy."""
+
+    enabled: bool = True  # off: every request steps alone
+    max_batch: int = Field(default=32, ge=1, le=256)  # requests decoding at once; more wait
+    micro_batches: int = Field(default=0, ge=0, le=64)  # decode lanes; 0 = one per worker
+    prefill_chunk: int = Field(default=512, ge=1)  # prompt tokens per prefill step
 
 
 class LoggingConfig(_Strict):
@@ -185,6 +201,7 @@ class ClusterConfig(_Strict):
     standby: list[WorkerEntry] = []  # spare workers that take over a failed worker's layers
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)  # continuous batching
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
     auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys
     reserve_gb: float = Field(default=1.0, ge=0)  # memory left free on every worker

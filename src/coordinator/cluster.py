@@ -21,9 +21,11 @@ from mlx_lm.utils import load_tokenizer
 
 import tensor
 from contract.auth import TlsFiles
+from contract.config import BatchingConfig
 from contract.errors import ClusterError, InvalidArgument
 from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
 from contract.plan import ClusterPlan
+from coordinator.batching import Batcher
 from coordinator.client import WorkerClient
 from coordinator.generation import TextChunk, generate_text
 from coordinator.pipeline import Admission, Pipeline, Stage
@@ -55,6 +57,7 @@ class Cluster:
         tokenizer: TokenizerWrapper,
         context_tokens: int | None = None,
         plan: ClusterPlan | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -65,6 +68,12 @@ class Cluster:
         declared = model_context(pipeline.edges.config)
         self.context_length = min(declared, context_tokens or declared)
         self.supervisor = Supervisor(pipeline.model_ref, pipeline.stages)
+        self.batching = batching or BatchingConfig()
+        self.batcher = (
+            Batcher(pipeline, self.batching.micro_batches, self.batching.max_batch)
+            if self.batching.enabled
+            else None
+        )
 
     @property
     def stages(self) -> list[Stage]:
@@ -80,6 +89,7 @@ class Cluster:
         ready_timeout: float = 60.0,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        batching: BatchingConfig | None = None,
     ) -> Cluster:
         """Connect to workers by address (in chain order) and split the layers between them.
 
@@ -91,6 +101,7 @@ class Cluster:
             ready_timeout: seconds to wait for each worker to answer.
             token: the workers' cluster token, if they require one.
             tls: TLS towards the workers (see WorkerClient); None: plaintext.
+            batching: continuous batching settings; None: the defaults.
         """
         if not addresses:
             raise InvalidArgument("a cluster needs at least one worker")
@@ -105,7 +116,7 @@ class Cluster:
                 else split_evenly(total, len(clients))
             )
             stages = [Stage(c, r, kv_budget_tokens) for c, r in zip(clients, ranges, strict=True)]
-            return await cls.assemble(model, edges, stages)
+            return await cls.assemble(model, edges, stages, batching=batching)
         except BaseException:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
             raise
@@ -121,6 +132,7 @@ class Cluster:
         standbys: list[WorkerClient] | None = None,
         admission: Admission | None = None,
         model_ref: str | None = None,
+        batching: BatchingConfig | None = None,
     ) -> Cluster:
         """Give each stage's worker its layers, load the tokenizer, and check the chain.
 
@@ -135,9 +147,11 @@ class Cluster:
             load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
         )
         pipeline = Pipeline(edges, stages, standbys, admission, ref)
-        return cls(model, pipeline, tokenizer, context_tokens, plan)
+        return cls(model, pipeline, tokenizer, context_tokens, plan, batching)
 
     async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
         await self.supervisor.stop()
         clients = [s.client for s in self.stages] + self.pipeline.standbys
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
@@ -160,7 +174,15 @@ class Cluster:
     ) -> AsyncGenerator[TextChunk, None]:
         """Stream the completion of `prompt` as TextChunks; the last has finish_reason."""
         tokens = self.encode(prompt, chat)
-        chunks = generate_text(self.pipeline, self.tokenizer, tokens, params, timeout)
+        chunks = generate_text(
+            self.pipeline,
+            self.tokenizer,
+            tokens,
+            params,
+            timeout,
+            self.batcher,
+            self.batching.prefill_chunk,
+        )
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield chunk

@@ -20,8 +20,9 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from contract.errors import InvalidArgument
+from coordinator.batching import Batcher
 from coordinator.pipeline import Pipeline, PipelineSession
-from coordinator.sampling import SamplingParams
+from coordinator.sampling import SamplingParams, TokenPicker
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default prompt chunk
 
@@ -31,29 +32,37 @@ async def generate_tokens(
     prompt: Sequence[int],
     params: SamplingParams,
     prefill_step_size: int = PREFILL_STEP_SIZE,
+    batcher: Batcher | None = None,
 ) -> AsyncGenerator[tuple[int, mx.array], None]:
-    """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic."""
+    """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic.
+
+    The prompt and the first new token always run for this session alone. With a
+    batcher, later tokens come from its decode batches; without, from steps of
+    this session alone.
+    """
     if not prompt:
         raise InvalidArgument("prompt must hold at least one token")
-    sampler, processors = params.sampler(), params.logits_processors()
+    picker = TokenPicker(params)
     pending = mx.array(list(prompt), dtype=mx.uint32)
-    history: mx.array | None = None
     while pending.shape[0] > 1:
         chunk = pending[: min(prefill_step_size, pending.shape[0] - 1)]
         await session.forward(chunk)
-        history = chunk if history is None else mx.concatenate([history, chunk])
+        picker.feed(chunk)
         pending = pending[chunk.shape[0] :]
-    for step in range(params.max_tokens):
-        logits = await session.logits(pending)
-        if processors:
-            history = pending if history is None else mx.concatenate([history, pending])
-            for processor in processors:
-                logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        params.reseed(step)
-        token = sampler(logprobs)
-        yield cast(int, token.item()), logprobs.squeeze(0)
+    logits = await session.logits(pending)
+    token, logprobs = picker.pick(pending, logits)
+    yield cast(int, token.item()), logprobs.squeeze(0)
+    if batcher is not None:
+        decoding = batcher.decode(session, picker, token, params.max_tokens - 1)
+        async with contextlib.aclosing(decoding):  # leave the batch before the session ends
+            async for step in decoding:
+                yield step
+        return
+    for _ in range(params.max_tokens - 1):
         pending = token.reshape(1).astype(mx.uint32)
+        logits = await session.logits(pending)
+        token, logprobs = picker.pick(pending, logits)
+        yield cast(int, token.item()), logprobs.squeeze(0)
 
 
 @dataclass
@@ -127,8 +136,13 @@ async def generate_text(
     prompt: Sequence[int],
     params: SamplingParams,
     timeout: float | None = None,
+    batcher: Batcher | None = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
 ) -> AsyncGenerator[TextChunk, None]:
-    """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens."""
+    """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens.
+
+    With a batcher, the request decodes in its batches (continuous batching).
+    """
     started = time.perf_counter()
     perf = Performance(prompt_tokens=len(prompt))
     detokenizer = tokenizer.detokenizer
@@ -137,7 +151,9 @@ async def generate_text(
     finish, stopped = "length", False
     async with (
         pipeline.session(len(prompt) + params.max_tokens, timeout) as session,
-        contextlib.aclosing(generate_tokens(session, prompt, params)) as steps,
+        contextlib.aclosing(
+            generate_tokens(session, prompt, params, prefill_step_size, batcher)
+        ) as steps,
     ):
         async for token, logprobs in steps:
             if not perf.ttft_s:

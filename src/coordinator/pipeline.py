@@ -44,6 +44,7 @@ HopObserver = Callable[[str, float, float, float, float], None]
 # A worker that failed this way lost the session's state: replaying can restore it.
 RECOVERABLE = (WorkerUnavailable, SessionNotFound, NotLoaded, OffsetMismatch)
 MAX_RECOVERIES = 2  # per step
+BATCH_EXIT_WAIT_S = 60.0  # longest wait for a decode batch to let go of a closing session
 
 
 @dataclass
@@ -108,6 +109,7 @@ class PipelineSession:
         self.history: list[mx.array] = []  # token chunks sent, in order
         self.timings = [HopTiming() for _ in pipeline.stages]  # per stage, summed
         self.recoveries = 0
+        self.batch_exit: asyncio.Event | None = None  # set once no decode batch carries it
 
     # --- opening and closing ------------------------------------------------------
 
@@ -130,6 +132,9 @@ class PipelineSession:
         self.streams = [s.client.open_stream(self.timeout) for s in stages]
 
     async def close(self) -> None:
+        if self.batch_exit is not None:  # a step in flight may still carry this session
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.batch_exit.wait(), BATCH_EXIT_WAIT_S)
         await self._end(self.stages, self.streams)
         self.stages, self.streams = [], []
         self.pipeline.admission.notify()

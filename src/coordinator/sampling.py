@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -75,3 +76,38 @@ class SamplingParams:
         """
         if self.seed is not None:
             mx.random.seed((self.seed * 1_000_003 + step) % 2**63)
+
+
+class TokenPicker:
+    """One request's sampling state: its sampler, logits processors and token history.
+
+    `pick` is one step of mlx-lm's generate_step after the model call: the
+    processors see every token fed so far, logprobs = logits - logsumexp, then
+    the sampler draws (reseeded per step for a seeded request).
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.sampler = params.sampler()
+        self.processors = params.logits_processors()
+        self.history: mx.array | None = None  # tokens fed so far, kept only for processors
+        self.steps = 0
+
+    def feed(self, tokens: mx.array) -> None:
+        """Record prompt tokens sent without sampling (prefill chunks)."""
+        if self.processors:
+            self.history = (
+                tokens if self.history is None else mx.concatenate([self.history, tokens])
+            )
+
+    def pick(self, inputs: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """The next token [1] and the logprobs [1, vocab] after feeding `inputs` [L]."""
+        if self.processors:
+            self.feed(inputs)
+            history = cast(mx.array, self.history)
+            for processor in self.processors:
+                logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        self.params.reseed(self.steps)
+        self.steps += 1
+        return self.sampler(logprobs), logprobs

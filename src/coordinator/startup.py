@@ -63,7 +63,15 @@ async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0)
         ]
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
         return await Cluster.assemble(
-            model, edges, stages, plan.context_tokens, plan, standbys, admission, config.model
+            model,
+            edges,
+            stages,
+            plan.context_tokens,
+            plan,
+            standbys,
+            admission,
+            config.model,
+            config.batching,
         )
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import RotatingKVCache
+from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
 
 class UnsupportedArchitecture(ValueError):
@@ -106,7 +106,8 @@ def head(model: nn.Module, hidden: mx.array) -> mx.array:
 def _window(cache: Any) -> int | None:
     # mlx-lm gives sliding-window layers a RotatingKVCache sized to the window
     # and passes that window when it builds their mask.
-    return cache.max_size if isinstance(cache, RotatingKVCache) else None
+    # (also the batch form, BatchRotatingKVCache, of a worker's decode batches).
+    return cache.max_size if isinstance(cache, RotatingKVCache | BatchRotatingKVCache) else None
 
 
 def run_layers(layers: Sequence[nn.Module], hidden: mx.array, caches: Sequence[Any]) -> mx.array:

@@ -1,7 +1,10 @@
 """One pipeline step on this worker's layers. Knows nothing of gRPC or sessions' ids.
 
-Rows of a batch may sit at different cache offsets, so each row runs through
-the layers with its own caches; rows are stacked again afterwards.
+Two ways to run a step of B sessions:
+- `forward_rows`: each row through the layers with its own caches, rows stacked
+  afterwards. Any lengths and offsets; a lone session runs exactly as in mlx-lm.
+- `forward_batch`: one token per row through the layers at once, with batch
+  caches whose rows sit at different offsets (continuous batching's decode step).
 """
 
 from __future__ import annotations
@@ -37,4 +40,31 @@ def forward_rows(
         outputs.append(h[:, -1:, :] if last_position_only else h)
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
     mx.eval(out, [c.state for caches in caches_per_row for c in caches])
+    return out
+
+
+def forward_batch(
+    layer_slice: LayerSlice, hidden: mx.array, batch_caches: list[Any], rows: Sequence[int]
+) -> mx.array:
+    """Run hidden states [B, 1, D] through the slice as one batch.
+
+    Args:
+        layer_slice: the loaded layers.
+        hidden: one new position per session, in the order the caller sent them.
+        batch_caches: the batch's caches, one per layer (mlx-lm batch caches).
+        rows: rows[i] is the batch row of the caller's row i.
+
+    Returns:
+        The evaluated hidden states [B, 1, D], in the caller's order.
+    """
+    in_order = list(rows) == list(range(len(rows)))
+    if not in_order:
+        to_batch = [0] * len(rows)
+        for caller_row, batch_row in enumerate(rows):
+            to_batch[batch_row] = caller_row
+        hidden = hidden[mx.array(to_batch)]
+    out = layer_slice(hidden, batch_caches)
+    if not in_order:
+        out = out[mx.array(list(rows))]
+    mx.eval(out, [c.state for c in batch_caches])
     return out

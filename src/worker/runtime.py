@@ -17,8 +17,9 @@ from contract.errors import InvalidArgument, NotLoaded
 from contract.rpc import MAX_MESSAGE_BYTES
 from models.slicing import LayerSlice, load_layer_slice
 from models.sources import resolve_model
+from worker.batching import batch_for, can_batch
 from worker.capabilities import Capabilities
-from worker.compute import forward_rows
+from worker.compute import forward_batch, forward_rows
 from worker.sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class WorkerSettings:
     kv_budget_tokens: int = 65_536  # default total cached tokens when LoadLayers gives 0
     session_ttl_s: float = 600.0  # sessions idle this long are evicted
     max_batch: int = 64  # sessions in one Forward step
+    batch_decode: bool = True  # decode steps of several sessions as one batch
     max_sessions: int = 256  # sessions open at once; more get RESOURCE_EXHAUSTED
     max_message_bytes: int = MAX_MESSAGE_BYTES  # largest gRPC message, in or out
 
@@ -127,10 +129,18 @@ class WorkerRuntime:
         sessions = [store.get(sid) for sid in session_ids]
         for session, offset in zip(sessions, offsets, strict=True):
             store.check_step(session, offset, new_tokens)
-        out = forward_rows(layer_slice, hidden, [s.caches for s in sessions], last_position_only)
+        if new_tokens == 1 and len(sessions) > 1 and self._batchable(layer_slice):
+            group, rows = batch_for(sessions)
+            out = forward_batch(layer_slice, hidden, group.caches, rows)
+        else:
+            caches = [s.own_caches() for s in sessions]
+            out = forward_rows(layer_slice, hidden, caches, last_position_only)
         for session in sessions:
             store.advance(session, new_tokens)
         return out
+
+    def _batchable(self, layer_slice: LayerSlice) -> bool:
+        return self.settings.batch_decode and can_batch(layer_slice.cache_templates)
 
     def _check_step_shape(
         self, layer_slice: LayerSlice, session_ids: list[str], hidden: mx.array, offsets: list[int]

@@ -24,6 +24,7 @@ from contract.errors import (
     SessionExists,
     SessionNotFound,
 )
+from worker.batching import BatchGroup
 
 MAX_SESSION_ID_LENGTH = 128
 
@@ -37,6 +38,13 @@ class Session:
     reserved: int = 0
     offset: int = 0  # tokens cached so far
     last_used: float = field(default_factory=time.monotonic)
+    group: BatchGroup | None = None  # the batch whose caches hold this session's rows
+
+    def own_caches(self) -> list[Any]:
+        """This session's caches, taken out of its batch first if it is in one."""
+        if self.group is not None:
+            self.group.remove(self, keep_caches=True)
+        return self.caches
 
     @property
     def charge(self) -> int:
@@ -119,19 +127,28 @@ class SessionStore:
                 f"it holds {session.offset}"
             )
         drop = session.offset - length
-        if drop and not can_trim_prompt_cache(session.caches):
+        caches = session.own_caches()
+        if drop and not can_trim_prompt_cache(caches):
             raise InvalidArgument(
                 f"session {session_id!r}: its caches (e.g. sliding-window caches past "
                 "their window) cannot be truncated"
             )
         if drop:
-            trim_prompt_cache(session.caches, drop)
+            trim_prompt_cache(caches, drop)
         session.offset = length
         return length
 
     def end(self, session_ids: list[str]) -> int:
         """Drop sessions; unknown ids are ignored. Returns how many were open."""
-        return sum(self._sessions.pop(sid, None) is not None for sid in session_ids)
+        ended = 0
+        for sid in session_ids:
+            session = self._sessions.pop(sid, None)
+            if session is None:
+                continue
+            ended += 1
+            if session.group is not None:
+                session.group.remove(session, keep_caches=False)
+        return ended
 
     def evict_idle(self) -> list[str]:
         """End sessions idle longer than the TTL; returns their ids."""
