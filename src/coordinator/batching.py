@@ -36,6 +36,7 @@ from coordinator.sampling import TokenPicker
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 32
+DEFAULT_STEP_TIMEOUT_S = 300.0  # one decode step through every worker
 
 # What a member's queue carries: a token and its logprobs, an error, or the end.
 Item = tuple[int, mx.array] | BaseException | None
@@ -57,9 +58,10 @@ class Member:
 class Lane:
     """One micro-batch of members stepping together, with a Forward stream per stage."""
 
-    def __init__(self, pipeline: Pipeline, index: int) -> None:
+    def __init__(self, pipeline: Pipeline, index: int, step_timeout_s: float) -> None:
         self.pipeline = pipeline
         self.index = index
+        self.step_timeout_s = step_timeout_s  # a worker that hangs fails the step
         self.members: list[Member] = []
         self.joining: list[Member] = []
         self.streams: list[tuple[WorkerClient, ForwardStream] | None] = []
@@ -138,7 +140,8 @@ class Lane:
     async def _step_with_recovery(self) -> None:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
-                await self._step()
+                async with asyncio.timeout(self.step_timeout_s):
+                    await self._step()
                 return
             except StageFailed as failure:
                 await self._close_streams()
@@ -210,10 +213,15 @@ class Batcher:
     """The decode lanes of one pipeline, and the cap on requests decoding at once."""
 
     def __init__(
-        self, pipeline: Pipeline, lanes: int = 0, max_batch: int = DEFAULT_MAX_BATCH
+        self,
+        pipeline: Pipeline,
+        lanes: int = 0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
     ) -> None:
         self.pipeline = pipeline
-        self.lanes = [Lane(pipeline, i) for i in range(lanes or len(pipeline.stages))]
+        count = lanes or len(pipeline.stages)
+        self.lanes = [Lane(pipeline, i, step_timeout_s) for i in range(count)]
         self.max_batch = max_batch
         self._places = asyncio.Semaphore(max_batch)
 
