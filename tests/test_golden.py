@@ -130,3 +130,22 @@ async def test_subprocess_workers_match_mlx_lm(model_factory):
             assert [(i.layer_start, i.layer_end) for i in infos] == [(0, 1), (1, 6), (6, 8)]
         finally:
             await cluster.close()
+
+
+async def test_prefill_chunks_overlap_across_stages_and_match(model_factory, start_workers):
+    """A long prompt's chunks flow through the stages overlapped, with mlx-lm's result."""
+    model = model_factory("qwen2")
+    prompt = [(i * 53) % 300 + 2 for i in range(70)]
+    params = SamplingParams(max_tokens=12)
+    model_obj, _ = load_model(model)
+    want = list(generate_step(mx.array(prompt), model_obj, max_tokens=12, prefill_step_size=8))
+    pipeline = await make_pipeline(model, await start_workers(3), [2, 3, 3])
+    order: list[str] = []
+    pipeline.hop_observer = lambda name, *_: order.append(name)
+    async with pipeline.session() as session:
+        got = [s async for s in generate_tokens(session, prompt, params, prefill_step_size=8)]
+    assert_same(got, want)
+    names = [stage.client.name for stage in pipeline.stages]
+    prefill_order = order[: 9 * 3]  # 69 tokens in 9 chunks, through 3 stages
+    assert sorted(prefill_order) == sorted(names * 9)
+    assert prefill_order != names * 9, "chunks went through the stages one at a time"

@@ -43,12 +43,13 @@ async def generate_tokens(
     if not prompt:
         raise InvalidArgument("prompt must hold at least one token")
     picker = TokenPicker(params)
-    pending = mx.array(list(prompt), dtype=mx.uint32)
-    while pending.shape[0] > 1:
-        chunk = pending[: min(prefill_step_size, pending.shape[0] - 1)]
-        await session.forward(chunk)
+    tokens = mx.array(list(prompt), dtype=mx.uint32)
+    size = max(prefill_step_size, 1)
+    chunks = [tokens[i : min(i + size, len(prompt) - 1)] for i in range(0, len(prompt) - 1, size)]
+    await session.prefill(chunks)
+    for chunk in chunks:
         picker.feed(chunk)
-        pending = pending[chunk.shape[0] :]
+    pending = tokens[len(prompt) - 1 :]
     logits = await session.logits(pending)
     token, logprobs = picker.pick(pending, logits)
     yield cast(int, token.item()), logprobs.squeeze(0)

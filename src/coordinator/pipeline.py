@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -165,6 +165,58 @@ class PipelineSession:
         self.offset += tokens.shape[0]
         return hidden
 
+    async def prefill(self, chunks: Sequence[mx.array]) -> None:
+        """Run prompt chunks [L_k] through every stage, overlapped across stages.
+
+        Stage i takes chunk k+1 while stage i+1 takes chunk k, so a long prompt
+        keeps every worker busy. Each worker sees the same chunks at the same
+        offsets, in order, as with `forward` one chunk at a time.
+        """
+        if len(chunks) <= 1 or len(self.streams) <= 1:
+            for chunk in chunks:
+                await self.forward(chunk)
+            return
+        done_before = len(self.history)
+        try:
+            await self._overlapped(chunks)
+        except StageFailed as failure:
+            done = len(self.history) - done_before
+            await self.recover(failure)
+            for chunk in chunks[done:]:
+                await self.forward(chunk)
+
+    async def _overlapped(self, chunks: Sequence[mx.array]) -> None:
+        last = len(self.streams) - 1
+        starts = [self.offset]
+        for chunk in chunks[:-1]:
+            starts.append(starts[-1] + chunk.shape[0])
+        inboxes: list[asyncio.Queue[tuple[int, mx.array]]] = [asyncio.Queue() for _ in self.streams]
+        for k, chunk in enumerate(chunks):
+            inboxes[0].put_nowait((k, self.edges.embed(chunk[None])))
+
+        async def stage(i: int) -> None:
+            for _ in chunks:
+                k, hidden = await inboxes[i].get()
+                try:
+                    out, timing = await self.streams[i].step(
+                        [self.session_id], hidden, [starts[k]], last_position_only=(i == last)
+                    )
+                except RECOVERABLE as exc:
+                    raise StageFailed(i, self.stages[i].client, exc) from exc
+                self._observe(i, timing)
+                if i < last:
+                    inboxes[i + 1].put_nowait((k, out))
+                else:
+                    self.history.append(chunks[k])
+                    self.offset += chunks[k].shape[0]
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(len(self.streams)):
+                    group.create_task(stage(i))
+        except* StageFailed as failures:
+            raise failures.exceptions[0] from None
+
     async def logits(self, tokens: mx.array) -> mx.array:
         """Run token ids [L] through the model; returns the last position's logits [1, vocab]."""
         hidden = await self.forward(tokens)
@@ -180,12 +232,15 @@ class PipelineSession:
                 )
             except RECOVERABLE as exc:
                 raise StageFailed(i, self.stages[i].client, exc) from exc
-            self.timings[i].add(timing)
-            observer = self.pipeline.hop_observer
-            if observer is not None:
-                name = self.stages[i].client.name
-                observer(name, timing.encode, timing.network, timing.compute, timing.decode)
+            self._observe(i, timing)
         return hidden
+
+    def _observe(self, i: int, timing: HopTiming) -> None:
+        self.timings[i].add(timing)
+        observer = self.pipeline.hop_observer
+        if observer is not None:
+            name = self.stages[i].client.name
+            observer(name, timing.encode, timing.network, timing.compute, timing.decode)
 
     async def recover(self, failure: StageFailed) -> None:
         """Replace the failed stage's worker, reopen everywhere, replay the history."""
