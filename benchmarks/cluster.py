@@ -1,6 +1,7 @@
-"""The pipeline side: N worker processes on loopback, the coordinator in this process.
+"""The pipeline side: N worker processes on this host, the coordinator in this process.
 
-Workers are started by `mlx_cluster.local.local_workers`, the cluster by
+Workers are started by `mlx_cluster.local.local_workers` (TCP loopback or Unix
+domain sockets), the cluster by
 `Cluster.start` (even split), and tokens come from
 `coordinator.generation.generate_tokens` inside `pipeline.session()`, as the
 HTTP API makes them. Every hop of every step is recorded through the
@@ -31,7 +32,7 @@ from benchmarks.workload import (
 from coordinator.cluster import Cluster
 from coordinator.generation import generate_tokens
 from coordinator.sampling import SamplingParams
-from mlx_cluster.local import local_workers
+from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]
 Hop = tuple[float, float, float, float]  # encode, network, compute, decode seconds of one hop
@@ -148,11 +149,13 @@ async def _run_workload(
     )
 
 
-async def run_cluster(model_dir: Path, workers: int, workload: Workload) -> ClusterResult:
+async def run_cluster(
+    model_dir: Path, workers: int, workload: Workload, transport: Transport = "tcp"
+) -> ClusterResult:
     """Start `workers` worker processes, run the workload through them, stop them."""
     gc.collect()
     mx.clear_cache()  # what an earlier run left must not count in this one's peak
-    async with local_workers(workers, WORKER_ARGS) as processes:
+    async with local_workers(workers, WORKER_ARGS, transport=transport) as processes:
         pids = [os.getpid(), *(w.process.pid for w in processes)]
         with PeakRss(pids) as rss:
             mx.reset_peak_memory()

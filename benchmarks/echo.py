@@ -1,7 +1,8 @@
 """A bare gRPC echo over the transport the pipeline uses: the floor a hop cannot beat.
 
 The server (`python -m benchmarks.echo`) runs in its own process, as a worker
-does, with one bidirectional streaming method that sends every message back.
+does, with one bidirectional streaming method that sends every message back,
+on TCP loopback or a Unix domain socket as the workers of the same run.
 Messages are raw bytes (identity serializers, generic handlers), so no proto
 is involved; the client writes a message of a given size on one persistent
 stream and times until the same bytes come back, as `ForwardStream.step` does.
@@ -15,6 +16,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import grpc
 
-from contract.rpc import CHANNEL_OPTIONS, server_options
+from contract.rpc import CHANNEL_OPTIONS, is_unix_address, server_options
+from mlx_cluster.local import Transport
 
 SERVICE = "bench.Echo"
 METHOD = f"/{SERVICE}/Stream"
@@ -53,7 +56,11 @@ async def _echo(
 
 
 async def create_server(address: str) -> tuple[grpc.aio.Server, int]:
-    """Start an echo server on `address` (port 0 picks one); returns it and its port."""
+    """Start an echo server on `address` (HOST:PORT, port 0 picks one; or unix:PATH).
+
+    Returns:
+        The server and its port (meaningless for a Unix socket).
+    """
     server = grpc.aio.server(options=server_options())
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(_echo)}
@@ -67,8 +74,9 @@ async def create_server(address: str) -> tuple[grpc.aio.Server, int]:
 async def serve(address: str) -> None:
     """Serve until killed; print one JSON ready line with the address first."""
     server, port = await create_server(address)
-    host = address.rsplit(":", 1)[0]
-    print(json.dumps({"event": "ready", "address": f"{host}:{port}"}), flush=True)
+    if not is_unix_address(address):
+        address = f"{address.rsplit(':', 1)[0]}:{port}"
+    print(json.dumps({"event": "ready", "address": address}), flush=True)
     await server.wait_for_termination()
 
 
@@ -76,14 +84,25 @@ async def serve(address: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def echo_server_process() -> AsyncIterator[str]:
-    """Start the echo server as a subprocess on loopback; yields its address."""
+async def echo_server_process(transport: Transport = "tcp") -> AsyncIterator[str]:
+    """Start the echo server as a subprocess on loopback or a Unix socket; yields its address."""
+    if transport == "tcp":
+        async with _echo_process("127.0.0.1:0") as address:
+            yield address
+        return
+    with tempfile.TemporaryDirectory(prefix="mlx-cluster-echo-") as socket_dir:
+        async with _echo_process(f"unix:{socket_dir}/echo.sock") as address:
+            yield address
+
+
+@contextlib.asynccontextmanager
+async def _echo_process(listen: str) -> AsyncIterator[str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "benchmarks.echo",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
@@ -133,15 +152,19 @@ def iterations_for(size: int, iterations: int) -> int:
     return iterations if size < LARGE_MESSAGE_BYTES else max(iterations // 10, 10)
 
 
-async def measure_in_subprocess(sizes: list[int], iterations: int) -> list[EchoResult]:
+async def measure_in_subprocess(
+    sizes: list[int], iterations: int, transport: Transport = "tcp"
+) -> list[EchoResult]:
     """Start an echo server process, measure every size, stop it."""
-    async with echo_server_process() as address:
+    async with echo_server_process(transport) as address:
         return await measure(address, sizes, iterations)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="bare gRPC echo server (bytes, bidi stream)")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks one)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks one) or unix:PATH"
+    )
     asyncio.run(serve(parser.parse_args().listen))
 
 

@@ -5,7 +5,7 @@ directory), measured four ways:
 
 1. the baseline: mlx-lm's generate_step on the whole model, in its own process;
 2. a bare gRPC echo of the pipeline's message sizes: the floor of a hop;
-3. the pipeline over 1, 2, 4... worker processes on loopback, coordinator here;
+3. the pipeline over 1, 2, 4... worker processes on this host, coordinator here;
 4. peak memory of every process.
 
 It prints tables (pipeline / baseline ratios, per-hop breakdown against the
@@ -39,6 +39,7 @@ from benchmarks.report import echo_table, engine_table, hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
 from contract.proto import layer_service_pb2 as pb
 from coordinator.generation import PREFILL_STEP_SIZE
+from mlx_cluster.local import TRANSPORTS
 from models.random_model import DTYPES
 from worker.capabilities import detect
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt chunk size, on both sides (default mlx-lm's)",
     )
     p.add_argument("--echo-iterations", type=int, default=200, help="round trips per size")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="tcp",
+        help="workers and echo on TCP loopback (default) or Unix domain sockets",
+    )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-echo", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, short lengths (smoke test)")
@@ -168,17 +175,17 @@ async def measure(args: argparse.Namespace) -> Run:
         baseline.other_load_cores = load.cores
     echoes, echo_load = [], 0.0
     if not args.skip_echo:
-        _say(f"bare gRPC echo of {sorted(set(sizes.values()))} bytes")
+        _say(f"bare gRPC echo of {sorted(set(sizes.values()))} bytes on {args.transport}")
         with OtherLoad() as load:
             echoes = await echo.measure_in_subprocess(
-                sorted(set(sizes.values())), args.echo_iterations
+                sorted(set(sizes.values())), args.echo_iterations, args.transport
             )
         echo_load = load.cores
     pipelines = []
     for count in args.workers:
-        _say(f"pipeline over {count} worker process(es)")
+        _say(f"pipeline over {count} worker process(es) on {args.transport}")
         with OtherLoad() as load:
-            result = await run_cluster(model_dir, count, workload)
+            result = await run_cluster(model_dir, count, workload, args.transport)
         result.other_load_cores = load.cores
         pipelines.append(result)
     return Run(model_dir, workload, sizes, baseline, echoes, echo_load, pipelines)
@@ -232,6 +239,7 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "parameters": parameter_count(run.model_dir),
         },
         "workload": dataclasses.asdict(run.workload),
+        "transport": args.transport,
         "message_bytes": run.message_bytes,
         "baseline": dataclasses.asdict(run.baseline) if run.baseline else None,
         "echo": [dataclasses.asdict(e) for e in run.echo],

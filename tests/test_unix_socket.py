@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import echo
+from contract.rpc import unix_socket_path
 from coordinator.client import WorkerClient
 from coordinator.sampling import SamplingParams
 from tests.conftest import WorkerPool, make_pipeline
@@ -73,6 +75,15 @@ async def test_unix_socket_is_local_for_the_security_warning(socket_dir: Path, c
     finally:
         await worker.stop(grace=None)
     assert "NO cluster token" not in caplog.text
+
+
+async def test_benchmark_echo_runs_over_a_unix_socket():
+    async with echo.echo_server_process("unix") as address:
+        assert address.startswith("unix:") and address.endswith("/echo.sock")
+        (result,) = await echo.measure(address, [4096], iterations=20)
+    assert result.message_bytes == 4096 and result.iterations == 20
+    assert 0 < result.min_s <= result.median_s
+    assert not Path(unix_socket_path(address)).parent.exists()
 
 
 # --- the worker command ----------------------------------------------------------------

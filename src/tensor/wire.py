@@ -7,6 +7,10 @@ array's logical content in the host's byte order, which is little-endian on
 every platform MLX runs on. Encoding reads the array's memory through the
 buffer protocol and copies it once, into the message; decoding checks the
 declared dtype, shape and byte count before it allocates anything.
+
+A row-contiguous array (what layers return) is read through its own buffer,
+bfloat16 included: viewing it as uint16 first would be one more MLX operation to
+evaluate, which costs more than the copy for a decode step's few kilobytes.
 """
 
 from __future__ import annotations
@@ -65,6 +69,18 @@ def _host_view(array: mx.array) -> np.ndarray:
     return np.asarray(array)
 
 
+def _contiguous_bytes(array: mx.array) -> memoryview | None:
+    """Flat uint8 view of `array`'s memory (zero-copy) if it is row-major; else None.
+
+    Evaluates the array, as any read of its data does.
+    """
+    # bfloat16 too: MLX exports it with format "bfloat16" (its stubs omit __buffer__).
+    buffer = memoryview(array)  # type: ignore[arg-type]
+    if not buffer.c_contiguous or buffer.nbytes == 0:  # cast() refuses empty shapes
+        return None
+    return buffer.cast("B")
+
+
 def to_bytes(array: mx.array) -> tuple[str, tuple[int, ...], memoryview]:
     """Split an array into its wire parts without copying when it is contiguous.
 
@@ -77,9 +93,11 @@ def to_bytes(array: mx.array) -> tuple[str, tuple[int, ...], memoryview]:
         alive and is valid as long as the array is not modified.
     """
     name = dtype_name(array.dtype)
-    host = np.ascontiguousarray(_host_view(array))
-    # Flat uint8 view of a C-contiguous array: no copy, and valid for 0-size ones.
-    return name, tuple(array.shape), host.reshape(-1).view(np.uint8).data
+    flat = _contiguous_bytes(array)
+    if flat is None:
+        host = np.ascontiguousarray(_host_view(array))
+        flat = host.reshape(-1).view(np.uint8).data
+    return name, tuple(array.shape), flat
 
 
 def encode(array: mx.array, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -96,9 +114,9 @@ def encode(array: mx.array, out: pb.Tensor | None = None) -> pb.Tensor:
     msg = pb.Tensor() if out is None else out
     msg.dtype = dtype_name(array.dtype)
     msg.shape[:] = array.shape
-    # tobytes() writes C order straight from any strides: one copy, even when
-    # the array is not contiguous.
-    msg.data = _host_view(array).tobytes()
+    flat = _contiguous_bytes(array)
+    # One copy either way: numpy's tobytes() writes C order straight from any strides.
+    msg.data = flat.tobytes() if flat is not None else _host_view(array).tobytes()
     return msg
 
 

@@ -7,12 +7,13 @@ so the event loop stays free for Info, EndSession and other streams.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
+import atexit
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -38,26 +39,106 @@ except Exception:  # running from a source tree without an install
     VERSION = "0.0.0+source"
 
 
+# --- the compute thread ----------------------------------------------------------
+
+
+class ComputeThread:
+    """The one thread that makes every MLX call of a worker, in the order submitted.
+
+    Every Forward step crosses from the event loop to this thread and back, so the
+    crossing is kept lean: a job is a tuple on a SimpleQueue and its result returns
+    through one `call_soon_threadsafe`, with no concurrent.futures.Future in between
+    and no copy of the caller's context (only the request id travels, for log lines).
+    That is measurably cheaper than `run_in_executor` on a one-thread pool.
+    """
+
+    def __init__(self, name: str = "mlx-compute") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        # A daemon thread is not joined at exit: close it first, so that it clears its streams.
+        atexit.register(self.close)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue fn(*args); the future (of the running loop) gets its result or exception.
+
+        Cancelling the future before the job starts skips the job.
+        """
+        if self._closed:
+            raise RuntimeError("the compute thread is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, request_id.get(), fn, args))
+        return future
+
+    def _serve(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                loop, future, rid, fn, args = job
+                if future.cancelled():
+                    continue
+                request_id.set(rid)
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the caller, as concurrent.futures does
+                    _reply(loop, _set_exception, future, exc)
+                else:
+                    _reply(loop, _set_result, future, result)
+        finally:
+            mx.clear_streams()  # MLX aborts at exit unless each thread that used it does this
+
+    def close(self) -> None:
+        """Finish the queued jobs, release the thread's MLX streams and end it."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _reply(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.cancelled():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.cancelled():
+        future.set_exception(exc)
+
+
+def _bind_request_id(context: grpc.aio.ServicerContext) -> None:
+    """Tag this call's log lines (and its compute jobs') with the caller's request id."""
+    metadata = dict(context.invocation_metadata() or ())
+    request_id.set(str(metadata.get(REQUEST_ID_HEADER, "-")))
+
+
+# --- the servicer ----------------------------------------------------------------
+
+
 class LayerServicer(pb_grpc.LayerServiceServicer):
     """Thin gRPC front of a WorkerRuntime."""
 
     def __init__(self, runtime: WorkerRuntime, health: health.aio.HealthServicer) -> None:
         self.runtime = runtime
         self._health = health
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-compute")
-        self._closed = False
+        self._compute = ComputeThread()
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn on the compute thread; contract errors become gRPC statuses.
+        """Run fn on the compute thread; contract errors become gRPC statuses."""
+        _bind_request_id(context)
+        return await self._answer(context, self._compute.submit(fn, *args))
 
-        The caller's request id (gRPC metadata) rides along into the thread's log lines.
-        """
-        loop = asyncio.get_running_loop()
-        metadata = dict(context.invocation_metadata() or ())
-        request_id.set(str(metadata.get(REQUEST_ID_HEADER, "-")))
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
+    async def _answer(self, context: grpc.aio.ServicerContext, pending: Awaitable[T]) -> T:
+        """The result of a compute job; contract errors become gRPC statuses."""
         try:
-            return await loop.run_in_executor(self._compute, call)
+            return await pending
         except ClusterError as exc:
             await context.abort(exc.code, str(exc))
         except ValueError as exc:
@@ -70,11 +151,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         MLX wants each thread that used it to clear its streams before it exits;
         otherwise the process may abort at exit.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._compute.submit(mx.clear_streams)
-        self._compute.shutdown(wait=True, cancel_futures=False)
+        self._compute.close()
 
     # --- unary calls -------------------------------------------------------------
 
@@ -186,6 +263,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     async def Forward(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
+        _bind_request_id(context)  # once per stream, not per step
         requests = aiter(request_iterator)
         while True:
             try:
@@ -195,17 +273,16 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             except Exception as exc:  # bytes that are no ForwardRequest
                 log.warning("undecodable Forward message: %r", exc)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed ForwardRequest")
-            yield await self._run(context, self._step, request)
+            yield await self._answer(context, self._compute.submit(self._step, request))
 
     # --- housekeeping ------------------------------------------------------------
 
     async def evict_idle_sessions(self, every_s: float) -> None:
         """Forever: end sessions idle past the TTL (run as a background task)."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_s)
             store = self.runtime.sessions
             if store is not None:
-                evicted = await loop.run_in_executor(self._compute, store.evict_idle)
+                evicted = await self._compute.submit(store.evict_idle)
                 if evicted:
                     log.info("evicted %d idle sessions: %s", len(evicted), evicted)
