@@ -54,6 +54,7 @@ class PipelineRun:
     busy_ttft_s: float  # the same request while N others stream
     mean_batch: float  # requests per decode step during the N-stream run
     largest_batch: int
+    step_ms: dict[str, float]  # a decode step of the N-stream run: wall, hops, compute, sample
 
 
 def prompts_for(count: int, length: int, vocab: int) -> list[list[int]]:
@@ -128,6 +129,7 @@ async def run_pipeline(
     prefill_chunk: int,
 ) -> PipelineRun:
     from contract.config import BatchingConfig
+    from coordinator.batching import StepProfile
     from coordinator.cluster import Cluster
     from coordinator.generation import Performance
     from coordinator.sampling import SamplingParams
@@ -155,15 +157,19 @@ async def run_pipeline(
             await one(prompts[0])  # warm-up
             alone = await one(prompts[0])
             probe = [*prompts[-1][: max(len(prompts[-1]) // 2, 1)], 7]
+            await one(probe)  # its prompt's shapes are new: kernels get built on first use
             idle = await one(probe)
 
             batcher = cluster.batcher
             assert batcher is not None
             steps0, rows0 = batcher.steps, batcher.rows_stepped
+            for lane in batcher.lanes:
+                lane.profile = StepProfile()
             started = time.perf_counter()
             perfs = await asyncio.gather(*(one(p) for p in prompts))
             wall = time.perf_counter() - started
             steps, rows = batcher.steps - steps0, batcher.rows_stepped - rows0
+            step_ms = batcher.profile().per_step_ms()
             total = sum(p.completion_tokens for p in perfs)
 
             firsts = [asyncio.Event() for _ in prompts]
@@ -182,6 +188,7 @@ async def run_pipeline(
                 busy_ttft_s=busy.ttft_s,
                 mean_batch=rows / steps if steps else 0.0,
                 largest_batch=batcher.largest_batch,
+                step_ms=step_ms,
             )
         finally:
             await cluster.close()
@@ -298,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print(table(baseline, runs, args.streams))
+    for r in runs:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r.step_ms.items())
+        print(
+            f"{r.workers} workers, one decode step of the {args.streams}-stream run (ms): {parts}"
+        )
     doc: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),

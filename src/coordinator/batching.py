@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import cast
@@ -40,6 +41,25 @@ DEFAULT_STEP_TIMEOUT_S = 300.0  # one decode step through every worker
 
 # What a member's queue carries: a token and its logprobs, an error, or the end.
 Item = tuple[int, mx.array] | BaseException | None
+
+
+@dataclass
+class StepProfile:
+    """Where decode steps' time went, summed over steps (seconds)."""
+
+    steps: int = 0
+    wall: float = 0.0  # the whole step, embedding to delivery
+    hops: float = 0.0  # every stage's encode + round trip + decode
+    compute: float = 0.0  # the workers' own compute, as they measured it
+    sample: float = 0.0  # LM head, processors, samplers (evaluated)
+
+    def add(self, other: StepProfile) -> None:
+        for name in ("steps", "wall", "hops", "compute", "sample"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {k: 1e3 * getattr(self, k) / n for k in ("wall", "hops", "compute", "sample")}
 
 
 @dataclass(eq=False)
@@ -68,6 +88,7 @@ class Lane:
         self.steps = 0  # decode steps run
         self.rows = 0  # requests carried, summed over steps
         self.largest = 0  # most requests one step carried
+        self.profile = StepProfile()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # streams of replaced workers
 
@@ -152,6 +173,7 @@ class Lane:
                     await member.session.recover(failure)
 
     async def _step(self) -> None:
+        started = time.perf_counter()
         members = self.members
         sessions = [m.session for m in members]
         pipeline = self.pipeline
@@ -170,13 +192,17 @@ class Lane:
                 raise StageFailed(i, stage.client, exc) from exc
             for session in sessions:
                 session.timings[i].add(timing)
+            self.profile.hops += timing.encode + timing.round_trip + timing.decode
+            self.profile.compute += timing.compute
             if pipeline.hop_observer is not None:
                 pipeline.hop_observer(
                     stage.client.name, timing.encode, timing.network, timing.compute, timing.decode
                 )
+        sampling = time.perf_counter()
         logits = pipeline.edges.head(hidden)[:, -1, :]
         picked = [m.picker.pick(m.pending, logits[row : row + 1]) for row, m in enumerate(members)]
         mx.eval(picked)
+        self.profile.sample += time.perf_counter() - sampling
         self.steps += 1
         self.rows += len(members)
         self.largest = max(self.largest, len(members))
@@ -188,6 +214,8 @@ class Lane:
             member.out.put_nowait((cast(int, token.item()), logprobs.squeeze(0)))
             if member.remaining <= 0:
                 member.out.put_nowait(None)
+        self.profile.steps += 1
+        self.profile.wall += time.perf_counter() - started
 
     def _stream(self, index: int) -> ForwardStream:
         """This lane's stream to stage `index`, (re)opened if the stage has a new worker."""
@@ -234,6 +262,13 @@ class Batcher:
     def rows_stepped(self) -> int:
         """Requests carried by decode steps, summed over steps (/ steps = mean batch)."""
         return sum(lane.rows for lane in self.lanes)
+
+    def profile(self) -> StepProfile:
+        """Where decode steps' time went, over all lanes."""
+        total = StepProfile()
+        for lane in self.lanes:
+            total.add(lane.profile)
+        return total
 
     @property
     def largest_batch(self) -> int:
