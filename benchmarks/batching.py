@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
+from benchmarks.pipeline import positive_ints
+from benchmarks.report import text_table
 from models.random_model import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,14 +164,12 @@ async def run_pipeline(
 
             batcher = cluster.batcher
             assert batcher is not None
-            steps0, rows0 = batcher.steps, batcher.rows_stepped
-            for lane in batcher.lanes:
+            for lane in batcher.lanes:  # profile the N-stream run alone
                 lane.profile = StepProfile()
             started = time.perf_counter()
             perfs = await asyncio.gather(*(one(p) for p in prompts))
             wall = time.perf_counter() - started
-            steps, rows = batcher.steps - steps0, batcher.rows_stepped - rows0
-            step_ms = batcher.profile().per_step_ms()
+            profile = batcher.profile()
             total = sum(p.completion_tokens for p in perfs)
 
             firsts = [asyncio.Event() for _ in prompts]
@@ -186,9 +186,9 @@ async def run_pipeline(
                 batch_tokens_per_s=total / wall,
                 idle_ttft_s=idle.ttft_s,
                 busy_ttft_s=busy.ttft_s,
-                mean_batch=rows / steps if steps else 0.0,
-                largest_batch=batcher.largest_batch,
-                step_ms=step_ms,
+                mean_batch=profile.rows / profile.steps if profile.steps else 0.0,
+                largest_batch=profile.largest,
+                step_ms=profile.per_step_ms(),
             )
         finally:
             await cluster.close()
@@ -239,15 +239,7 @@ def table(baseline: Baseline | None, runs: list[PipelineRun], streams: int) -> s
                 f"{r.mean_batch:.1f} (max {r.largest_batch})",
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+    return text_table(headers, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--workers", type=_ints, default=(2,))
+    p.add_argument("--workers", type=positive_ints, default=(2,))
     p.add_argument("--streams", type=int, default=8, help="concurrent requests")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)

@@ -55,7 +55,7 @@ MATCH_TOKENS = 8  # the pipeline's first tokens must equal the baseline's
 # --- arguments ----------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError as exc:
@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize weights")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="built models")
-    p.add_argument("--workers", type=_ints, default=(1, 2, 4), help="worker counts, e.g. 1,2,4")
+    p.add_argument(
+        "--workers", type=positive_ints, default=(1, 2, 4), help="worker counts, e.g. 1,2,4"
+    )
     p.add_argument("--decode-tokens", type=int, default=128, help="new tokens of the decode run")
-    p.add_argument("--prompt-lengths", type=_ints, default=(128, 1024, 4096))
+    p.add_argument("--prompt-lengths", type=positive_ints, default=(128, 1024, 4096))
     p.add_argument(
         "--prefill-step-size",
         type=int,

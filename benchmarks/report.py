@@ -16,7 +16,7 @@ from benchmarks.workload import EngineResult
 MB = 1e6
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
     lines = [headers, ["-" * w for w in widths], *rows]
     return "\n".join(
@@ -68,7 +68,7 @@ def engine_table(baseline: EngineResult | None, results: Sequence[EngineResult])
                 f"{r.other_load_cores:.2f}",
             ]
         )
-    return _table(headers, rows)
+    return text_table(headers, rows)
 
 
 def _echo_for(echo: Sequence[EchoResult], size: int) -> EchoResult | None:
@@ -116,7 +116,7 @@ def hop_table(
             for hop in hops:
                 size = sizes[f"prefill@{length}"]
                 rows.append(_hop_row(f"{r.label} prefill@{length}", hop, _echo_for(echo, size)))
-    return _table(HOP_HEADERS, rows)
+    return text_table(HOP_HEADERS, rows)
 
 
 def step_table(baseline: EngineResult | None, results: Sequence[ClusterResult]) -> str:
@@ -135,7 +135,7 @@ def step_table(baseline: EngineResult | None, results: Sequence[ClusterResult]) 
         ]
         for r in results
     ]
-    return _table(headers, rows)
+    return text_table(headers, rows)
 
 
 def echo_table(echo: Sequence[EchoResult]) -> str:
@@ -148,4 +148,4 @@ def echo_table(echo: Sequence[EchoResult]) -> str:
         ]
         for e in echo
     ]
-    return _table(headers, rows)
+    return text_table(headers, rows)

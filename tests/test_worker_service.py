@@ -144,6 +144,11 @@ async def test_forward_before_load_is_failed_precondition(start_workers):
         stub.OpenSession(pb.OpenSessionRequest(session_id="s")),
         "LoadLayers",
     )
+    await assert_status(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        forward_once(stub, step(["s"], mx.zeros((1, 1, 8)), [0])),
+        "LoadLayers",
+    )
     await channel.close()
 
 

@@ -67,6 +67,9 @@ class Unauthenticated(ClusterError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+# A worker that failed this way lost a session's state: replaying the session restores it.
+RECOVERABLE = (WorkerUnavailable, SessionNotFound, NotLoaded, OffsetMismatch)
+
 _BY_CODE: dict[grpc.StatusCode, type[ClusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: SessionNotFound,

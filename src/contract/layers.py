@@ -24,14 +24,6 @@ class LayerRange:
     def count(self) -> int:
         return self.end - self.start
 
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.total
-
     def __str__(self) -> str:
         return f"[{self.start}, {self.end})"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -31,7 +32,7 @@ import mlx.core as mx
 
 from contract.errors import ClusterError
 from coordinator.client import ForwardStream, WorkerClient
-from coordinator.pipeline import MAX_RECOVERIES, RECOVERABLE, Pipeline, PipelineSession, StageFailed
+from coordinator.pipeline import MAX_RECOVERIES, Pipeline, PipelineSession, StageFailed
 from coordinator.sampling import TokenPicker
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,20 @@ Item = tuple[int, mx.array] | BaseException | None
 
 @dataclass
 class StepProfile:
-    """Where decode steps' time went, summed over steps (seconds)."""
+    """Decode steps: how many, how full, and where their time went (seconds, summed)."""
 
     steps: int = 0
+    rows: int = 0  # requests carried, summed over steps (/ steps = mean batch)
+    largest: int = 0  # most requests one step carried
     wall: float = 0.0  # the whole step, embedding to delivery
     hops: float = 0.0  # every stage's encode + round trip + decode
     compute: float = 0.0  # the workers' own compute, as they measured it
     sample: float = 0.0  # LM head, processors, samplers (evaluated)
 
     def add(self, other: StepProfile) -> None:
-        for name in ("steps", "wall", "hops", "compute", "sample"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, max(mine, theirs) if f.name == "largest" else mine + theirs)
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
@@ -85,9 +89,6 @@ class Lane:
         self.members: list[Member] = []
         self.joining: list[Member] = []
         self.streams: list[tuple[WorkerClient, ForwardStream] | None] = []
-        self.steps = 0  # decode steps run
-        self.rows = 0  # requests carried, summed over steps
-        self.largest = 0  # most requests one step carried
         self.profile = StepProfile()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # streams of replaced workers
@@ -105,8 +106,7 @@ class Lane:
         member.leaving = True
         if member in self.joining:
             self.joining.remove(member)
-            member.gone.set()
-        if member not in self.members:
+        if member not in self.members:  # no step carries it; else the next boundary lets go
             member.gone.set()
         await member.gone.wait()
 
@@ -182,54 +182,49 @@ class Lane:
         ids = [s.session_id for s in sessions]
         offsets = [s.offset for s in sessions]
         last = len(pipeline.stages) - 1
-        for i, stage in enumerate(pipeline.stages):
-            stream = self._stream(i)
-            try:
-                hidden, timing = await stream.step(
-                    ids, hidden, offsets, last_position_only=i == last
-                )
-            except RECOVERABLE as exc:
-                raise StageFailed(i, stage.client, exc) from exc
-            for session in sessions:
-                session.timings[i].add(timing)
-            self.profile.hops += timing.encode + timing.round_trip + timing.decode
-            self.profile.compute += timing.compute
-            if pipeline.hop_observer is not None:
-                pipeline.hop_observer(
-                    stage.client.name, timing.encode, timing.network, timing.compute, timing.decode
-                )
+        profile = self.profile
+        for i in range(len(pipeline.stages)):
+            client, stream = self._stream(i)
+            hidden, timing = await pipeline.step_stage(
+                i, client, stream, ids, hidden, offsets, last_position_only=i == last
+            )
+            profile.hops += timing.encode + timing.round_trip + timing.decode
+            profile.compute += timing.compute
         sampling = time.perf_counter()
         logits = pipeline.edges.head(hidden)[:, -1, :]
         picked = [m.picker.pick(m.pending, logits[row : row + 1]) for row, m in enumerate(members)]
-        mx.eval(picked)
-        self.profile.sample += time.perf_counter() - sampling
-        self.steps += 1
-        self.rows += len(members)
-        self.largest = max(self.largest, len(members))
-        for member, (token, logprobs) in zip(members, picked, strict=True):
+        next_tokens = mx.concatenate([token.reshape(1) for token, _ in picked]).astype(mx.uint32)
+        mx.eval(next_tokens, [logprobs for _, logprobs in picked])
+        token_ids = cast(list[int], next_tokens.tolist())  # one read for the whole batch
+        profile.sample += time.perf_counter() - sampling
+        for row, (member, (_, logprobs)) in enumerate(zip(members, picked, strict=True)):
             member.session.history.append(member.pending)
             member.session.offset += 1
-            member.pending = token.reshape(1).astype(mx.uint32)
+            member.pending = next_tokens[row : row + 1]
             member.remaining -= 1
-            member.out.put_nowait((cast(int, token.item()), logprobs.squeeze(0)))
+            member.out.put_nowait((token_ids[row], logprobs.squeeze(0)))
             if member.remaining <= 0:
                 member.out.put_nowait(None)
-        self.profile.steps += 1
-        self.profile.wall += time.perf_counter() - started
+        profile.steps += 1
+        profile.rows += len(members)
+        profile.largest = max(profile.largest, len(members))
+        profile.wall += time.perf_counter() - started
 
-    def _stream(self, index: int) -> ForwardStream:
+    def _stream(self, index: int) -> tuple[WorkerClient, ForwardStream]:
         """This lane's stream to stage `index`, (re)opened if the stage has a new worker."""
         while len(self.streams) <= index:
             self.streams.append(None)
         client = self.pipeline.stages[index].client
         current = self.streams[index]
         if current is not None and current[0] is client:
-            return current[1]
-        if current is not None:
-            self._closing.add(asyncio.create_task(current[1].close()))
-        stream = client.open_stream(None)
-        self.streams[index] = (client, stream)
-        return stream
+            return current
+        if current is not None:  # the old worker's stream: close it in the background
+            closing = asyncio.create_task(current[1].close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        opened = (client, client.open_stream(None))
+        self.streams[index] = opened
+        return opened
 
     async def _close_streams(self) -> None:
         streams = [s for _, s in filter(None, self.streams)]
@@ -253,27 +248,24 @@ class Batcher:
         self.max_batch = max_batch
         self._places = asyncio.Semaphore(max_batch)
 
-    @property
-    def steps(self) -> int:
-        """Decode steps run, over all lanes."""
-        return sum(lane.steps for lane in self.lanes)
-
-    @property
-    def rows_stepped(self) -> int:
-        """Requests carried by decode steps, summed over steps (/ steps = mean batch)."""
-        return sum(lane.rows for lane in self.lanes)
-
     def profile(self) -> StepProfile:
-        """Where decode steps' time went, over all lanes."""
+        """Decode steps over all lanes: how many, how full, where their time went."""
         total = StepProfile()
         for lane in self.lanes:
             total.add(lane.profile)
         return total
 
     @property
+    def steps(self) -> int:
+        return self.profile().steps
+
+    @property
+    def rows_stepped(self) -> int:
+        return self.profile().rows
+
+    @property
     def largest_batch(self) -> int:
-        """Most requests one decode step carried."""
-        return max(lane.largest for lane in self.lanes)
+        return self.profile().largest
 
     @property
     def decoding(self) -> int:

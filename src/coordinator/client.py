@@ -35,7 +35,7 @@ R = TypeVar("R")
 
 @dataclass
 class HopTiming:
-    """Where the time of steps on one worker went (seconds)."""
+    """Where the time of one step on one worker went (seconds)."""
 
     encode: float = 0.0
     round_trip: float = 0.0  # send to receive, worker compute included
@@ -46,12 +46,6 @@ class HopTiming:
     def network(self) -> float:
         """Round trip minus the worker's compute: transport, queueing, framing."""
         return max(self.round_trip - self.compute, 0.0)
-
-    def add(self, other: HopTiming) -> None:
-        self.encode += other.encode
-        self.round_trip += other.round_trip
-        self.compute += other.compute
-        self.decode += other.decode
 
 
 class WorkerClient:

@@ -11,7 +11,6 @@ wraps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -165,7 +164,7 @@ class Cluster:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         return list(self.tokenizer.encode(prompt))
 
-    async def generate(
+    def generate(
         self,
         prompt: str | Sequence[int],
         params: SamplingParams,
@@ -173,19 +172,15 @@ class Cluster:
         timeout: float | None = None,
     ) -> AsyncGenerator[TextChunk, None]:
         """Stream the completion of `prompt` as TextChunks; the last has finish_reason."""
-        tokens = self.encode(prompt, chat)
-        chunks = generate_text(
+        return generate_text(
             self.pipeline,
             self.tokenizer,
-            tokens,
+            self.encode(prompt, chat),
             params,
             timeout,
             self.batcher,
             self.batching.prefill_chunk,
         )
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                yield chunk
 
 
 async def _load(stage: Stage, model_ref: str, edges: ModelEdges) -> None:

@@ -47,8 +47,7 @@ async def generate_tokens(
     size = max(prefill_step_size, 1)
     chunks = [tokens[i : min(i + size, len(prompt) - 1)] for i in range(0, len(prompt) - 1, size)]
     await session.prefill(chunks)
-    for chunk in chunks:
-        picker.feed(chunk)
+    picker.feed(tokens[: len(prompt) - 1])
     pending = tokens[len(prompt) - 1 :]
     logits = await session.logits(pending)
     token, logprobs = picker.pick(pending, logits)
@@ -165,8 +164,9 @@ async def generate_text(
             perf.completion_tokens += 1
             detokenizer.add_token(token)
             text, stopped = stops.feed(detokenizer.last_segment)
-            chunk = TextChunk(text, token, cast(float, logprobs[token].item()))
-            if params.top_logprobs:
+            chunk = TextChunk(text, token)
+            if params.top_logprobs:  # what logprobs=true asks for; otherwise no read per token
+                chunk.logprob = cast(float, logprobs[token].item())
                 chunk.top_logprobs = _top(logprobs, params.top_logprobs)
             yield chunk
             if stopped:

@@ -17,15 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract.errors import (
-    ClusterError,
-    InvalidArgument,
-    KVCapacityExceeded,
-    NotLoaded,
-    OffsetMismatch,
-    SessionNotFound,
-    WorkerUnavailable,
-)
+from contract.errors import RECOVERABLE, ClusterError, InvalidArgument, KVCapacityExceeded
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +63,7 @@ def api_error(exc: BaseException) -> ApiError:
             code="capacity_exceeded",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    if isinstance(exc, WorkerUnavailable | SessionNotFound | NotLoaded | OffsetMismatch):
+    if isinstance(exc, RECOVERABLE):
         return ApiError(
             503, f"a worker is unavailable: {exc}", "server_error", code="worker_unavailable"
         )

@@ -24,14 +24,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from contract.errors import (
-    ClusterError,
-    KVCapacityExceeded,
-    NotLoaded,
-    OffsetMismatch,
-    SessionNotFound,
-    WorkerUnavailable,
-)
+from contract.errors import RECOVERABLE, ClusterError, KVCapacityExceeded, WorkerUnavailable
 from contract.layers import LayerRange
 from coordinator.client import ForwardStream, HopTiming, WorkerClient
 from models.slicing import ModelEdges
@@ -41,8 +34,6 @@ log = logging.getLogger(__name__)
 # (worker name, serialize s, network s, compute s, deserialize s) for one step on one worker.
 HopObserver = Callable[[str, float, float, float, float], None]
 
-# A worker that failed this way lost the session's state: replaying can restore it.
-RECOVERABLE = (WorkerUnavailable, SessionNotFound, NotLoaded, OffsetMismatch)
 MAX_RECOVERIES = 2  # per step
 BATCH_EXIT_WAIT_S = 60.0  # longest wait for a decode batch to let go of a closing session
 
@@ -107,7 +98,6 @@ class PipelineSession:
         self.streams: list[ForwardStream] = []
         self.offset = 0  # tokens cached on every stage
         self.history: list[mx.array] = []  # token chunks sent, in order
-        self.timings = [HopTiming() for _ in pipeline.stages]  # per stage, summed
         self.recoveries = 0
         self.batch_exit: asyncio.Event | None = None  # set once no decode batch carries it
 
@@ -197,13 +187,7 @@ class PipelineSession:
         async def stage(i: int) -> None:
             for _ in chunks:
                 k, hidden = await inboxes[i].get()
-                try:
-                    out, timing = await self.streams[i].step(
-                        [self.session_id], hidden, [starts[k]], last_position_only=(i == last)
-                    )
-                except RECOVERABLE as exc:
-                    raise StageFailed(i, self.stages[i].client, exc) from exc
-                self._observe(i, timing)
+                out = await self._hop(i, hidden, starts[k], last_position_only=(i == last))
                 if i < last:
                     inboxes[i + 1].put_nowait((k, out))
                 else:
@@ -225,22 +209,23 @@ class PipelineSession:
     async def _step(self, tokens: mx.array, offset: int) -> mx.array:
         hidden = self.edges.embed(tokens[None])
         last = len(self.streams) - 1
-        for i, stream in enumerate(self.streams):
-            try:
-                hidden, timing = await stream.step(
-                    [self.session_id], hidden, [offset], last_position_only=(i == last)
-                )
-            except RECOVERABLE as exc:
-                raise StageFailed(i, self.stages[i].client, exc) from exc
-            self._observe(i, timing)
+        for i in range(len(self.streams)):
+            hidden = await self._hop(i, hidden, offset, last_position_only=(i == last))
         return hidden
 
-    def _observe(self, i: int, timing: HopTiming) -> None:
-        self.timings[i].add(timing)
-        observer = self.pipeline.hop_observer
-        if observer is not None:
-            name = self.stages[i].client.name
-            observer(name, timing.encode, timing.network, timing.compute, timing.decode)
+    async def _hop(
+        self, i: int, hidden: mx.array, offset: int, last_position_only: bool
+    ) -> mx.array:
+        out, _ = await self.pipeline.step_stage(
+            i,
+            self.stages[i].client,
+            self.streams[i],
+            [self.session_id],
+            hidden,
+            [offset],
+            last_position_only,
+        )
+        return out
 
     async def recover(self, failure: StageFailed) -> None:
         """Replace the failed stage's worker, reopen everywhere, replay the history."""
@@ -279,6 +264,31 @@ class Pipeline:
         self.admission = admission or Admission()
         self.hop_observer: HopObserver | None = None  # called once per step per worker
         self._replacing = asyncio.Lock()
+
+    async def step_stage(
+        self,
+        index: int,
+        client: WorkerClient,
+        stream: ForwardStream,
+        session_ids: list[str],
+        hidden: mx.array,
+        offsets: list[int],
+        last_position_only: bool,
+    ) -> tuple[mx.array, HopTiming]:
+        """One step on stage `index`'s worker, told to the hop observer.
+
+        Raises:
+            StageFailed: the worker lost the sessions' state (a replay can restore it).
+        """
+        try:
+            out, timing = await stream.step(session_ids, hidden, offsets, last_position_only)
+        except RECOVERABLE as exc:
+            raise StageFailed(index, client, exc) from exc
+        if self.hop_observer is not None:
+            self.hop_observer(
+                client.name, timing.encode, timing.network, timing.compute, timing.decode
+            )
+        return out, timing
 
     @contextlib.asynccontextmanager
     async def session(

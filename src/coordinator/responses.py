@@ -79,8 +79,6 @@ async def collect(chunks: Chunks) -> list[TextChunk]:
     """All chunks of a generation; failures become ApiErrors."""
     try:
         return [c async for c in chunks]
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:
         raise api_error(exc) from exc
 

@@ -21,14 +21,13 @@ All times the activation dtype's bytes.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
 from typing import Any
 
 from contract.plan import ModelFacts
+from models.shards import INDEX_FILE, LAYER_KEY
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Towers of multimodal checkpoints that mlx-lm's text models drop when loading.
 _NOT_TEXT = ("vision", "audio", "multi_modal")
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -60,7 +59,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         # A host holding part of a model id has only some shards: read what is here.
@@ -100,7 +99,7 @@ def _bytes_per_layer(table: dict[str, dict[str, Any]], num_layers: int) -> tuple
         if any(part in name for part in _NOT_TEXT):
             continue
         start, end = info["data_offsets"]
-        match = _LAYER.search(name)
+        match = LAYER_KEY.search(name)
         if match is None:
             edges += end - start
         elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
@@ -114,14 +113,14 @@ def _fill_missing_layers(path: Path, layers: list[int], edges: int) -> list[int]
     Layers with every shard present give the typical size; without any, the
     index's total size is shared out.
     """
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if not index.is_file():
         return layers
     data = json.loads(index.read_text())
     incomplete = {
         int(m.group(1))
         for name, shard in data["weight_map"].items()
-        if (m := _LAYER.search(name)) and not (path / shard).is_file()
+        if (m := LAYER_KEY.search(name)) and not (path / shard).is_file()
     }
     incomplete = {i for i in incomplete if i < len(layers)}
     if not incomplete:

@@ -16,9 +16,10 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
+from contract.layers import LayerRange
 from models.architecture import (
     Architecture,
     UnsupportedArchitecture,
@@ -89,13 +90,9 @@ def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
         architecture_of(model)
         inner = inner_model(model)
         total = len(inner.layers)
-        if not 0 <= start < end <= total:
-            raise ValueError(
-                f"layer range [{start}, {end}) is not inside a model of {total} layers"
-            )
+        LayerRange(start, end, total)  # ValueError with both numbers if outside the model
         check_weights_present(view, range(start, end), edges=False, model=path)
-        make_cache = getattr(model, "make_cache", None)
-        templates = make_cache() if make_cache else [KVCache() for _ in range(total)]
+        templates = make_prompt_cache(model)
         layers = list(inner.layers[start:end])
         del model, inner  # everything outside the slice goes before anything is read
         holder = nn.Module()

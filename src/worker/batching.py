@@ -21,12 +21,11 @@ if TYPE_CHECKING:
 
 
 def can_batch(caches: Sequence[Any]) -> bool:
-    """Whether mlx-lm can merge caches of these kinds into batch caches."""
-    return all(hasattr(c, "merge") and not _is_quantized(c) for c in caches)
+    """Whether mlx-lm can merge caches of these kinds into batch caches.
 
-
-def _is_quantized(cache: Any) -> bool:
-    return type(cache).__name__.startswith("Quantized")
+    (KVCache and RotatingKVCache can; quantized and chunked caches cannot.)
+    """
+    return all(hasattr(c, "merge") for c in caches)
 
 
 class BatchGroup:

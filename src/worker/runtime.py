@@ -53,6 +53,7 @@ class WorkerRuntime:
         self.model = ""
         self.layer_slice: LayerSlice | None = None
         self.sessions: SessionStore | None = None
+        self._batch_decode = False  # the slice's caches can be batched (and settings allow)
 
     # --- loading ---------------------------------------------------------------
 
@@ -90,6 +91,7 @@ class WorkerRuntime:
                 f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
             ) from exc
         self.model, self.layer_slice = model, loaded
+        self._batch_decode = self.settings.batch_decode and can_batch(loaded.cache_templates)
         self.sessions = SessionStore(
             capacity, loaded.make_caches, ttl, max_sessions=self.settings.max_sessions
         )
@@ -129,7 +131,7 @@ class WorkerRuntime:
         sessions = [store.get(sid) for sid in session_ids]
         for session, offset in zip(sessions, offsets, strict=True):
             store.check_step(session, offset, new_tokens)
-        if new_tokens == 1 and len(sessions) > 1 and self._batchable(layer_slice):
+        if new_tokens == 1 and len(sessions) > 1 and self._batch_decode:
             group, rows = batch_for(sessions)
             out = forward_batch(layer_slice, hidden, group.caches, rows)
         else:
@@ -138,9 +140,6 @@ class WorkerRuntime:
         for session in sessions:
             store.advance(session, new_tokens)
         return out
-
-    def _batchable(self, layer_slice: LayerSlice) -> bool:
-        return self.settings.batch_decode and can_batch(layer_slice.cache_templates)
 
     def _check_step_shape(
         self, layer_slice: LayerSlice, session_ids: list[str], hidden: mx.array, offsets: list[int]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -161,15 +162,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             name=rt.settings.name,
             version=VERSION,
             protocol_version=PROTOCOL_VERSION,
-            capabilities=pb.Capabilities(
-                memory_total_bytes=caps.memory_total_bytes,
-                memory_available_bytes=caps.memory_available_bytes,
-                device_kind=caps.device_kind,
-                device_name=caps.device_name,
-                cpu_cores=caps.cpu_cores,
-                gpu_cores=caps.gpu_cores,
-                platform=caps.platform,
-            ),
+            capabilities=pb.Capabilities(**dataclasses.asdict(caps)),
             model=rt.model,
         )
         if rt.layer_slice is not None and rt.sessions is not None:
