@@ -7,8 +7,8 @@ One run, one model, on one machine:
    prompts at once;
 2. the pipeline over K worker processes: one stream alone, then N concurrent
    streams through the coordinator's continuous batching, then the time to
-   first token of a new request while the N others stream, against its time
-   to first token on an idle cluster.
+   first token of a new request while M others stream (`--busy-streams`, 8 by
+   default), against its time to first token on an idle cluster.
 
 Every request generates exactly `--new-tokens` tokens (end-of-sequence is
 ignored on both sides), so both sides do the same work. Aggregate tokens/s is
@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
-from benchmarks.pipeline import positive_ints
+from benchmarks.pipeline import eval_every_args, positive_ints
 from benchmarks.report import text_table
+from mlx_cluster.local import gpu_list
 from models.random_model import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,12 @@ class Baseline:
 @dataclasses.dataclass
 class PipelineRun:
     workers: int
+    lanes: int  # decode micro-batches
     single_tokens_per_s: float  # one stream, decode only
     batch_tokens_per_s: float  # N streams, all tokens / wall time
     idle_ttft_s: float  # a new request's first token, cluster idle
-    busy_ttft_s: float  # the same request while N others stream
+    busy_ttft_s: float  # the same request while M others stream
+    busy_streams: int  # M
     mean_batch: float  # requests per decode step during the N-stream run
     largest_batch: int
     step_ms: dict[str, float]  # a decode step of the N-stream run: wall, hops, compute, sample
@@ -129,6 +132,10 @@ async def run_pipeline(
     new_tokens: int,
     transport: str,
     prefill_chunk: int,
+    busy_streams: int,
+    gpus: tuple[int, ...] = (),
+    micro_batches: int = 0,
+    eval_every: int | None = None,
 ) -> PipelineRun:
     from contract.config import BatchingConfig
     from coordinator.batching import StepProfile
@@ -138,10 +145,17 @@ async def run_pipeline(
     from mlx_cluster.local import local_workers
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    batching = BatchingConfig(max_batch=max(len(prompts) + 1, 1), prefill_chunk=prefill_chunk)
+    batching = BatchingConfig(
+        max_batch=max(len(prompts) + 1, 1), prefill_chunk=prefill_chunk, micro_batches=micro_batches
+    )
 
-    quiet = ["--log-level", "WARNING"]
-    async with local_workers(workers, quiet, transport=transport) as procs:  # type: ignore[arg-type]
+    quiet = ["--log-level", "WARNING", *eval_every_args(eval_every)]
+    async with local_workers(
+        workers,
+        quiet,
+        transport=transport,  # type: ignore[arg-type]
+        gpus=gpus,
+    ) as procs:
         cluster = await Cluster.start(
             model_dir, [p.address for p in procs], batching=batching, ready_timeout=300
         )
@@ -172,9 +186,10 @@ async def run_pipeline(
             profile = batcher.profile()
             total = sum(p.completion_tokens for p in perfs)
 
-            firsts = [asyncio.Event() for _ in prompts]
+            others = prompts[:busy_streams]
+            firsts = [asyncio.Event() for _ in others]
             streaming = [
-                asyncio.create_task(one(p, e)) for p, e in zip(prompts, firsts, strict=True)
+                asyncio.create_task(one(p, e)) for p, e in zip(others, firsts, strict=True)
             ]
             await asyncio.gather(*(e.wait() for e in firsts))
             await asyncio.sleep(0.2)  # every stream is decoding now
@@ -182,10 +197,12 @@ async def run_pipeline(
             await asyncio.gather(*streaming)
             return PipelineRun(
                 workers=workers,
+                lanes=len(batcher.lanes),
                 single_tokens_per_s=alone.tokens_per_second,
                 batch_tokens_per_s=total / wall,
                 idle_ttft_s=idle.ttft_s,
                 busy_ttft_s=busy.ttft_s,
+                busy_streams=len(others),
                 mean_batch=profile.rows / profile.steps if profile.steps else 0.0,
                 largest_batch=profile.largest,
                 step_ms=profile.per_step_ms(),
@@ -197,7 +214,9 @@ async def run_pipeline(
 # --- report ------------------------------------------------------------------------------
 
 
-def table(baseline: Baseline | None, runs: list[PipelineRun], streams: int) -> str:
+def table(
+    baseline: Baseline | None, runs: list[PipelineRun], streams: int, busy_streams: int
+) -> str:
     headers = [
         "engine",
         "1 stream tok/s",
@@ -205,7 +224,7 @@ def table(baseline: Baseline | None, runs: list[PipelineRun], streams: int) -> s
         "vs mlx-lm batch",
         "vs own 1 stream",
         "TTFT idle ms",
-        f"TTFT with {streams} ms",
+        f"TTFT with {busy_streams} ms",
         "busy/idle",
         "mean batch",
     ]
@@ -228,7 +247,8 @@ def table(baseline: Baseline | None, runs: list[PipelineRun], streams: int) -> s
         vs = f"{r.batch_tokens_per_s / baseline.batch_tokens_per_s:.2f}x" if baseline else "-"
         rows.append(
             [
-                f"{r.workers} worker{'s' if r.workers > 1 else ''}",
+                f"{r.workers} worker{'s' if r.workers > 1 else ''}, "
+                f"{r.lanes} lane{'s' if r.lanes > 1 else ''}",
                 f"{r.single_tokens_per_s:.2f}",
                 f"{r.batch_tokens_per_s:.2f}",
                 vs,
@@ -257,7 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument(
+        "--busy-streams", type=int, default=8, help="streams running while TTFT is measured busy"
+    )
+    p.add_argument(
+        "--micro-batches", type=int, default=0, help="decode lanes (0: the cluster's default)"
+    )
+    p.add_argument("--worker-eval-every", type=int, default=None, help="the workers' --eval-every")
     p.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    p.add_argument(
+        "--gpus", type=gpu_list, default=(), help="GPU index for each worker, cycled (e.g. 0,1)"
+    )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
@@ -292,11 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(
             asyncio.run(
                 run_pipeline(
-                    model_dir, count, prompts, args.new_tokens, args.transport, args.prefill_chunk
+                    model_dir,
+                    count,
+                    prompts,
+                    args.new_tokens,
+                    args.transport,
+                    args.prefill_chunk,
+                    min(args.busy_streams, args.streams),
+                    args.gpus,
+                    args.micro_batches,
+                    args.worker_eval_every,
                 )
             )
         )
-    print(table(baseline, runs, args.streams))
+    print(table(baseline, runs, args.streams, min(args.busy_streams, args.streams)))
     for r in runs:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r.step_ms.items())
         print(

@@ -16,6 +16,7 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,12 +153,19 @@ async def _run_workload(
 
 
 async def run_cluster(
-    model_dir: Path, workers: int, workload: Workload, transport: Transport = "tcp"
+    model_dir: Path,
+    workers: int,
+    workload: Workload,
+    transport: Transport = "tcp",
+    gpus: Sequence[int] = (),
+    worker_args: Sequence[str] = (),
 ) -> ClusterResult:
-    """Start `workers` worker processes, run the workload through them, stop them."""
+    """Start `workers` worker processes (worker i on GPU `gpus[i % len]` if given), run the
+    workload through them, stop them."""
     gc.collect()
     mx.clear_cache()  # what an earlier run left must not count in this one's peak
-    async with local_workers(workers, WORKER_ARGS, transport=transport) as processes:
+    args = [*WORKER_ARGS, *worker_args]
+    async with local_workers(workers, args, transport=transport, gpus=gpus) as processes:
         pids = [os.getpid(), *(w.process.pid for w in processes)]
         with PeakRss(pids) as rss:
             mx.reset_peak_memory()

@@ -39,7 +39,8 @@ from benchmarks.report import echo_table, engine_table, hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
 from contract.proto import layer_service_pb2 as pb
 from coordinator.generation import PREFILL_STEP_SIZE
-from mlx_cluster.local import TRANSPORTS
+from mlx_cluster.local import TRANSPORTS, gpu_list
+from models.demo import DEMO_DTYPE, ensure_demo_model
 from models.random_model import DTYPES
 from worker.capabilities import detect
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.pipeline", description=__doc__.split("\n\n")[0]
     )
+    p.add_argument(
+        "--demo", action="store_true", help="the bundled demo model itself (not --model-shape)"
+    )
     p.add_argument("--model-shape", choices=sorted(SHAPES), default="demo-135m")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize weights")
@@ -91,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="tcp",
         help="workers and echo on TCP loopback (default) or Unix domain sockets",
     )
+    p.add_argument(
+        "--gpus",
+        type=gpu_list,
+        default=(),
+        help="GPU index for each worker, cycled (e.g. 0,1); default: all share what we see",
+    )
+    p.add_argument("--worker-eval-every", type=int, default=None, help="the workers' --eval-every")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-echo", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, short lengths (smoke test)")
@@ -105,11 +116,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
         args = parser.parse_args(argv)
+    if args.demo:  # the demo's activations are DEMO_DTYPE whatever --dtype says
+        args.dtype, args.bits = DEMO_DTYPE, None
     if args.decode_tokens < 2:
         parser.error(f"--decode-tokens must be at least 2, got {args.decode_tokens}")
     if min(args.prompt_lengths) < 2:
         parser.error(f"prompt lengths must be at least 2, got {args.prompt_lengths}")
     return args
+
+
+def eval_every_args(eval_every: int | None) -> list[str]:
+    """The workers' `--eval-every` flag, or none (their default)."""
+    return [] if eval_every is None else ["--eval-every", str(eval_every)]
 
 
 def default_json_path() -> Path:
@@ -162,7 +180,11 @@ class Run:
 
 async def measure(args: argparse.Namespace) -> Run:
     """Build the model if needed and take every measurement, one after the other."""
-    model_dir = ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
+    model_dir = (
+        ensure_demo_model()
+        if args.demo
+        else ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
+    )
     config = json.loads((model_dir / "config.json").read_text())
     workload = Workload(
         config["vocab_size"], args.decode_tokens, args.prompt_lengths, args.prefill_step_size
@@ -185,9 +207,17 @@ async def measure(args: argparse.Namespace) -> Run:
         echo_load = load.cores
     pipelines = []
     for count in args.workers:
-        _say(f"pipeline over {count} worker process(es) on {args.transport}")
+        gpus = f", GPUs {list(args.gpus)} per worker" if args.gpus else ""
+        _say(f"pipeline over {count} worker process(es) on {args.transport}{gpus}")
         with OtherLoad() as load:
-            result = await run_cluster(model_dir, count, workload, args.transport)
+            result = await run_cluster(
+                model_dir,
+                count,
+                workload,
+                args.transport,
+                args.gpus,
+                eval_every_args(args.worker_eval_every),
+            )
         result.other_load_cores = load.cores
         pipelines.append(result)
     return Run(model_dir, workload, sizes, baseline, echoes, echo_load, pipelines)
@@ -234,7 +264,7 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "device": {"kind": caps.device_kind, "name": caps.device_name, "cpu_cores": caps.cpu_cores},
         "mlx_version": mx.__version__,
         "model": {
-            "shape": args.model_shape,
+            "shape": "demo" if args.demo else args.model_shape,
             "dtype": args.dtype,
             "bits": args.bits,
             "dir": str(run.model_dir),
@@ -242,6 +272,8 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         },
         "workload": dataclasses.asdict(run.workload),
         "transport": args.transport,
+        "worker_gpus": list(args.gpus),
+        "worker_eval_every": args.worker_eval_every,
         "message_bytes": run.message_bytes,
         "baseline": dataclasses.asdict(run.baseline) if run.baseline else None,
         "echo": [dataclasses.asdict(e) for e in run.echo],

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from contract.errors import KVCapacityExceeded
 from coordinator.batching import Batcher
 from coordinator.generation import generate_tokens
 from coordinator.pipeline import Pipeline
@@ -255,3 +256,20 @@ def test_batches_follow_joins_leaves_reorders_ends_and_truncation(gemma_runtime_
     grouped = {s.session_id for s in store._sessions.values() if s.group is not None}
     assert grouped == {"a", "b", "d"}, "the last step's sessions share one batch"
     assert store.used == alone.sessions.used
+
+
+def test_a_batched_step_past_the_kv_budget_is_refused_whole(tmp_path):
+    """Sessions that each fit may not fit together: the step fails and nothing advances."""
+    path = build_random_model(tmp_path, "llama", num_layers=2)
+    edges = load_edges(path)
+    runtime = WorkerRuntime(WorkerSettings(name="w"), detect())
+    runtime.load(str(path), 0, 2, 10, 0)  # 10 cached tokens in all
+    for sid, n in (("a", 5), ("b", 4)):
+        runtime.sessions.open(sid, 0)
+        runtime.forward([sid], edges.embed(mx.arange(1, n + 1, dtype=mx.uint32)[None]), [0], True)
+    step = edges.embed(mx.array([[7], [8]], dtype=mx.uint32))
+    with pytest.raises(KVCapacityExceeded, match="11 tokens needed, 10 of 10 free"):
+        runtime.forward(["a", "b"], step, [5, 4], True)
+    assert runtime.sessions.used == 9
+    runtime.forward(["a"], step[:1], [5], True)  # alone it fits, and the offsets held
+    assert runtime.sessions.used == 10

@@ -49,3 +49,46 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert all(b > 0 for b in p["memory"]["worker_peak_rss_bytes"])
         assert all(b > 0 for b in p["memory"]["worker_weight_bytes"])
     assert all(e["mean_s"] > 0 for e in results["echo"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_batching_benchmark_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "batching.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.batching",
+        "--model-shape",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--workers",
+        "2",
+        "--streams",
+        "4",
+        "--busy-streams",
+        "2",
+        "--new-tokens",
+        "6",
+        "--prompt-tokens",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=170
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads(out.read_text())
+    assert results["baseline"]["batch_tokens_per_s"] > 0
+    (run,) = results["pipelines"]
+    assert run["workers"] == 2 and run["busy_streams"] == 2
+    assert run["batch_tokens_per_s"] > 0 and run["single_tokens_per_s"] > 0
+    assert run["idle_ttft_s"] > 0 and run["busy_ttft_s"] > 0
+    assert run["largest_batch"] >= 2, "the 4 streams never decoded together"
+    assert run["step_ms"]["wall"] >= run["step_ms"]["hops"] > 0

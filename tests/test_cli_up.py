@@ -85,3 +85,22 @@ def test_sigterm_stops_every_process(tiny_llama):
     assert proc.returncode == 130
     _gone, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("a,b", "expected layer counts like 1,5,2, got 'a,b'"),
+        ("3,0", "every worker needs at least 1 layer, got '3,0'"),
+        ("1,2,3", "--layers gives 3 counts for 2 workers"),
+    ],
+)
+def test_bad_layer_counts_are_a_clean_error(tiny_llama, layers, message):
+    done = subprocess.run(
+        [*up(tiny_llama, "--layers", layers, "--prompt", "hi")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr

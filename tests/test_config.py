@@ -156,6 +156,16 @@ WORKERS_2 = "model: m\nworkers:\n  - {address: 'a:1'%s}\n  - {address: 'b:1'%s}\
             "max_sequence_length, memory_gb, memory_fraction, session_ttl_s (got 5",
         ),
         (
+            "model: m\nworkers: ['a:1']\nbatching: {max_batchh: 8}\n",
+            "batching.max_batchh: unknown setting; expected one of: enabled, max_batch, "
+            "micro_batches, prefill_chunk (got 8",
+        ),
+        (
+            "model: m\nworkers: ['a:1']\nstandby: [{address: 'b:1', adress: 'c:1'}]\n",
+            "standby[0].adress: unknown setting; expected one of: address, name, layers, "
+            "memory_gb, compute (got 'c:1'",
+        ),
+        (
             "modle: m\nworkers: ['a:1']\n",
             "modle: unknown setting; expected one of: model, coordinator, workers",
         ),

@@ -86,6 +86,24 @@ async def test_bfloat16_model_matches(model_factory, start_workers):
     assert_same(await pipeline_run(pipeline, PROMPT, params), want)
 
 
+# (MLX's CPU gather_mm, which the MoE layers use, takes float32 only.)
+@pytest.mark.parametrize("model_type, dtype", [("gemma3_text", "bfloat16"), ("deepseek_v2", None)])
+async def test_computing_layer_by_layer_while_building_changes_nothing(
+    model_factory, start_workers, model_type, dtype
+):
+    """Workers that start computing after every layer (eval_every=1) give the same results.
+
+    (The default, every 4 layers, runs in every other test here: the one-worker split
+    has 8 layers.)
+    """
+    model = model_factory(model_type, dtype=dtype) if dtype else model_factory(model_type)
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    want = reference(model, PROMPT, params)
+    workers = await start_workers(2, eval_every=1)
+    pipeline = await make_pipeline(model, workers, [5, 3])
+    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+
+
 async def test_logits_processors_and_chunked_prefill_match(model_factory, start_workers):
     """Repetition penalty sees the same token history; prefill runs in several chunks."""
     model = model_factory("qwen3")

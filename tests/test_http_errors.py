@@ -89,6 +89,21 @@ async def test_bad_token_ids_and_many_prompts_are_400(http):
     await assert_serves(http)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_ids_past_the_vocabulary_are_400_naming_the_field(http, stream):
+    """The Python API's checks, answered before a stream starts (the tiny model has 384)."""
+    past = "token id 384 is out of range for a vocabulary of 384"
+    cases = [
+        ("/v1/completions", {"prompt": [1, 384]}, "prompt", past),
+        ("/v1/chat/completions", {**CHAT, "top_k": 384}, "top_k", "vocabulary size 384, got 384"),
+        ("/v1/chat/completions", {**CHAT, "logit_bias": {"384": 1}}, "logit_bias", past),
+    ]
+    for path, body, param, fragment in cases:
+        reply = await http.post(path, json={"max_tokens": 2, **body, "stream": stream})
+        assert_error(reply, 400, fragment, param=param)
+    await assert_serves(http)
+
+
 async def test_unknown_route_is_404_in_shape(http):
     assert_error(await http.get("/v2/nothing"), 404, "Not Found")
     await assert_serves(http)

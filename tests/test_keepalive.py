@@ -3,76 +3,101 @@
 Clients ping every `keepalive_time_ms`; a server that does not expect those pings
 ends the connection with GOAWAY "too_many_pings" after a few of them, which used to
 kill Forward streams during long prefill steps on slow CPUs (after a minute or two
-with the 30 s interval). Here clients ping every second, the shortest interval gRPC
-clients keep to, and the server stays silent for six of them.
+with the 30 s interval). Here a real worker (`create_server` on port 0) takes a slow
+first step, clients ping every second, the shortest interval gRPC clients keep to,
+and the worker stays silent for six of them.
+
+The worker builds its server options for clients pinging every KEEPALIVE_TIME_MS
+(30 s) and has no setting for another interval, so the tests swap the
+`server_options` its factory calls for one that scales the interval down to the
+clients' here, and the control for one with gRPC's default ping policy.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Callable
 
 import grpc
+import mlx.core as mx
 import pytest
 
+import tensor
+import worker.server
+from contract.proto import layer_service_pb2 as pb
+from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import client_channel_options, server_options
 
-SERVICE = "test.Slow"
-METHOD = f"/{SERVICE}/Stream"
 KEEPALIVE_MS = 1_000  # the clients' ping interval here (gRPC clients wait at least 1 s anyway)
 SILENCE_S = 6.0  # the first step's silence; gRPC's default policy ends a stream after ~4
+HIDDEN = 64  # the tiny models' hidden size
+
+ServerOptions = Callable[[int], list[tuple[str, int]]]
 
 
-async def start_slow_server(options: list[tuple[str, int]]) -> tuple[grpc.aio.Server, int]:
-    """A server whose one bidi method answers the first message after SILENCE_S of silence,
-    the others at once."""
-
-    async def stream(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        silence = SILENCE_S
-        async for message in requests:
-            await asyncio.sleep(silence)  # a long step: nothing is sent meanwhile
-            silence = 0.0
-            yield message
-
-    server = grpc.aio.server(options=options)
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(stream)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+def keepalive_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The worker's own options, for clients pinging every KEEPALIVE_MS."""
+    return server_options(max_message_bytes, client_keepalive_time_ms=KEEPALIVE_MS)
 
 
-async def slow_then_quick_step(server_opts: list[tuple[str, int]]) -> list[bytes]:
-    """A silent step, then a quick one, on one stream from a client pinging every second."""
-    server, port = await start_slow_server(server_opts)
+def grpc_default_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message sizes only: gRPC's default ping policy."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def slow_then_quick_step(
+    start_workers, model, monkeypatch: pytest.MonkeyPatch, options: ServerOptions
+) -> list[int]:
+    """A silent step, then a quick one, on one Forward stream to a real worker, from a
+    client pinging every second; returns the step ids answered."""
+    monkeypatch.setattr(worker.server, "server_options", options)
+    (client,) = await start_workers(1)
+    await client.load_layers(str(model), 0, 2)
+    await client.open_session("s")
+
+    runtime = start_workers.servers[client.address].servicer.runtime
+    forward = runtime.forward
+    silences = [SILENCE_S]
+
+    def slow_forward(*args: object) -> mx.array:
+        time.sleep(silences.pop() if silences else 0.0)  # on the compute thread: nothing is sent
+        return forward(*args)
+
+    monkeypatch.setattr(runtime, "forward", slow_forward)
+
     client_opts = client_channel_options(
         keepalive_time_ms=KEEPALIVE_MS, keepalive_timeout_ms=5 * KEEPALIVE_MS
     )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=client_opts) as channel:
-            call = channel.stream_stream(METHOD)(timeout=3 * SILENCE_S)
-            replies = []
-            for message in (b"slow step", b"quick step"):
-                await call.write(message)
-                replies.append(await call.read())
-            await call.done_writing()
-            return replies
-    finally:
-        await server.stop(None)
+    async with grpc.aio.insecure_channel(client.address, options=client_opts) as channel:
+        call = pb_grpc.LayerServiceStub(channel).Forward(timeout=3 * SILENCE_S)
+        answered = []
+        for step_id, offset in ((1, 0), (2, 1)):
+            hidden = tensor.encode(mx.ones((1, 1, HIDDEN)))
+            await call.write(
+                pb.ForwardRequest(
+                    step_id=step_id, session_ids=["s"], offsets=[offset], hidden=hidden
+                )
+            )
+            answered.append((await call.read()).step_id)
+        await call.done_writing()
+        return answered
 
 
-async def test_server_accepts_client_keepalive_pings_during_a_silent_step():
-    options = server_options(client_keepalive_time_ms=KEEPALIVE_MS)
-    assert await slow_then_quick_step(options) == [b"slow step", b"quick step"]
+async def test_worker_accepts_client_keepalive_pings_during_a_silent_step(
+    start_workers, tiny_llama, monkeypatch
+):
+    answered = await slow_then_quick_step(start_workers, tiny_llama, monkeypatch, keepalive_options)
+    assert answered == [1, 2]
 
 
-async def test_a_server_with_grpc_defaults_ends_the_silent_stream():
+async def test_a_worker_with_grpc_defaults_ends_the_silent_stream(
+    start_workers, tiny_llama, monkeypatch
+):
     """The control: these clients do ping, and gRPC's default ping policy refuses them."""
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await slow_then_quick_step([])
+        await slow_then_quick_step(start_workers, tiny_llama, monkeypatch, grpc_default_options)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
     assert failure.value.details() == "Too many pings"

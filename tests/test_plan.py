@@ -26,7 +26,7 @@ from contract.plan import (
     render_plan,
     split_proportional,
 )
-from mlx_cluster import plan_cmd
+from mlx_cluster import coordinator_cmd, plan_cmd
 
 
 def uniform(layers: int, layer_gb: float = 1.0, kv_per_token: int = 0, context: int = 4096):
@@ -318,6 +318,22 @@ def test_plan_command_needs_a_local_model(tmp_path, capsys):
     config.write_text("model: org/some-model\nworkers: ['a:1']\n")
     assert _run(["plan", "--config", str(config)]) == 2
     assert "'org/some-model' is not a local directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["plan", "config show", "coordinator"])
+def test_malformed_set_is_a_clean_error(command, tmp_path, capsys):
+    config = tmp_path / "cluster.yaml"
+    config.write_text("model: m\nworkers: ['a:1']\n")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_cmd.add_parsers(sub)
+    coordinator_cmd.add_parser(sub)
+    args = parser.parse_args([*command.split(), "--config", str(config), "--set", "foo"])
+    runner = coordinator_cmd.run if command == "coordinator" else plan_cmd.run
+    assert runner(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mlx-cluster {args.command}: --set expects KEY=VALUE, got 'foo'")
+    assert "Traceback" not in err
 
 
 def test_config_show_prints_sources(tmp_path, capsys, monkeypatch):

@@ -24,13 +24,29 @@ def store(capacity: int = 100, clock: Clock | None = None) -> SessionStore:
 def test_charge_is_max_of_reservation_and_cached_tokens():
     s = store()
     a = s.open("a", reserve=10)
-    s.check_step(a, 0, 25)
+    s.check_step([a], [0], 25)
     s.advance(a, 25)
     assert s.used == 25
     s.open("b", reserve=70)
     assert s.used == 95
     with pytest.raises(KVCapacityExceeded, match="31 tokens needed, 30 of 100 free"):
-        s.check_step(a, 25, 6)
+        s.check_step([a], [25], 6)
+
+
+def test_a_step_of_several_sessions_is_checked_as_a_whole():
+    s = store(capacity=10)
+    a, b = s.open("a", 0), s.open("b", 0)
+    s.check_step([a], [0], 5)
+    s.advance(a, 5)
+    s.check_step([b], [0], 4)
+    s.advance(b, 4)
+    s.check_step([a], [5], 1)  # each alone still fits: 10 of 10
+    s.check_step([b], [4], 1)
+    with pytest.raises(
+        KVCapacityExceeded, match=r"11 tokens needed, 10 of 10 free \(2 sessions in this step"
+    ):
+        s.check_step([a, b], [5, 4], 1)
+    assert s.used == 9
 
 
 def test_idle_sessions_are_evicted_after_the_ttl():

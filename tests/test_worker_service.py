@@ -7,6 +7,15 @@ import mlx.core as mx
 import pytest
 
 import tensor
+from contract.errors import (
+    ERROR_KIND_KEY,
+    WIRE_ERRORS,
+    ClusterError,
+    NotLoaded,
+    OffsetMismatch,
+    WorkerUnavailable,
+    error_from_status,
+)
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
 from contract.rpc import CHANNEL_OPTIONS
@@ -38,12 +47,28 @@ async def forward_once(stub, request) -> pb.ForwardResponse:
     return reply
 
 
-async def assert_status(code: grpc.StatusCode, awaitable, *fragments: str) -> None:
+async def assert_status(
+    code: grpc.StatusCode, awaitable, *fragments: str, kind: str | None = None
+) -> None:
+    """The call fails with `code`, a message holding `fragments` and, if given, error `kind`."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await awaitable
     assert info.value.code() == code, info.value.details()
     for fragment in fragments:
         assert fragment in info.value.details()
+    if kind is not None:
+        assert (ERROR_KIND_KEY, kind) in tuple(info.value.trailing_metadata())
+
+
+async def step_error(client, hidden, offsets) -> ClusterError:
+    """The contract error the coordinator's client raises for one Forward step."""
+    stream = client.open_stream(timeout=10)
+    try:
+        with pytest.raises(ClusterError) as info:
+            await stream.step(["s"], hidden, offsets)
+    finally:
+        await stream.close()
+    return info.value
 
 
 async def assert_still_serves(stub) -> None:
@@ -143,13 +168,20 @@ async def test_forward_before_load_is_failed_precondition(start_workers):
         grpc.StatusCode.FAILED_PRECONDITION,
         stub.OpenSession(pb.OpenSessionRequest(session_id="s")),
         "LoadLayers",
+        kind="not_loaded",
     )
     await assert_status(
         grpc.StatusCode.FAILED_PRECONDITION,
         forward_once(stub, step(["s"], mx.zeros((1, 1, 8)), [0])),
         "LoadLayers",
+        kind="not_loaded",
     )
     await channel.close()
+    # The coordinator's client raises NotLoaded, not its status-sharing sibling OffsetMismatch.
+    with pytest.raises(NotLoaded, match="LoadLayers"):
+        await client.open_session("s")
+    err = await step_error(client, mx.zeros((1, 1, 8)), [0])
+    assert type(err) is NotLoaded and err.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_kv_budget_is_resource_exhausted_with_numbers(worker):
@@ -171,7 +203,7 @@ async def test_kv_budget_is_resource_exhausted_with_numbers(worker):
     await assert_still_serves(stub)
 
 
-async def test_offset_mismatch_and_duplicate_session(worker):
+async def test_offset_mismatch_and_duplicate_session(worker, start_workers):
     stub, _ = worker
     await stub.OpenSession(pb.OpenSessionRequest(session_id="s"), timeout=5)
     await assert_status(
@@ -182,8 +214,50 @@ async def test_offset_mismatch_and_duplicate_session(worker):
         forward_once(stub, step(["s"], mx.ones((1, 1, HIDDEN)), [5])),
         "offset 5",
         "holds 0",
+        kind="offset_mismatch",
     )
+    # The coordinator's client raises OffsetMismatch, not its status-sharing sibling NotLoaded.
+    (client,) = start_workers.clients
+    err = await step_error(client, mx.ones((1, 1, HIDDEN)), [5])
+    assert type(err) is OffsetMismatch and err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "offset 5" in str(err) and str(err).startswith(f"worker {client.name}: ")
     await assert_still_serves(stub)
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [NotLoaded("cache offset lost: reload"), OffsetMismatch("call LoadLayers, not loaded")],
+    ids=["not-loaded", "offset-mismatch"],
+)
+async def test_client_picks_the_class_from_the_kind_not_the_message(
+    start_workers, tiny_llama, monkeypatch, raised
+):
+    """Messages that name the other error's words still come back as the class raised."""
+    (client,) = await start_workers(1)
+    await client.load_layers(str(tiny_llama), 2, 6)
+    await client.open_session("s")
+
+    def forward(*args):
+        raise raised
+
+    monkeypatch.setattr(start_workers.servers[client.address].servicer.runtime, "forward", forward)
+    err = await step_error(client, mx.ones((1, 1, HIDDEN)), [0])
+    assert type(err) is type(raised) and str(raised) in str(err)
+
+
+@pytest.mark.parametrize("cls", WIRE_ERRORS, ids=lambda cls: cls.__name__)
+def test_each_wire_error_round_trips_through_code_and_kind(cls):
+    rebuilt = error_from_status(cls.code, "details", "w", [(ERROR_KIND_KEY, cls.kind)])
+    assert type(rebuilt) is cls and rebuilt.code == cls.code and str(rebuilt) == "worker w: details"
+
+
+def test_a_status_without_a_kind_is_read_by_code_only_where_one_error_has_it():
+    code = grpc.StatusCode.FAILED_PRECONDITION  # NotLoaded's and OffsetMismatch's
+    assert type(error_from_status(code, "offset 5", "w")) is ClusterError
+    assert type(error_from_status(code, "x", "w", [(ERROR_KIND_KEY, "nonsense")])) is ClusterError
+    # gRPC's own statuses carry no kind: an unreachable worker is still WorkerUnavailable.
+    unavailable = error_from_status(grpc.StatusCode.UNAVAILABLE, "connection refused", "w")
+    assert type(unavailable) is WorkerUnavailable
 
 
 async def test_truncate_then_replay_gives_the_same_output(worker):

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from dotenv import dotenv_values
@@ -411,18 +411,28 @@ def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
 
 
 def _allowed(loc: tuple[int | str, ...]) -> str:
-    """The settings allowed next to the unknown one at `loc`."""
-    sections: dict[str, type[BaseModel]] = {
-        "coordinator": CoordinatorConfig,
-        "workers": WorkerEntry,
-        "kv": KVConfig,
-        "limits": LimitsConfig,
-        "logging": LoggingConfig,
-        "auth": AuthConfig,
-    }
-    section = str(loc[0]) if len(loc) > 1 else ""
-    model = sections.get(section, ClusterConfig)
+    """The settings allowed next to the unknown one at `loc`, read from the schema."""
+    model: type[BaseModel] = ClusterConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an index into a list of sections, e.g. workers[0]
+        field = model.model_fields.get(part)
+        nested = _section_model(field.annotation) if field is not None else None
+        if nested is None:
+            break
+        model = nested
     return "expected one of: " + ", ".join(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly or inside list[...], X | None and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _prefixes(dotted: str) -> list[str]:

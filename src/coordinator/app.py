@@ -24,14 +24,14 @@ from contract.plan import plan_as_dict
 from coordinator import openai_format as fmt
 from coordinator.auth import ApiKeyAuth
 from coordinator.cluster import Cluster
-from coordinator.generation import TextChunk
+from coordinator.generation import TextChunk, check_request
 from coordinator.health import cluster_health
 from coordinator.http_errors import ApiError, install_error_handlers
 from coordinator.metrics import Metrics
 from coordinator.middleware import RequestContext
 from coordinator.pipeline import Stage
 from coordinator.responses import Drain, collect, metered, stream
-from coordinator.sampling import SamplingParams
+from coordinator.sampling import InvalidParam, SamplingParams
 from coordinator.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, _Request
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,6 @@ def _check_prompt_bytes(size: int, settings: LimitsConfig) -> None:
             f"the prompt is {size} bytes, the limit is {settings.max_prompt_bytes} bytes",
             param="prompt",
             code="prompt_too_large",
-        )
-
-
-def _check_vocab_fields(request: _Request, vocab: int) -> None:
-    """Token ids in the request must exist: MLX does not bounds-check embeddings or biases."""
-    if request.top_k >= vocab:
-        raise ApiError(
-            400, f"top_k must be less than the vocabulary size {vocab}, got {request.top_k}",
-            param="top_k",
-        )  # fmt: skip
-    bad = [k for k in request.logit_bias or {} if int(k) >= vocab]
-    if bad:
-        raise ApiError(
-            400, f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}", param="logit_bias"
         )
 
 
@@ -93,7 +79,6 @@ def _settle(
             param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
-    _check_vocab_fields(request, cluster.pipeline.edges.vocab_size)
     wanted = request.requested_max_tokens()
     if wanted is not None and wanted > settings.max_tokens_ceiling:
         raise ApiError(
@@ -102,7 +87,14 @@ def _settle(
             param="max_tokens",
         )
     max_tokens = min(wanted or settings.default_max_tokens, context - len(tokens))
-    return Prepared(tokens, request.sampling(max_tokens))
+    # generate_text runs the same checks; running them here makes a bad id a 400
+    # naming its field, before a stream starts.
+    try:
+        params = request.sampling(max_tokens)
+        check_request(tokens, params, cluster.pipeline.edges.vocab_size)
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    return Prepared(tokens, params)
 
 
 def _chat_tokens(
@@ -127,10 +119,6 @@ def _completion_tokens(
 ) -> Prepared:
     prompt = request.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
-        vocab = cluster.pipeline.edges.vocab_size
-        bad = [t for t in prompt if not 0 <= int(t) < vocab]
-        if bad:
-            raise ApiError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
         return _settle(request, [int(t) for t in prompt], cluster, settings)
     text = prompt if isinstance(prompt, str) else str(prompt[0])
     _check_prompt_bytes(_utf8_size(text, "prompt"), settings)

@@ -91,7 +91,7 @@ class WorkerClient:
         try:
             return await call()
         except grpc.aio.AioRpcError as exc:
-            raise error_from_status(exc.code(), exc.details() or "", self.name) from exc
+            raise _error_from_rpc(exc, self.name) from exc
 
     async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
         started = time.perf_counter()
@@ -199,7 +199,7 @@ class ForwardStream:
             await self._call.write(request)
             reply = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            raise error_from_status(exc.code(), exc.details() or "", self._client.name) from exc
+            raise _error_from_rpc(exc, self._client.name) from exc
         except asyncio.InvalidStateError:  # the call ended before this write: say why
             raise await self._stream_error() from None
         if reply is grpc.aio.EOF:
@@ -221,7 +221,8 @@ class ForwardStream:
     async def _stream_error(self) -> ClusterError:
         code = await self._call.code()
         details = await self._call.details()
-        return error_from_status(code, details or "stream closed", self._client.name)
+        metadata = await self._call.trailing_metadata()
+        return error_from_status(code, details or "stream closed", self._client.name, metadata)
 
     async def close(self) -> None:
         """Half-close and let the worker end the call; cancels it if it does not."""
@@ -234,6 +235,11 @@ class ForwardStream:
     async def _drain(self) -> None:
         async for _ in _responses(self._call):
             pass
+
+
+def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: str) -> ClusterError:
+    """The contract error a failed call carries: its class from the kind the worker sent."""
+    return error_from_status(exc.code(), exc.details() or "", worker, exc.trailing_metadata())
 
 
 async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ForwardResponse]:

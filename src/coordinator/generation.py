@@ -5,7 +5,8 @@ but the last prompt token in chunks, then one step per token, processors on
 the running token history, logprobs = logits - logsumexp), so the pipeline
 produces the tokens and logprobs single-process mlx-lm produces.
 `generate_text` adds streaming detokenization, stop strings, end-of-sequence
-and timing.
+and timing, and checks the request against the model (`check_request`) before
+it opens a session.
 """
 
 from __future__ import annotations
@@ -22,9 +23,21 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from contract.errors import InvalidArgument
 from coordinator.batching import Batcher
 from coordinator.pipeline import Pipeline, PipelineSession
-from coordinator.sampling import SamplingParams, TokenPicker
+from coordinator.sampling import InvalidParam, SamplingParams, TokenPicker, check_token_ids
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default prompt chunk
+
+
+def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int) -> None:
+    """Refuse a request the model cannot run: an empty prompt, or ids past the vocabulary.
+
+    Raises:
+        InvalidParam: naming the prompt, top_k or logit_bias, with the vocabulary size.
+    """
+    if not prompt:
+        raise InvalidParam("prompt", "prompt must hold at least one token")
+    check_token_ids("prompt", prompt, vocab_size)
+    params.check(vocab_size)
 
 
 async def generate_tokens(
@@ -38,7 +51,8 @@ async def generate_tokens(
 
     The prompt and the first new token always run for this session alone. With a
     batcher, later tokens come from its decode batches; without, from steps of
-    this session alone.
+    this session alone. Callers check the request first (`check_request`), as
+    generate_text does before it opens the session.
     """
     if not prompt:
         raise InvalidArgument("prompt must hold at least one token")
@@ -142,7 +156,12 @@ async def generate_text(
     """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens.
 
     With a batcher, the request decodes in its batches (continuous batching).
+
+    Raises:
+        InvalidParam: from `check_request`, on the first iteration, before any
+            worker holds a session for the request.
     """
+    check_request(prompt, params, pipeline.edges.vocab_size)
     started = time.perf_counter()
     perf = Performance(prompt_tokens=len(prompt))
     detokenizer = tokenizer.detokenizer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -13,6 +13,38 @@ from contract.errors import InvalidArgument
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
+
+
+class InvalidParam(InvalidArgument):
+    """An InvalidArgument that names the request parameter at fault (OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_token_ids(param: str, ids: Iterable[int], vocab_size: int) -> None:
+    """Refuse token ids outside [0, vocab_size).
+
+    MLX does not bounds-check gathers: an id past the vocabulary reads garbage
+    from the embedding or the logits, or crashes deep in the pipeline.
+
+    Raises:
+        InvalidParam: naming `param`, the bad ids and the vocabulary size.
+    """
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if not bad:
+        return
+    if len(bad) == 1:
+        which = f"token id {bad[0]} is"
+    else:
+        shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        which = f"{len(bad)} token ids ({shown}) are"
+    raise InvalidParam(
+        param,
+        f"{param}: {which} out of range for a vocabulary of {vocab_size} "
+        f"(ids 0 to {vocab_size - 1})",
+    )
 
 
 @dataclass(frozen=True)
@@ -30,7 +62,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's; 0 = off
     seed: int | None = None  # makes sampling reproducible per request
     stop: tuple[str, ...] = ()  # stop strings, not included in the output
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     top_logprobs: int = 0  # alternatives to report per token
     ignore_eos: bool = False  # keep going past end-of-sequence tokens
 
@@ -50,7 +82,21 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise InvalidArgument(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise InvalidParam(name, f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+    def check(self, vocab_size: int) -> None:
+        """Check the fields that depend on the model: top_k and the logit_bias token ids.
+
+        Raises:
+            InvalidParam: top_k is not below `vocab_size`, or a logit_bias key is
+                outside [0, vocab_size).
+        """
+        if self.top_k >= vocab_size:
+            raise InvalidParam(
+                "top_k",
+                f"top_k must be less than the vocabulary size {vocab_size}, got {self.top_k}",
+            )
+        check_token_ids("logit_bias", self.logit_bias, vocab_size)
 
     def sampler(self) -> Sampler:
         """mlx-lm's sampler for these parameters (argmax when temperature is 0)."""

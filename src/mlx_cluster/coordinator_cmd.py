@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.startup import start_from_config
     from mlx_cluster.serving import serve_http
 
-    overrides = cli_overrides(args)
-    if args.workers:
-        overrides["workers"] = ",".join(args.workers)
-    if args.listen:
-        overrides["coordinator.http_listen"] = args.listen
     try:
+        overrides = cli_overrides(args)  # a malformed --set is a ConfigError too
+        if args.workers:
+            overrides["workers"] = ",".join(args.workers)
+        if args.listen:
+            overrides["coordinator.http_listen"] = args.listen
         config = load_config(args.config, cli=overrides).config
         api_keys = load_api_keys(config.auth.api_keys, config.auth.api_keys_file)
     except ConfigError as exc:

@@ -10,6 +10,7 @@ command line, so other users do not see them in `ps`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -20,7 +21,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +31,18 @@ PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 Transport = Literal["unix", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("unix", "tcp")
+GPU_ENV = "CUDA_VISIBLE_DEVICES"  # which GPU a worker's MLX (CUDA build) sees
+
+
+def gpu_list(text: str) -> tuple[int, ...]:
+    """`--gpus 0,1` as (0, 1): GPU indices, one per worker, cycled."""
+    try:
+        gpus = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1, got {text!r}") from None
+    if any(gpu < 0 for gpu in gpus):
+        raise argparse.ArgumentTypeError(f"GPU indices must be >= 0, got {text!r}")
+    return gpus
 
 
 def _stop_with_parent() -> None:
@@ -109,6 +122,7 @@ async def local_workers(
     ready_timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
     transport: Transport = "tcp",
+    gpus: Sequence[int] = (),
 ) -> AsyncIterator[LocalWorkers]:
     """Start `count` workers on this host; stop them all on exit, whatever happened.
 
@@ -116,26 +130,37 @@ async def local_workers(
         env: added to this process's environment for the workers.
         transport: "unix": each worker on a Unix domain socket in a private temporary
             directory, removed on exit; "tcp": each on a free port of 127.0.0.1.
+        gpus: worker i sees only GPU `gpus[i % len(gpus)]` (CUDA); empty: all see
+            what this process sees.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if any(gpu < 0 for gpu in gpus):
+        raise ValueError(f"GPU indices must be >= 0, got {list(gpus)}")
+    envs = [
+        {**(env or {}), **({GPU_ENV: str(gpus[i % len(gpus)])} if gpus else {})}
+        for i in range(count)
+    ]
     with contextlib.ExitStack() as stack:
         listen = ["127.0.0.1:0"] * count
         if transport == "unix":
             socket_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlx-cluster-"))
             listen = [f"unix:{socket_dir}/worker-{i}.sock" for i in range(count)]
-        async with _started(listen, extra_args or [], env or {}, ready_timeout) as workers:
+        async with _started(listen, extra_args or [], envs, ready_timeout) as workers:
             yield workers
 
 
 @contextlib.asynccontextmanager
 async def _started(
-    listen: list[str], extra_args: list[str], env: Mapping[str, str], ready_timeout: float
+    listen: list[str],
+    extra_args: list[str],
+    envs: list[dict[str, str]],
+    ready_timeout: float,
 ) -> AsyncIterator[LocalWorkers]:
-    """Start a worker on each address of `listen`; stop them all on exit."""
+    """Start a worker on each address of `listen`, each with its env; stop them all on exit."""
     tasks = [
         asyncio.ensure_future(_start_worker(f"worker-{i}", address, extra_args, env, ready_timeout))
-        for i, address in enumerate(listen)
+        for i, (address, env) in enumerate(zip(listen, envs, strict=True))
     ]
     try:
         workers = LocalWorkers(await asyncio.gather(*tasks))

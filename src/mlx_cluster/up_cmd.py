@@ -14,7 +14,7 @@ from pathlib import Path
 
 from contract.auth import TOKEN_ENV
 from contract.logs import setup_logging
-from mlx_cluster.local import TRANSPORTS
+from mlx_cluster.local import TRANSPORTS, gpu_list
 from mlx_cluster.worker_cmd import add_logging_flags
 
 log = logging.getLogger("mlx_cluster")
@@ -26,13 +26,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, default=None, help="model directory (default: the bundled demo model)"
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes to start")
-    p.add_argument("--layers", default=None, help="layers per worker, comma-separated (e.g. 1,5,2)")
+    p.add_argument(
+        "--layers",
+        type=layer_counts,
+        default=None,
+        help="layers per worker, comma-separated (e.g. 1,5,2); default an even split",
+    )
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
         default="unix",
         help="how the coordinator reaches the workers: Unix domain sockets in a private "
         "temporary directory (default), or TCP on 127.0.0.1",
+    )
+    p.add_argument(
+        "--gpus",
+        type=gpu_list,
+        default=(),
+        help="GPU index for each worker, cycled (e.g. 0,1: CUDA hosts with several GPUs); "
+        "default: every worker sees every GPU",
     )
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (else serve HTTP)")
     p.add_argument("--listen", default="127.0.0.1:8100", help="HTTP address when serving")
@@ -51,12 +63,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_logging_flags(p)
 
 
-def layer_counts(layers: str | None, workers: int) -> list[int] | None:
-    if not layers:
-        return None
-    counts = [int(n) for n in layers.split(",")]
-    if len(counts) != workers:
-        raise SystemExit(f"--layers gives {len(counts)} counts for {workers} workers")
+def layer_counts(text: str) -> list[int]:
+    """`--layers 1,5,2` as [1, 5, 2]: positive layer counts."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        message = f"expected layer counts like 1,5,2, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"every worker needs at least 1 layer, got {text!r}")
     return counts
 
 
@@ -91,11 +106,15 @@ async def _up(args: argparse.Namespace, model: Path) -> int:
     from mlx_cluster.local import local_workers
     from mlx_cluster.serving import serve_http
 
-    counts = layer_counts(args.layers, args.workers)
+    counts = args.layers
     worker_args = ["--log-level", args.log_level or "WARNING"]
     token = secrets.token_urlsafe(32)  # a new cluster token each run, even on loopback
     async with local_workers(
-        args.workers, worker_args, env={TOKEN_ENV: token}, transport=args.transport
+        args.workers,
+        worker_args,
+        env={TOKEN_ENV: token},
+        transport=args.transport,
+        gpus=args.gpus,
     ) as workers:
         addresses = [w.address for w in workers]
         cluster = await Cluster.start(model, addresses, counts, token=token)
@@ -113,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
     from mlx_cluster.serving import run_until_signal
 
     setup_logging("up", args.log_level or "WARNING", args.log_format or "text", args.log_file)
+    if args.layers is not None and len(args.layers) != args.workers:
+        print(
+            f"mlx-cluster up: --layers gives {len(args.layers)} counts for {args.workers} workers",
+            file=sys.stderr,
+        )
+        return 2
     model = args.model
     if model is None:
         from models.demo import ensure_demo_model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import socket
 import sys
@@ -15,6 +16,16 @@ import sys
 from contract.auth import TOKEN_ENV, TlsFiles, load_secret
 from contract.config import ConfigError
 from contract.logs import setup_logging
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         help="largest gRPC message (match the coordinator)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=None,
+        help="start computing a step every N layers while the rest is built, so the GPU "
+        "works while Python builds (0: once, at the end; default 4)",
     )
     p.add_argument(
         "--token-file",
@@ -80,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
     )
+    if args.eval_every is not None:
+        settings = dataclasses.replace(settings, eval_every=args.eval_every)
     try:
         token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")
         asyncio.run(serve(args.listen, settings, token=token, tls=_tls(args)))

@@ -110,17 +110,29 @@ def _window(cache: Any) -> int | None:
     return cache.max_size if isinstance(cache, RotatingKVCache | BatchRotatingKVCache) else None
 
 
-def run_layers(layers: Sequence[nn.Module], hidden: mx.array, caches: Sequence[Any]) -> mx.array:
+def run_layers(
+    layers: Sequence[nn.Module], hidden: mx.array, caches: Sequence[Any], eval_every: int = 0
+) -> mx.array:
     """Run hidden states [1, L, D] through consecutive decoder layers, extending their caches.
 
     Masks are built once per attention kind from the first cache of that kind,
     as the models' own __call__ builds them from `cache[fa_idx]` / `cache[swa_idx]`.
+
+    Args:
+        eval_every: if > 0, start computing every `eval_every` layers (`mx.async_eval`)
+            while the next layers' graph is built: the device works while Python
+            builds, which mlx-lm gets by queueing its next token before reading
+            this one and a pipeline stage, whose next input comes over the wire,
+            cannot. The same operations run either way; only when they start.
     """
     masks: dict[int | None, Any] = {}
     h = hidden
-    for layer, cache in zip(layers, caches, strict=True):
+    last = len(layers) - 1
+    for index, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
         window = _window(cache)
         if window not in masks:
             masks[window] = create_attention_mask(h, cache, window_size=window)
         h = layer(h, masks[window], cache)
+        if eval_every > 0 and index % eval_every == eval_every - 1 and index != last:
+            mx.async_eval(h)
     return h

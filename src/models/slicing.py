@@ -68,13 +68,14 @@ class LayerSlice:
     layers: list[nn.Module]
     cache_templates: list[Any] = field(repr=False)
     weight_bytes: int = 0
+    eval_every: int = 0  # start computing every this many layers (see run_layers); 0 = at the end
 
     def make_caches(self) -> list[Any]:
         """Fresh, empty caches for this slice, of the kinds mlx-lm builds for these layers."""
         return [copy.deepcopy(c) for c in self.cache_templates]
 
     def __call__(self, hidden: mx.array, caches: list[Any]) -> mx.array:
-        return run_layers(self.layers, hidden, caches)
+        return run_layers(self.layers, hidden, caches, self.eval_every)
 
 
 def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:

@@ -22,7 +22,7 @@ import mlx.core as mx
 from grpc_health.v1 import health, health_pb2
 
 import tensor
-from contract.errors import ClusterError, InvalidArgument
+from contract.errors import ClusterError, InvalidArgument, error_metadata
 from contract.logs import REQUEST_ID_HEADER, request_id
 from contract.proto import layer_service_pb2 as pb
 from contract.proto import layer_service_pb2_grpc as pb_grpc
@@ -120,6 +120,11 @@ def _bind_request_id(context: grpc.aio.ServicerContext) -> None:
     request_id.set(str(metadata.get(REQUEST_ID_HEADER, "-")))
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
+    """End the call with `exc`'s status; its kind goes along so the client rebuilds its class."""
+    await context.abort(exc.code, str(exc), trailing_metadata=error_metadata(exc))
+
+
 # --- the servicer ----------------------------------------------------------------
 
 
@@ -141,9 +146,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         try:
             return await pending
         except ClusterError as exc:
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, InvalidArgument(str(exc)))
         raise AssertionError("unreachable: abort raises")
 
     def close(self) -> None:
@@ -265,7 +270,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                 return
             except Exception as exc:  # bytes that are no ForwardRequest
                 log.warning("undecodable Forward message: %r", exc)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed ForwardRequest")
+                await _abort(context, InvalidArgument("malformed ForwardRequest"))
             yield await self._answer(context, self._compute.submit(self._step, request))
 
     # --- housekeeping ------------------------------------------------------------

@@ -89,7 +89,7 @@ class SessionStore:
             raise KVCapacityExceeded(
                 f"{len(self._sessions)} sessions open, at most {self.max_sessions} allowed"
             )
-        self._check_room(reserve, extra_for=None)
+        self._check_room(reserve)
         session = Session(session_id, self._make_caches(), reserved=reserve)
         session.last_used = self._clock()
         self._sessions[session_id] = session
@@ -106,14 +106,27 @@ class SessionStore:
         session.last_used = self._clock()
         return session
 
-    def check_step(self, session: Session, offset: int, new_tokens: int) -> None:
-        """Raise unless `session` holds `offset` tokens and the budget has room for more."""
-        if offset != session.offset:
-            raise OffsetMismatch(
-                f"session {session.session_id!r}: step expects cache offset {offset}, "
-                f"worker holds {session.offset} tokens"
+    def check_step(self, sessions: list[Session], offsets: list[int], new_tokens: int) -> None:
+        """Raise unless each session holds its offset and the budget has room for the whole step.
+
+        The step's sessions grow together, so their growth is checked together: sessions
+        that each fit alone may not fit at once.
+        """
+        for session, offset in zip(sessions, offsets, strict=True):
+            if offset != session.offset:
+                raise OffsetMismatch(
+                    f"session {session.session_id!r}: step expects cache offset {offset}, "
+                    f"worker holds {session.offset} tokens"
+                )
+        others = self.used - sum(s.charge for s in sessions)
+        needed = sum(max(s.offset + new_tokens, s.reserved) for s in sessions)
+        if others + needed > self.capacity:
+            step = f"{len(sessions)} sessions in this step, " if len(sessions) > 1 else ""
+            raise KVCapacityExceeded(
+                f"KV cache budget full: {needed} tokens needed, "
+                f"{self.capacity - others} of {self.capacity} free "
+                f"({step}{len(self._sessions)} sessions open)"
             )
-        self._check_room(session.offset + new_tokens, extra_for=session)
 
     def advance(self, session: Session, new_tokens: int) -> None:
         session.offset += new_tokens
@@ -157,12 +170,10 @@ class SessionStore:
         self.end(stale)
         return stale
 
-    def _check_room(self, tokens: int, extra_for: Session | None) -> None:
-        others = self.used - (extra_for.charge if extra_for else 0)
-        needed = max(tokens, extra_for.reserved if extra_for else 0)
-        if others + needed > self.capacity:
+    def _check_room(self, tokens: int) -> None:
+        if self.used + tokens > self.capacity:
             raise KVCapacityExceeded(
-                f"KV cache budget full: {needed} tokens needed, "
-                f"{self.capacity - others} of {self.capacity} free "
+                f"KV cache budget full: {tokens} tokens needed, "
+                f"{self.capacity - self.used} of {self.capacity} free "
                 f"({len(self._sessions)} sessions open)"
             )
