@@ -150,7 +150,9 @@ def ensure_model(shape: str, dtype: str, bits: int | None, cache_dir: Path) -> P
     return target
 
 
-def parameter_count(model_dir: Path) -> int:
-    """Parameters of a built model, from its safetensors index."""
+def parameter_count(model_dir: Path) -> int | None:
+    """Parameters of a model, from its safetensors index; None where the index has no count
+    (the imported demo model's)."""
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
-    return int(index["metadata"]["total_parameters"])
+    count = index.get("metadata", {}).get("total_parameters")
+    return None if count is None else int(count)

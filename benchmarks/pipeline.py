@@ -190,7 +190,8 @@ async def measure(args: argparse.Namespace) -> Run:
         config["vocab_size"], args.decode_tokens, args.prompt_lengths, args.prefill_step_size
     )
     sizes = message_sizes(workload, config["hidden_size"], DTYPES[args.dtype])
-    _say(f"model {model_dir} ({parameter_count(model_dir) / 1e6:.0f}M parameters)")
+    count = parameter_count(model_dir)
+    _say(f"model {model_dir}" + (f" ({count / 1e6:.0f}M parameters)" if count else ""))
     baseline = None
     if not args.skip_baseline:
         _say("baseline: single-process mlx-lm")
