@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_baseline:
         print("[batching] baseline: mlx-lm generate_step and BatchGenerator", file=sys.stderr)
         baseline = baseline_in_subprocess(model_dir, prompts, args.new_tokens)
+    busy_streams = min(args.busy_streams, args.streams)
     runs = []
     for count in args.workers:
         print(f"[batching] pipeline over {count} worker process(es)", file=sys.stderr)
@@ -328,14 +329,14 @@ def main(argv: list[str] | None = None) -> int:
                     args.new_tokens,
                     args.transport,
                     args.prefill_chunk,
-                    min(args.busy_streams, args.streams),
+                    busy_streams,
                     args.gpus,
                     args.micro_batches,
                     args.worker_eval_every,
                 )
             )
         )
-    print(table(baseline, runs, args.streams, min(args.busy_streams, args.streams)))
+    print(table(baseline, runs, args.streams, busy_streams))
     for r in runs:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r.step_ms.items())
         print(

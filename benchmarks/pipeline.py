@@ -24,6 +24,7 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,22 @@ MATCH_TOKENS = 8  # the pipeline's first tokens must equal the baseline's
 # --- arguments ----------------------------------------------------------------------
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for comma-separated integers, each at least `minimum`."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected integers like 1,2,4, got {text!r}") from exc
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+positive_ints = int_list(1)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,22 +29,12 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
-from benchmarks.pipeline import positive_ints
+from benchmarks.pipeline import int_list, positive_ints
 from benchmarks.report import text_table
 from models.random_model import DTYPES
 from models.slicing import load_edges
 from worker.capabilities import detect
 from worker.runtime import WorkerRuntime, WorkerSettings
-
-
-def non_negative_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,4, got {text!r}") from exc
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
-    return values
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument(
         "--eval-every",
-        type=non_negative_ints,
+        type=int_list(0),
         default=(0,),
         help="worker variants: start computing every N layers (0: once, at the end)",
     )

@@ -13,13 +13,25 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(module: str, *args: str, timeout: float) -> None:
+    """`python -m <module> <args>` from the repository root, offline; it must exit 0."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    command = [
-        sys.executable,
-        "-m",
+    run_benchmark(
         "benchmarks.pipeline",
         "--quick",
         "--workers",
@@ -28,12 +40,8 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         str(tmp_path / "models"),
         "--json",
         str(out),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90
+        timeout=90,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
 
     results = json.loads(out.read_text())
     baseline = results["baseline"]
@@ -55,9 +63,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_batching_benchmark_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "batching.json"
-    command = [
-        sys.executable,
-        "-m",
+    run_benchmark(
         "benchmarks.batching",
         "--model-shape",
         "tiny",
@@ -77,12 +83,8 @@ def test_batching_benchmark_writes_results(tmp_path: Path) -> None:
         str(tmp_path / "models"),
         "--json",
         str(out),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=170
+        timeout=170,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
 
     results = json.loads(out.read_text())
     assert results["baseline"]["batch_tokens_per_s"] > 0

@@ -89,7 +89,7 @@ class SessionStore:
             raise KVCapacityExceeded(
                 f"{len(self._sessions)} sessions open, at most {self.max_sessions} allowed"
             )
-        self._check_room(reserve)
+        self._check_room(reserve, self.used)
         session = Session(session_id, self._make_caches(), reserved=reserve)
         session.last_used = self._clock()
         self._sessions[session_id] = session
@@ -120,13 +120,7 @@ class SessionStore:
                 )
         others = self.used - sum(s.charge for s in sessions)
         needed = sum(max(s.offset + new_tokens, s.reserved) for s in sessions)
-        if others + needed > self.capacity:
-            step = f"{len(sessions)} sessions in this step, " if len(sessions) > 1 else ""
-            raise KVCapacityExceeded(
-                f"KV cache budget full: {needed} tokens needed, "
-                f"{self.capacity - others} of {self.capacity} free "
-                f"({step}{len(self._sessions)} sessions open)"
-            )
+        self._check_room(needed, others, step_sessions=len(sessions))
 
     def advance(self, session: Session, new_tokens: int) -> None:
         session.offset += new_tokens
@@ -170,10 +164,12 @@ class SessionStore:
         self.end(stale)
         return stale
 
-    def _check_room(self, tokens: int) -> None:
-        if self.used + tokens > self.capacity:
+    def _check_room(self, needed: int, others: int, step_sessions: int = 1) -> None:
+        """Raise unless `needed` tokens fit beside the `others` that other sessions hold."""
+        if others + needed > self.capacity:
+            step = f"{step_sessions} sessions in this step, " if step_sessions > 1 else ""
             raise KVCapacityExceeded(
-                f"KV cache budget full: {tokens} tokens needed, "
-                f"{self.capacity - self.used} of {self.capacity} free "
-                f"({len(self._sessions)} sessions open)"
+                f"KV cache budget full: {needed} tokens needed, "
+                f"{self.capacity - others} of {self.capacity} free "
+                f"({step}{len(self._sessions)} sessions open)"
             )
