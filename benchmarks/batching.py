@@ -35,7 +35,7 @@ from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
 from benchmarks.pipeline import eval_every_args, positive_ints
 from benchmarks.report import text_table
 from mlx_cluster.local import gpu_list
-from models.random_model import DTYPES
+from mlx_cluster.models.random_model import DTYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,11 +137,11 @@ async def run_pipeline(
     micro_batches: int = 0,
     eval_every: int | None = None,
 ) -> PipelineRun:
-    from contract.config import BatchingConfig
-    from coordinator.batching import StepProfile
-    from coordinator.cluster import Cluster
-    from coordinator.generation import Performance
-    from coordinator.sampling import SamplingParams
+    from mlx_cluster.contract.config import BatchingConfig
+    from mlx_cluster.coordinator.batching import StepProfile
+    from mlx_cluster.coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.generation import Performance
+    from mlx_cluster.coordinator.sampling import SamplingParams
     from mlx_cluster.local import local_workers
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         model_dir = args.model
     elif args.demo:
-        from models.demo import ensure_demo_model
+        from mlx_cluster.models.demo import ensure_demo_model
 
         model_dir = ensure_demo_model()
     else:

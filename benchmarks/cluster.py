@@ -30,9 +30,9 @@ from benchmarks.workload import (
     Workload,
     decode_rate,
 )
-from coordinator.cluster import Cluster
-from coordinator.generation import generate_tokens
-from coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.generation import generate_tokens
+from mlx_cluster.coordinator.sampling import SamplingParams
 from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from contract.rpc import CHANNEL_OPTIONS, is_unix_address, server_options
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, is_unix_address, server_options
 from mlx_cluster.local import Transport
 
 SERVICE = "bench.Echo"

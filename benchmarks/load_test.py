@@ -40,7 +40,7 @@ import httpx
 import psutil
 
 from benchmarks.memory import PeakRss
-from coordinator.client import WorkerClient
+from mlx_cluster.coordinator.client import WorkerClient
 
 MB = 1e6
 PROMPT = "Request {i}: write a short story about a lighthouse keeper."
@@ -320,7 +320,7 @@ class Report:
 
 def build_model(out_dir: Path) -> Path:
     """A small random llama (8 layers, hidden 256) with its tokenizer."""
-    from models.random_model import build_random_model
+    from mlx_cluster.models.random_model import build_random_model
 
     return build_random_model(out_dir, "llama", num_layers=8, hidden_size=256)
 
@@ -374,10 +374,10 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve(model: Path, opts: Options, budget: int) -> AsyncIterator[Served]:
     """Worker processes, the coordinator over them and its HTTP API; all stopped on exit."""
-    from contract.config import LimitsConfig
-    from coordinator.app import create_app
-    from coordinator.cluster import Cluster
-    from coordinator.http_server import HttpServer
+    from mlx_cluster.contract.config import LimitsConfig
+    from mlx_cluster.coordinator.app import create_app
+    from mlx_cluster.coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.http_server import HttpServer
     from mlx_cluster.local import local_workers
 
     limits = LimitsConfig(

@@ -18,7 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.random_model import build_random_model
+from mlx_cluster.models.random_model import build_random_model
 
 DEFAULT_CACHE_DIR = Path("~/.cache/mlx-cluster/bench")
 MAX_SHARD_BYTES = 4 * 2**30  # safetensors shards of at most 4 GiB, as mlx-lm writes them

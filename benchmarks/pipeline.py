@@ -30,7 +30,6 @@ from typing import Any
 
 import mlx.core as mx
 
-import tensor
 from benchmarks import echo
 from benchmarks.baseline import run_in_subprocess
 from benchmarks.cluster import ClusterResult, run_cluster
@@ -38,12 +37,13 @@ from benchmarks.host import BUSY_WARNING_CORES, OtherLoad
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model, parameter_count
 from benchmarks.report import echo_table, engine_table, hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
-from contract.proto import layer_service_pb2 as pb
-from coordinator.generation import PREFILL_STEP_SIZE
+from mlx_cluster import tensor
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.coordinator.generation import PREFILL_STEP_SIZE
 from mlx_cluster.local import TRANSPORTS, gpu_list
-from models.demo import DEMO_DTYPE, ensure_demo_model
-from models.random_model import DTYPES
-from worker.capabilities import detect
+from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
+from mlx_cluster.models.random_model import DTYPES
+from mlx_cluster.worker.capabilities import detect
 
 QUICK_DEFAULTS = {
     "model_shape": "tiny",

@@ -31,10 +31,10 @@ from mlx_lm.utils import load_model
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
 from benchmarks.pipeline import int_list, positive_ints
 from benchmarks.report import text_table
-from models.random_model import DTYPES
-from models.slicing import load_edges
-from worker.capabilities import detect
-from worker.runtime import WorkerRuntime, WorkerSettings
+from mlx_cluster.models.random_model import DTYPES
+from mlx_cluster.models.slicing import load_edges
+from mlx_cluster.worker.capabilities import detect
+from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int) -> float:

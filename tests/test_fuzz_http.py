@@ -25,7 +25,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from contract.config import LimitsConfig
+from mlx_cluster.contract.config import LimitsConfig
 
 LIMITS = LimitsConfig(
     max_prompt_bytes=4000, max_tokens_ceiling=16, default_max_tokens=4, request_timeout_s=30

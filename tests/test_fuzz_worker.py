@@ -24,10 +24,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tensor
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import CHANNEL_OPTIONS
+from mlx_cluster import tensor
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 
 HIDDEN = 64  # the tiny models' hidden size
 BUDGET = 200  # the worker's KV budget in tokens; long steps run past it

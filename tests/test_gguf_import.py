@@ -20,9 +20,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.utils import load_tokenizer
 
-from models.demo import DEMO_MODEL_NAME, ensure_demo_model, find_demo_gguf, model_cache_dir
-from models.gguf_import import import_gguf
-from models.gguf_tokenizer import build_tokenizer
+from mlx_cluster.models.demo import (
+    DEMO_MODEL_NAME,
+    ensure_demo_model,
+    find_demo_gguf,
+    model_cache_dir,
+)
+from mlx_cluster.models.gguf_import import import_gguf
+from mlx_cluster.models.gguf_tokenizer import build_tokenizer
 
 N_HEADS, N_KV_HEADS, N_LAYERS = 4, 2, 2
 GGUF_NAMES = {

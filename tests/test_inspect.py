@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
-from models.inspect import model_facts, read_safetensors_header
+from mlx_cluster.models.inspect import model_facts, read_safetensors_header
 
 CASES = [
     ("llama", {}),

@@ -22,11 +22,11 @@ import grpc
 import mlx.core as mx
 import pytest
 
-import tensor
-import worker.server
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import client_channel_options, server_options
+from mlx_cluster import tensor
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import client_channel_options, server_options
+from mlx_cluster.worker import server as worker_server
 
 KEEPALIVE_MS = 1_000  # the clients' ping interval here (gRPC clients wait at least 1 s anyway)
 SILENCE_S = 6.0  # the first step's silence; gRPC's default policy ends a stream after ~4
@@ -53,7 +53,7 @@ async def slow_then_quick_step(
 ) -> list[int]:
     """A silent step, then a quick one, on one Forward stream to a real worker, from a
     client pinging every second; returns the step ids answered."""
-    monkeypatch.setattr(worker.server, "server_options", options)
+    monkeypatch.setattr(worker_server, "server_options", options)
     (client,) = await start_workers(1)
     await client.load_layers(str(model), 0, 2)
     await client.open_session("s")

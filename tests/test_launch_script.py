@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from models.random_model import build_random_model
+from mlx_cluster.models.random_model import build_random_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
 ROLES = ("worker", "coordinator")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
+from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
 
 
 def test_even_split_gives_extras_to_the_first():

@@ -12,7 +12,7 @@ import asyncio
 import httpx
 
 from benchmarks.load_test import chat_body, fire, reserve_tokens, tally, wait_until_idle
-from contract.config import LimitsConfig
+from mlx_cluster.contract.config import LimitsConfig
 
 REQUESTS = 64
 MAX_TOKENS = 8

@@ -36,7 +36,7 @@ from typing import IO
 
 import pytest
 
-from models.random_model import build_random_model
+from mlx_cluster.models.random_model import build_random_model
 
 WORKER_PORT = 50051
 RELAY_TARGET_PORT = 50052  # the worker's own port when a relay adds the delay

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from contract.logs import setup_logging
+from mlx_cluster.contract.logs import setup_logging
 
 
 @pytest.fixture
@@ -44,10 +44,12 @@ async def test_log_lines_carry_role_and_request_id(serve_cluster, json_log_file)
     entries = [json.loads(line) for line in json_log_file.read_text().splitlines()]
     mine = [e for e in entries if e["request_id"] == "req-7f3a"]
     assert all(e["role"] == "coordinator" and e["host"] == socket.gethostname() for e in mine)
-    access = [e for e in mine if e["logger"] == "coordinator.http"]
+    access = [e for e in mine if e["logger"] == "mlx_cluster.coordinator.http"]
     assert access and "POST /generate -> 200" in access[0]["message"]
     # The id crossed gRPC: the workers' session lines name it too.
-    assert any(e["logger"] == "worker.servicer" and "opened" in e["message"] for e in mine)
+    assert any(
+        e["logger"] == "mlx_cluster.worker.servicer" and "opened" in e["message"] for e in mine
+    )
     assert len(generated["x-request-id"]) == 16  # one is made up when the client sends none
 
 
@@ -63,8 +65,8 @@ def test_worker_process_logs_its_name_and_the_request_id(tmp_path, tiny_llama):
         address = json.loads(worker.stdout.readline())["address"]
         script = (
             "import asyncio, sys\n"
-            "from coordinator.client import WorkerClient\n"
-            "from contract.logs import request_id\n"
+            "from mlx_cluster.coordinator.client import WorkerClient\n"
+            "from mlx_cluster.contract.logs import request_id\n"
             "async def main():\n"
             f"    c = WorkerClient({address!r})\n"
             f"    await c.load_layers({str(tiny_llama)!r}, 0, 2)\n"

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract.config import ClusterConfig
-from contract.layers import LayerRange
-from contract.plan import (
+from mlx_cluster import coordinator_cmd, plan_cmd
+from mlx_cluster.contract.config import ClusterConfig
+from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.contract.plan import (
     GB,
     ClusterPlan,
     ModelFacts,
@@ -26,7 +27,6 @@ from contract.plan import (
     render_plan,
     split_proportional,
 )
-from mlx_cluster import coordinator_cmd, plan_cmd
 
 
 def uniform(layers: int, layer_gb: float = 1.0, kv_per_token: int = 0, context: int = 4096):

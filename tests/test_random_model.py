@@ -11,8 +11,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import load_model, load_tokenizer
 
-from models import random_model
-from models.random_model import build_random_model
+from mlx_cluster.models import random_model
+from mlx_cluster.models.random_model import build_random_model
 
 ARCHITECTURES = [
     "llama",

@@ -11,9 +11,9 @@ import logging
 
 import pytest
 
-from contract.errors import InvalidArgument
-from coordinator.cluster import Cluster
-from coordinator.sampling import InvalidParam, SamplingParams, check_token_ids
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.sampling import InvalidParam, SamplingParams, check_token_ids
 
 VOCAB = 384  # the tiny random model's vocabulary
 
@@ -79,7 +79,11 @@ async def generate(cluster: Cluster, prompt: list[int], **kwargs: object) -> lis
 
 def sessions_opened(caplog: pytest.LogCaptureFixture) -> int:
     """Sessions the in-process workers logged as opened (one per worker per request)."""
-    return sum("opened" in r.getMessage() for r in caplog.records if r.name == "worker.servicer")
+    return sum(
+        "opened" in r.getMessage()
+        for r in caplog.records
+        if r.name == "mlx_cluster.worker.servicer"
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,7 +109,7 @@ def sessions_opened(caplog: pytest.LogCaptureFixture) -> int:
 )
 async def test_bad_ids_are_refused_before_any_session(cluster, caplog, prompt, kwargs, message):
     assert cluster.pipeline.edges.vocab_size == VOCAB
-    with caplog.at_level(logging.INFO, logger="worker.servicer"):
+    with caplog.at_level(logging.INFO, logger="mlx_cluster.worker.servicer"):
         with pytest.raises(InvalidArgument) as caught:
             await generate(cluster, prompt, **kwargs)
         assert message in str(caught.value)

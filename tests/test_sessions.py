@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from contract.errors import InvalidArgument, KVCapacityExceeded, SessionNotFound
-from worker.sessions import SessionStore
+from mlx_cluster.contract.errors import InvalidArgument, KVCapacityExceeded, SessionNotFound
+from mlx_cluster.worker.sessions import SessionStore
 
 
 class Clock:

@@ -6,8 +6,8 @@ import shutil
 
 import mlx.core as mx
 
-from models.shards import shards_for, weight_map
-from models.slicing import load_edges, load_layer_slice
+from mlx_cluster.models.shards import shards_for, weight_map
+from mlx_cluster.models.slicing import load_edges, load_layer_slice
 
 
 def corrupt_all_but(model, keep: set[str], tmp_path):

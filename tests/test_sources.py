@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from models import sources
-from models.shards import shards_for, weight_map
-from models.sources import ModelNotAvailable, resolve_model
+from mlx_cluster.models import sources
+from mlx_cluster.models.shards import shards_for, weight_map
+from mlx_cluster.models.sources import ModelNotAvailable, resolve_model
 
 REPO = "test-org/tiny"
 
@@ -106,7 +106,7 @@ def test_online_fetches_only_the_shards_of_this_host_with_retries(tmp_path, shar
 
 
 def test_facts_of_a_partly_fetched_model_estimate_the_missing_layers(tmp_path, sharded):
-    from models.inspect import model_facts
+    from mlx_cluster.models.inspect import model_facts
 
     weights = weight_map(sharded)
     assert weights is not None

@@ -9,13 +9,13 @@ import sys
 import httpx
 import yaml
 
-from contract.config import load_config
-from coordinator.app import create_app
-from coordinator.http_server import HttpServer
-from coordinator.sampling import SamplingParams
-from coordinator.startup import start_from_config
-from worker.runtime import WorkerSettings
-from worker.server import create_server
+from mlx_cluster.contract.config import load_config
+from mlx_cluster.coordinator.app import create_app
+from mlx_cluster.coordinator.http_server import HttpServer
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.startup import start_from_config
+from mlx_cluster.worker.runtime import WorkerSettings
+from mlx_cluster.worker.server import create_server
 
 
 def write_config(tmp_path, model, addresses, memory_gb):

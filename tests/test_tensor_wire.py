@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract.proto import layer_service_pb2 as pb
-from tensor import DTYPES, MAX_NDIM, decode, encode, from_bytes, to_bytes
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.tensor import DTYPES, MAX_NDIM, decode, encode, from_bytes, to_bytes
 
 NAMES = sorted(DTYPES)
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)

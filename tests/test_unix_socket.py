@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks import echo
-from contract.rpc import unix_socket_path
-from coordinator.client import WorkerClient
-from coordinator.sampling import SamplingParams
+from mlx_cluster.contract.rpc import unix_socket_path
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.worker.runtime import WorkerSettings
+from mlx_cluster.worker.server import create_server
 from tests.conftest import WorkerPool, make_pipeline
 from tests.test_golden import PROMPT, assert_same, pipeline_run
-from worker.runtime import WorkerSettings
-from worker.server import create_server
 
 SPLIT = [3, 5]
 
@@ -67,7 +67,7 @@ async def test_unix_socket_pipeline_gives_the_tcp_pipelines_tokens(
 
 
 async def test_unix_socket_is_local_for_the_security_warning(socket_dir: Path, caplog):
-    caplog.set_level(logging.WARNING, logger="worker.server")
+    caplog.set_level(logging.WARNING, logger="mlx_cluster.worker.server")
     worker = await create_server(f"unix:{socket_dir}/open.sock", WorkerSettings(name="open"))
     try:
         assert worker.address == f"unix:{socket_dir}/open.sock" and worker.port == 0

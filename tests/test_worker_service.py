@@ -6,8 +6,8 @@ import grpc
 import mlx.core as mx
 import pytest
 
-import tensor
-from contract.errors import (
+from mlx_cluster import tensor
+from mlx_cluster.contract.errors import (
     ERROR_KIND_KEY,
     WIRE_ERRORS,
     ClusterError,
@@ -16,9 +16,9 @@ from contract.errors import (
     WorkerUnavailable,
     error_from_status,
 )
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import CHANNEL_OPTIONS
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 
 HIDDEN = 64  # the tiny models' hidden size
 
@@ -323,7 +323,7 @@ async def test_bfloat16_crosses_the_wire_at_two_bytes(start_workers, model_facto
 async def test_standard_health_service_tracks_loading(start_workers, tiny_llama):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from contract.rpc import LAYER_SERVICE_NAME
+    from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME
 
     (client,) = await start_workers(1)
     channel = grpc.aio.insecure_channel(client.address)

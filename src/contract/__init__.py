@@ -3,7 +3,7 @@
 Coordinator and worker both import this package; neither imports the other.
 """
 
-from contract.errors import (
+from mlx_cluster.contract.errors import (
     ClusterError,
     InvalidArgument,
     KVCapacityExceeded,
@@ -13,8 +13,8 @@ from contract.errors import (
     SessionNotFound,
     WorkerUnavailable,
 )
-from contract.layers import LayerRange, split_by_counts, split_evenly
-from contract.rpc import CHANNEL_OPTIONS, PROTOCOL_VERSION
+from mlx_cluster.contract.layers import LayerRange, split_by_counts, split_evenly
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, PROTOCOL_VERSION
 
 __all__ = [
     "CHANNEL_OPTIONS",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from contract.config import AuthConfig, ConfigError
+from mlx_cluster.contract.config import AuthConfig, ConfigError
 
 # gRPC metadata key (lower case) carrying "Bearer <token>".
 TOKEN_METADATA_KEY = "authorization"

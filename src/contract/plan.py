@@ -17,10 +17,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from contract.layers import LayerRange, check_coverage, split_by_counts
+from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_counts
 
 if TYPE_CHECKING:
-    from contract.config import ClusterConfig
+    from mlx_cluster.contract.config import ClusterConfig
 
 GB = 1_000_000_000
 

@@ -18,21 +18,26 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from contract.config import LimitsConfig
-from contract.errors import ClusterError
-from contract.plan import plan_as_dict
-from coordinator import openai_format as fmt
-from coordinator.auth import ApiKeyAuth
-from coordinator.cluster import Cluster
-from coordinator.generation import TextChunk, check_request
-from coordinator.health import cluster_health
-from coordinator.http_errors import ApiError, install_error_handlers
-from coordinator.metrics import Metrics
-from coordinator.middleware import RequestContext
-from coordinator.pipeline import Stage
-from coordinator.responses import Drain, collect, metered, stream
-from coordinator.sampling import InvalidParam, SamplingParams
-from coordinator.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, _Request
+from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.contract.plan import plan_as_dict
+from mlx_cluster.coordinator import openai_format as fmt
+from mlx_cluster.coordinator.auth import ApiKeyAuth
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.generation import TextChunk, check_request
+from mlx_cluster.coordinator.health import cluster_health
+from mlx_cluster.coordinator.http_errors import ApiError, install_error_handlers
+from mlx_cluster.coordinator.metrics import Metrics
+from mlx_cluster.coordinator.middleware import RequestContext
+from mlx_cluster.coordinator.pipeline import Stage
+from mlx_cluster.coordinator.responses import Drain, collect, metered, stream
+from mlx_cluster.coordinator.sampling import InvalidParam, SamplingParams
+from mlx_cluster.coordinator.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    _Request,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import cast
 
 import mlx.core as mx
 
-from contract.errors import ClusterError
-from coordinator.client import ForwardStream, WorkerClient
-from coordinator.pipeline import MAX_RECOVERIES, Pipeline, PipelineSession, StageFailed
-from coordinator.sampling import TokenPicker
+from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.coordinator.client import ForwardStream, WorkerClient
+from mlx_cluster.coordinator.pipeline import MAX_RECOVERIES, Pipeline, PipelineSession, StageFailed
+from mlx_cluster.coordinator.sampling import TokenPicker
 
 log = logging.getLogger(__name__)
 

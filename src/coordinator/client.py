@@ -16,13 +16,18 @@ import grpc
 import mlx.core as mx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import tensor
-from contract.auth import TlsFiles, token_metadata
-from contract.errors import ClusterError, InvalidArgument, WorkerUnavailable, error_from_status
-from contract.logs import REQUEST_ID_HEADER, request_id
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import (
+from mlx_cluster import tensor
+from mlx_cluster.contract.auth import TlsFiles, token_metadata
+from mlx_cluster.contract.errors import (
+    ClusterError,
+    InvalidArgument,
+    WorkerUnavailable,
+    error_from_status,
+)
+from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import (
     INFO_DEADLINE_S,
     LOAD_DEADLINE_S,
     MAX_MESSAGE_BYTES,

@@ -18,19 +18,19 @@ from pathlib import Path
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-import tensor
-from contract.auth import TlsFiles
-from contract.config import BatchingConfig
-from contract.errors import ClusterError, InvalidArgument
-from contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
-from contract.plan import ClusterPlan
-from coordinator.batching import Batcher
-from coordinator.client import WorkerClient
-from coordinator.generation import TextChunk, generate_text
-from coordinator.pipeline import Admission, Pipeline, Stage
-from coordinator.sampling import SamplingParams
-from coordinator.supervisor import Supervisor
-from models.slicing import ModelEdges, load_edges
+from mlx_cluster import tensor
+from mlx_cluster.contract.auth import TlsFiles
+from mlx_cluster.contract.config import BatchingConfig
+from mlx_cluster.contract.errors import ClusterError, InvalidArgument
+from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
+from mlx_cluster.contract.plan import ClusterPlan
+from mlx_cluster.coordinator.batching import Batcher
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.generation import TextChunk, generate_text
+from mlx_cluster.coordinator.pipeline import Admission, Pipeline, Stage
+from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.supervisor import Supervisor
+from mlx_cluster.models.slicing import ModelEdges, load_edges
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,15 @@ from typing import cast
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from contract.errors import InvalidArgument
-from coordinator.batching import Batcher
-from coordinator.pipeline import Pipeline, PipelineSession
-from coordinator.sampling import InvalidParam, SamplingParams, TokenPicker, check_token_ids
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.coordinator.batching import Batcher
+from mlx_cluster.coordinator.pipeline import Pipeline, PipelineSession
+from mlx_cluster.coordinator.sampling import (
+    InvalidParam,
+    SamplingParams,
+    TokenPicker,
+    check_token_ids,
+)
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default prompt chunk
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from contract.errors import ClusterError
-from contract.proto import layer_service_pb2 as pb
-from coordinator.pipeline import Stage
+from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.coordinator.pipeline import Stage
 
 INFO_TIMEOUT_S = 2.0
 

@@ -17,7 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract.errors import RECOVERABLE, ClusterError, InvalidArgument, KVCapacityExceeded
+from mlx_cluster.contract.errors import (
+    RECOVERABLE,
+    ClusterError,
+    InvalidArgument,
+    KVCapacityExceeded,
+)
 
 log = logging.getLogger(__name__)
 

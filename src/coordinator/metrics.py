@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
 
 # Seconds: from sub-millisecond hops to minute-long prefills.
 _LATENCY_BUCKETS = (

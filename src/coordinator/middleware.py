@@ -13,10 +13,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contract.logs import REQUEST_ID_HEADER, request_id
-from coordinator.metrics import Metrics
+from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
+from mlx_cluster.coordinator.metrics import Metrics
 
-log = logging.getLogger("coordinator.http")
+log = logging.getLogger("mlx_cluster.coordinator.http")
 
 KNOWN_ENDPOINTS = {
     "/",

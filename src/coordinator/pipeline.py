@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from contract.errors import RECOVERABLE, ClusterError, KVCapacityExceeded, WorkerUnavailable
-from contract.layers import LayerRange
-from coordinator.client import ForwardStream, HopTiming, WorkerClient
-from models.slicing import ModelEdges
+from mlx_cluster.contract.errors import (
+    RECOVERABLE,
+    ClusterError,
+    KVCapacityExceeded,
+    WorkerUnavailable,
+)
+from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.coordinator.client import ForwardStream, HopTiming, WorkerClient
+from mlx_cluster.models.slicing import ModelEdges
 
 log = logging.getLogger(__name__)
 

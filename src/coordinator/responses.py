@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from coordinator import openai_format as fmt
-from coordinator.generation import TextChunk
-from coordinator.http_errors import ApiError, api_error
-from coordinator.metrics import Metrics
+from mlx_cluster.coordinator import openai_format as fmt
+from mlx_cluster.coordinator.generation import TextChunk
+from mlx_cluster.coordinator.http_errors import ApiError, api_error
+from mlx_cluster.coordinator.metrics import Metrics
 
 Chunks = AsyncGenerator[TextChunk, None]
 

@@ -9,7 +9,7 @@ from typing import cast
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from contract.errors import InvalidArgument
+from mlx_cluster.contract.errors import InvalidArgument
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]

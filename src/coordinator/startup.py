@@ -11,16 +11,16 @@ import asyncio
 import logging
 from pathlib import Path
 
-from contract.auth import client_credentials
-from contract.config import ClusterConfig, WorkerEntry
-from contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
-from contract.proto import layer_service_pb2 as pb
-from coordinator.client import WorkerClient
-from coordinator.cluster import Cluster
-from coordinator.pipeline import Admission, Stage
-from models.inspect import model_facts
-from models.slicing import load_edges
-from models.sources import resolve_model
+from mlx_cluster.contract.auth import client_credentials
+from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
+from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.pipeline import Admission, Stage
+from mlx_cluster.models.inspect import model_facts
+from mlx_cluster.models.slicing import load_edges
+from mlx_cluster.models.sources import resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 
-from contract.errors import ClusterError
-from coordinator.pipeline import Stage
+from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.coordinator.pipeline import Stage
 
 log = logging.getLogger(__name__)
 

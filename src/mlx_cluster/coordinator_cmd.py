@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from contract.logs import setup_logging
+from mlx_cluster.contract.logs import setup_logging
 from mlx_cluster.plan_cmd import cli_overrides
 from mlx_cluster.worker_cmd import add_logging_flags
 
@@ -33,9 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from contract.auth import load_api_keys
-    from contract.config import ConfigError, load_config
-    from coordinator.startup import start_from_config
+    from mlx_cluster.contract.auth import load_api_keys
+    from mlx_cluster.contract.config import ConfigError, load_config
+    from mlx_cluster.coordinator.startup import start_from_config
     from mlx_cluster.serving import serve_http
 
     try:

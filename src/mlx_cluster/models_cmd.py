@@ -65,7 +65,7 @@ def describe(name: str, path: Path) -> CachedModel:
 
 def cached_models() -> list[CachedModel]:
     """Models imported into our cache, then models in the Hugging Face cache."""
-    from models.demo import model_cache_dir
+    from mlx_cluster.models.demo import model_cache_dir
 
     found = []
     root = model_cache_dir()
@@ -122,8 +122,8 @@ def _clear(name: str | None, yes: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.demo import ensure_demo_model
-    from models.gguf_import import import_gguf
+    from mlx_cluster.models.demo import ensure_demo_model
+    from mlx_cluster.models.gguf_import import import_gguf
 
     command = args.models_command
     if command == "list":

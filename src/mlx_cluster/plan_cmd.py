@@ -11,8 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from contract.config import ClusterConfig, ConfigError, LoadedConfig, load_config, render_config
-from contract.plan import GB, PlanError, WorkerCapacity, plan_for_config, render_plan
+from mlx_cluster.contract.config import (
+    ClusterConfig,
+    ConfigError,
+    LoadedConfig,
+    load_config,
+    render_config,
+)
+from mlx_cluster.contract.plan import GB, PlanError, WorkerCapacity, plan_for_config, render_plan
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +82,7 @@ def capacities_from_config(config: ClusterConfig) -> list[WorkerCapacity]:
 
 
 def _plan(loaded: LoadedConfig, as_json: bool) -> str:
-    from models.inspect import model_facts
+    from mlx_cluster.models.inspect import model_facts
 
     model = Path(loaded.config.model)
     if not model.is_dir():

@@ -9,10 +9,10 @@ import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from contract.config import LimitsConfig
-from coordinator.app import create_app
-from coordinator.cluster import Cluster
-from coordinator.http_server import HttpServer
+from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.coordinator.app import create_app
+from mlx_cluster.coordinator.cluster import Cluster
+from mlx_cluster.coordinator.http_server import HttpServer
 
 log = logging.getLogger("mlx_cluster")
 

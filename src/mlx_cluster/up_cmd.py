@@ -12,8 +12,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from contract.auth import TOKEN_ENV
-from contract.logs import setup_logging
+from mlx_cluster.contract.auth import TOKEN_ENV
+from mlx_cluster.contract.logs import setup_logging
 from mlx_cluster.local import TRANSPORTS, gpu_list
 from mlx_cluster.worker_cmd import add_logging_flags
 
@@ -76,8 +76,8 @@ def layer_counts(text: str) -> list[int]:
 
 
 async def _answer(args: argparse.Namespace, cluster: object) -> None:
-    from coordinator.cluster import Cluster
-    from coordinator.sampling import SamplingParams
+    from mlx_cluster.coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.sampling import SamplingParams
 
     assert isinstance(cluster, Cluster)
     chat = not args.no_chat_template and cluster.tokenizer.chat_template is not None
@@ -102,7 +102,7 @@ async def _answer(args: argparse.Namespace, cluster: object) -> None:
 
 
 async def _up(args: argparse.Namespace, model: Path) -> int:
-    from coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.cluster import Cluster
     from mlx_cluster.local import local_workers
     from mlx_cluster.serving import serve_http
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = args.model
     if model is None:
-        from models.demo import ensure_demo_model
+        from mlx_cluster.models.demo import ensure_demo_model
 
         model = ensure_demo_model()
     return run_until_signal(_up(args, model))

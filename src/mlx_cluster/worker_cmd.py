@@ -13,9 +13,9 @@ import os
 import socket
 import sys
 
-from contract.auth import TOKEN_ENV, TlsFiles, load_secret
-from contract.config import ConfigError
-from contract.logs import setup_logging
+from mlx_cluster.contract.auth import TOKEN_ENV, TlsFiles, load_secret
+from mlx_cluster.contract.config import ConfigError
+from mlx_cluster.contract.logs import setup_logging
 
 
 def non_negative_int(text: str) -> int:
@@ -87,8 +87,8 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.runtime import WorkerSettings
-    from worker.server import serve
+    from mlx_cluster.worker.runtime import WorkerSettings
+    from mlx_cluster.worker.server import serve
 
     setup_logging(args.name, args.log_level or "INFO", args.log_format or "text", args.log_file)
     settings = WorkerSettings(

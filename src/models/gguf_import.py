@@ -21,7 +21,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
-from models.gguf_tokenizer import build_tokenizer, write_tokenizer
+from mlx_cluster.models.gguf_tokenizer import build_tokenizer, write_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}

@@ -25,8 +25,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from contract.plan import ModelFacts
-from models.shards import INDEX_FILE, LAYER_KEY
+from mlx_cluster.contract.plan import ModelFacts
+from mlx_cluster.models.shards import INDEX_FILE, LAYER_KEY
 
 # Towers of multimodal checkpoints that mlx-lm's text models drop when loading.
 _NOT_TEXT = ("vision", "audio", "multi_modal")

@@ -49,7 +49,7 @@ def check_weights_present(view: Path, layers: range | None, edges: bool, model: 
     mlx-lm's non-strict loading would otherwise leave missing weights at their
     random initial values and serve garbage.
     """
-    from models.inspect import read_safetensors_header
+    from mlx_cluster.models.inspect import read_safetensors_header
 
     names = [n for f in sorted(view.glob("*.safetensors")) for n in read_safetensors_header(f)]
     found = {int(m.group(1)) for n in names if (m := LAYER_KEY.search(n))}

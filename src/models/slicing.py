@@ -19,8 +19,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
-from contract.layers import LayerRange
-from models.architecture import (
+from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.models.architecture import (
     Architecture,
     UnsupportedArchitecture,
     architecture_of,
@@ -29,7 +29,7 @@ from models.architecture import (
     inner_model,
     run_layers,
 )
-from models.shards import check_weights_present, shard_view
+from mlx_cluster.models.shards import check_weights_present, shard_view
 
 
 def _parameter_bytes(module: nn.Module) -> int:

@@ -18,7 +18,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
 
-from models.shards import INDEX_FILE, shards_for
+from mlx_cluster.models.shards import INDEX_FILE, shards_for
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """MLX arrays on the wire: exact `{dtype, shape, raw bytes}` conversion."""
 
-from tensor.wire import (
+from mlx_cluster.tensor.wire import (
     DEFAULT_MAX_ELEMENTS,
     DTYPES,
     MAX_NDIM,

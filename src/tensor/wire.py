@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
 
 # Every dtype that may cross the wire, by its MLX name.
 DTYPES: dict[str, mx.Dtype] = {

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from contract.auth import BEARER, TOKEN_ENV, TOKEN_METADATA_KEY, secret_matches
+from mlx_cluster.contract.auth import BEARER, TOKEN_ENV, TOKEN_METADATA_KEY, secret_matches
 
 log = logging.getLogger(__name__)
 

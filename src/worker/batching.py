@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.sessions import Session
+    from mlx_cluster.worker.sessions import Session
 
 
 def can_batch(caches: Sequence[Any]) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.slicing import LayerSlice
+from mlx_cluster.models.slicing import LayerSlice
 
 
 def forward_rows(

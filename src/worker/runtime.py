@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from contract.errors import InvalidArgument, NotLoaded
-from contract.rpc import MAX_MESSAGE_BYTES
-from models.slicing import LayerSlice, load_layer_slice
-from models.sources import resolve_model
-from worker.batching import batch_for, can_batch
-from worker.capabilities import Capabilities
-from worker.compute import forward_batch, forward_rows
-from worker.sessions import SessionStore
+from mlx_cluster.contract.errors import InvalidArgument, NotLoaded
+from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES
+from mlx_cluster.models.slicing import LayerSlice, load_layer_slice
+from mlx_cluster.models.sources import resolve_model
+from mlx_cluster.worker.batching import batch_for, can_batch
+from mlx_cluster.worker.capabilities import Capabilities
+from mlx_cluster.worker.compute import forward_batch, forward_rows
+from mlx_cluster.worker.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -13,20 +13,20 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from contract.auth import TOKEN_ENV, TlsFiles, is_loopback
-from contract.config import ConfigError
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import (
+from mlx_cluster.contract.auth import TOKEN_ENV, TlsFiles, is_loopback
+from mlx_cluster.contract.config import ConfigError
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import (
     LAYER_SERVICE_NAME,
     MAX_UNIX_PATH_BYTES,
     is_unix_address,
     server_options,
     unix_socket_path,
 )
-from worker.auth import TokenInterceptor
-from worker.capabilities import detect
-from worker.runtime import WorkerRuntime, WorkerSettings
-from worker.servicer import LayerServicer
+from mlx_cluster.worker.auth import TokenInterceptor
+from mlx_cluster.worker.capabilities import detect
+from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
+from mlx_cluster.worker.servicer import LayerServicer
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import grpc
 import mlx.core as mx
 from grpc_health.v1 import health, health_pb2
 
-import tensor
-from contract.errors import ClusterError, InvalidArgument, error_metadata
-from contract.logs import REQUEST_ID_HEADER, request_id
-from contract.proto import layer_service_pb2 as pb
-from contract.proto import layer_service_pb2_grpc as pb_grpc
-from contract.rpc import LAYER_SERVICE_NAME, PROTOCOL_VERSION
-from worker.runtime import WorkerRuntime
+from mlx_cluster import tensor
+from mlx_cluster.contract.errors import ClusterError, InvalidArgument, error_metadata
+from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, PROTOCOL_VERSION
+from mlx_cluster.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

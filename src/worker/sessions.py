@@ -17,14 +17,14 @@ from typing import Any
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from contract.errors import (
+from mlx_cluster.contract.errors import (
     InvalidArgument,
     KVCapacityExceeded,
     OffsetMismatch,
     SessionExists,
     SessionNotFound,
 )
-from worker.batching import BatchGroup
+from mlx_cluster.worker.batching import BatchGroup
 
 MAX_SESSION_ID_LENGTH = 128
 

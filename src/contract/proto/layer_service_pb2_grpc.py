@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from contract.proto import layer_service_pb2 as layer__service__pb2
+from mlx_cluster.contract.proto import layer_service_pb2 as layer__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
