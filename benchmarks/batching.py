@@ -138,10 +138,10 @@ async def run_pipeline(
     eval_every: int | None = None,
 ) -> PipelineRun:
     from mlx_cluster.contract.config import BatchingConfig
-    from mlx_cluster.coordinator.batching import StepProfile
-    from mlx_cluster.coordinator.cluster import Cluster
-    from mlx_cluster.coordinator.generation import Performance
-    from mlx_cluster.coordinator.sampling import SamplingParams
+    from mlx_cluster.coordinator.engine.batching import StepProfile
+    from mlx_cluster.coordinator.engine.cluster import Cluster
+    from mlx_cluster.coordinator.engine.generation import Performance
+    from mlx_cluster.coordinator.engine.sampling import SamplingParams
     from mlx_cluster.local import local_workers
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)

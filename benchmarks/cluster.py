@@ -30,9 +30,9 @@ from benchmarks.workload import (
     Workload,
     decode_rate,
 )
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.generation import generate_tokens
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.generation import generate_tokens
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]

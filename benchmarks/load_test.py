@@ -40,7 +40,7 @@ import httpx
 import psutil
 
 from benchmarks.memory import PeakRss
-from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.engine.client import WorkerClient
 
 MB = 1e6
 PROMPT = "Request {i}: write a short story about a lighthouse keeper."
@@ -375,9 +375,9 @@ class Served:
 async def serve(model: Path, opts: Options, budget: int) -> AsyncIterator[Served]:
     """Worker processes, the coordinator over them and its HTTP API; all stopped on exit."""
     from mlx_cluster.contract.config import LimitsConfig
-    from mlx_cluster.coordinator.app import create_app
-    from mlx_cluster.coordinator.cluster import Cluster
-    from mlx_cluster.coordinator.http_server import HttpServer
+    from mlx_cluster.coordinator.api.app import create_app
+    from mlx_cluster.coordinator.api.server import HttpServer
+    from mlx_cluster.coordinator.engine.cluster import Cluster
     from mlx_cluster.local import local_workers
 
     limits = LimitsConfig(

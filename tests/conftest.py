@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
 from mlx_cluster.contract.layers import split_by_counts
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.pipeline import Pipeline, Stage
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.pipeline import Pipeline, Stage
 from mlx_cluster.models.random_model import build_random_model
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.runtime import WorkerSettings
@@ -90,9 +90,9 @@ async def make_pipeline(
 async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[..., object]]:
     """Start workers, a Cluster over them and the HTTP API on port 0; returns its URL."""
     from mlx_cluster.contract.config import LimitsConfig
-    from mlx_cluster.coordinator.app import create_app
-    from mlx_cluster.coordinator.cluster import Cluster
-    from mlx_cluster.coordinator.http_server import HttpServer
+    from mlx_cluster.coordinator.api.app import create_app
+    from mlx_cluster.coordinator.api.server import HttpServer
+    from mlx_cluster.coordinator.engine.cluster import Cluster
 
     servers: list[HttpServer] = []
     clusters: list[Cluster] = []

@@ -32,12 +32,12 @@ from mlx_cluster.contract.config import ConfigError, load_config, render_config
 from mlx_cluster.contract.errors import Unauthenticated, WorkerUnavailable
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.coordinator.app import create_app
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.http_server import HttpServer
-from mlx_cluster.coordinator.sampling import SamplingParams
-from mlx_cluster.coordinator.startup import start_from_config
+from mlx_cluster.coordinator.api.app import create_app
+from mlx_cluster.coordinator.api.server import HttpServer
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.startup import start_from_config
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import RunningWorker, create_server
 

@@ -17,10 +17,10 @@ import mlx.core as mx
 import pytest
 
 from mlx_cluster.contract.errors import KVCapacityExceeded
-from mlx_cluster.coordinator.batching import Batcher
-from mlx_cluster.coordinator.generation import generate_tokens
-from mlx_cluster.coordinator.pipeline import Pipeline
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.batching import Batcher
+from mlx_cluster.coordinator.engine.generation import generate_tokens
+from mlx_cluster.coordinator.engine.pipeline import Pipeline
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.random_model import build_random_model
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.capabilities import detect

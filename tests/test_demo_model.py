@@ -11,8 +11,8 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
 
-from mlx_cluster.coordinator.generation import generate_tokens
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.generation import generate_tokens
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.demo import find_demo_gguf
 from tests.conftest import make_pipeline
 

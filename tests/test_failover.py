@@ -17,13 +17,13 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.config import LimitsConfig
-from mlx_cluster.coordinator.app import create_app
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.generation import generate_tokens
-from mlx_cluster.coordinator.http_server import HttpServer
-from mlx_cluster.coordinator.pipeline import Admission
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.api.app import create_app
+from mlx_cluster.coordinator.api.server import HttpServer
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.generation import generate_tokens
+from mlx_cluster.coordinator.engine.pipeline import Admission
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.slicing import load_edges
 from tests.conftest import make_pipeline
 

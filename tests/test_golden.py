@@ -15,9 +15,9 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.generation import generate_tokens
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.generation import generate_tokens
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import local_workers
 from tests.conftest import make_pipeline
 

@@ -65,7 +65,7 @@ def test_worker_process_logs_its_name_and_the_request_id(tmp_path, tiny_llama):
         address = json.loads(worker.stdout.readline())["address"]
         script = (
             "import asyncio, sys\n"
-            "from mlx_cluster.coordinator.client import WorkerClient\n"
+            "from mlx_cluster.coordinator.engine.client import WorkerClient\n"
             "from mlx_cluster.contract.logs import request_id\n"
             "async def main():\n"
             f"    c = WorkerClient({address!r})\n"

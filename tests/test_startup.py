@@ -10,10 +10,10 @@ import httpx
 import yaml
 
 from mlx_cluster.contract.config import load_config
-from mlx_cluster.coordinator.app import create_app
-from mlx_cluster.coordinator.http_server import HttpServer
-from mlx_cluster.coordinator.sampling import SamplingParams
-from mlx_cluster.coordinator.startup import start_from_config
+from mlx_cluster.coordinator.api.app import create_app
+from mlx_cluster.coordinator.api.server import HttpServer
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.startup import start_from_config
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import create_server
 

@@ -22,8 +22,8 @@ import pytest
 
 from benchmarks import echo
 from mlx_cluster.contract.rpc import unix_socket_path
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import create_server
 from tests.conftest import WorkerPool, make_pipeline

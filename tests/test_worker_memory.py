@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mlx_cluster.coordinator.client import WorkerClient
+from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.local import local_workers
 
 

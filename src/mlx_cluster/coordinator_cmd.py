@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlx_cluster.contract.auth import load_api_keys
     from mlx_cluster.contract.config import ConfigError, load_config
-    from mlx_cluster.coordinator.startup import start_from_config
+    from mlx_cluster.coordinator.engine.startup import start_from_config
     from mlx_cluster.serving import serve_http
 
     try:

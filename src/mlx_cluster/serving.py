@@ -10,9 +10,9 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from mlx_cluster.contract.config import LimitsConfig
-from mlx_cluster.coordinator.app import create_app
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.http_server import HttpServer
+from mlx_cluster.coordinator.api.app import create_app
+from mlx_cluster.coordinator.api.server import HttpServer
+from mlx_cluster.coordinator.engine.cluster import Cluster
 
 log = logging.getLogger("mlx_cluster")
 

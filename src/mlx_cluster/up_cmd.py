@@ -76,8 +76,8 @@ def layer_counts(text: str) -> list[int]:
 
 
 async def _answer(args: argparse.Namespace, cluster: object) -> None:
-    from mlx_cluster.coordinator.cluster import Cluster
-    from mlx_cluster.coordinator.sampling import SamplingParams
+    from mlx_cluster.coordinator.engine.cluster import Cluster
+    from mlx_cluster.coordinator.engine.sampling import SamplingParams
 
     assert isinstance(cluster, Cluster)
     chat = not args.no_chat_template and cluster.tokenizer.chat_template is not None
@@ -102,7 +102,7 @@ async def _answer(args: argparse.Namespace, cluster: object) -> None:
 
 
 async def _up(args: argparse.Namespace, model: Path) -> int:
-    from mlx_cluster.coordinator.cluster import Cluster
+    from mlx_cluster.coordinator.engine.cluster import Cluster
     from mlx_cluster.local import local_workers
     from mlx_cluster.serving import serve_http
 

@@ -31,7 +31,7 @@ from mlx_cluster.contract.errors import (
     WorkerUnavailable,
 )
 from mlx_cluster.contract.layers import LayerRange
-from mlx_cluster.coordinator.client import ForwardStream, HopTiming, WorkerClient
+from mlx_cluster.coordinator.engine.client import ForwardStream, HopTiming, WorkerClient
 from mlx_cluster.models.slicing import ModelEdges
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 from mlx_cluster.contract.errors import ClusterError
-from mlx_cluster.coordinator.pipeline import Stage
+from mlx_cluster.coordinator.engine.pipeline import Stage
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from mlx_cluster.contract.config import BatchingConfig
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument
 from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_counts, split_evenly
 from mlx_cluster.contract.plan import ClusterPlan
-from mlx_cluster.coordinator.batching import Batcher
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.generation import TextChunk, generate_text
-from mlx_cluster.coordinator.pipeline import Admission, Pipeline, Stage
-from mlx_cluster.coordinator.sampling import SamplingParams
-from mlx_cluster.coordinator.supervisor import Supervisor
+from mlx_cluster.coordinator.engine.batching import Batcher
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.generation import TextChunk, generate_text
+from mlx_cluster.coordinator.engine.pipeline import Admission, Pipeline, Stage
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.supervisor import Supervisor
 from mlx_cluster.models.slicing import ModelEdges, load_edges
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from mlx_cluster.contract.auth import client_credentials
 from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
 from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.coordinator.client import WorkerClient
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.pipeline import Admission, Stage
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.pipeline import Admission, Stage
 from mlx_cluster.models.inspect import model_facts
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.models.sources import resolve_model

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_cluster.contract.auth import secret_matches
-from mlx_cluster.coordinator.http_errors import ApiError
+from mlx_cluster.coordinator.api.errors import ApiError
 
 OPEN_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")})
 

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
-from mlx_cluster.coordinator.metrics import Metrics
+from mlx_cluster.coordinator.api.metrics import Metrics
 
 log = logging.getLogger("mlx_cluster.coordinator.http")
 

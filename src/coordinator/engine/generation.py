@@ -21,9 +21,9 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.errors import InvalidArgument
-from mlx_cluster.coordinator.batching import Batcher
-from mlx_cluster.coordinator.pipeline import Pipeline, PipelineSession
-from mlx_cluster.coordinator.sampling import (
+from mlx_cluster.coordinator.engine.batching import Batcher
+from mlx_cluster.coordinator.engine.pipeline import Pipeline, PipelineSession
+from mlx_cluster.coordinator.engine.sampling import (
     InvalidParam,
     SamplingParams,
     TokenPicker,

@@ -7,7 +7,7 @@ from typing import Any
 
 from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.coordinator.pipeline import Stage
+from mlx_cluster.coordinator.engine.pipeline import Stage
 
 INFO_TIMEOUT_S = 2.0
 

@@ -31,9 +31,14 @@ from typing import cast
 import mlx.core as mx
 
 from mlx_cluster.contract.errors import ClusterError
-from mlx_cluster.coordinator.client import ForwardStream, WorkerClient
-from mlx_cluster.coordinator.pipeline import MAX_RECOVERIES, Pipeline, PipelineSession, StageFailed
-from mlx_cluster.coordinator.sampling import TokenPicker
+from mlx_cluster.coordinator.engine.client import ForwardStream, WorkerClient
+from mlx_cluster.coordinator.engine.pipeline import (
+    MAX_RECOVERIES,
+    Pipeline,
+    PipelineSession,
+    StageFailed,
+)
+from mlx_cluster.coordinator.engine.sampling import TokenPicker
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_cluster.coordinator.generation import Performance, TextChunk
+from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
 TokenText = Callable[[int], str]
 

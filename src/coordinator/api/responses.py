@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from mlx_cluster.coordinator import openai_format as fmt
-from mlx_cluster.coordinator.generation import TextChunk
-from mlx_cluster.coordinator.http_errors import ApiError, api_error
-from mlx_cluster.coordinator.metrics import Metrics
+from mlx_cluster.coordinator.api import openai_format as fmt
+from mlx_cluster.coordinator.api.errors import ApiError, api_error
+from mlx_cluster.coordinator.api.metrics import Metrics
+from mlx_cluster.coordinator.engine.generation import TextChunk
 
 Chunks = AsyncGenerator[TextChunk, None]
 

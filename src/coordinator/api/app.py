@@ -21,23 +21,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.plan import plan_as_dict
-from mlx_cluster.coordinator import openai_format as fmt
-from mlx_cluster.coordinator.auth import ApiKeyAuth
-from mlx_cluster.coordinator.cluster import Cluster
-from mlx_cluster.coordinator.generation import TextChunk, check_request
-from mlx_cluster.coordinator.health import cluster_health
-from mlx_cluster.coordinator.http_errors import ApiError, install_error_handlers
-from mlx_cluster.coordinator.metrics import Metrics
-from mlx_cluster.coordinator.middleware import RequestContext
-from mlx_cluster.coordinator.pipeline import Stage
-from mlx_cluster.coordinator.responses import Drain, collect, metered, stream
-from mlx_cluster.coordinator.sampling import InvalidParam, SamplingParams
-from mlx_cluster.coordinator.schemas import (
+from mlx_cluster.coordinator.api import openai_format as fmt
+from mlx_cluster.coordinator.api.auth import ApiKeyAuth
+from mlx_cluster.coordinator.api.errors import ApiError, install_error_handlers
+from mlx_cluster.coordinator.api.metrics import Metrics
+from mlx_cluster.coordinator.api.middleware import RequestContext
+from mlx_cluster.coordinator.api.responses import Drain, collect, metered, stream
+from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     _Request,
 )
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.generation import TextChunk, check_request
+from mlx_cluster.coordinator.engine.health import cluster_health
+from mlx_cluster.coordinator.engine.pipeline import Stage
+from mlx_cluster.coordinator.engine.sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
 
