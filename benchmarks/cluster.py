@@ -31,6 +31,7 @@ from benchmarks.workload import (
     decode_rate,
 )
 from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.events import Event, HopEvent
 from mlx_cluster.coordinator.engine.generation import generate_tokens
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import Transport, local_workers
@@ -68,16 +69,15 @@ class ClusterResult(EngineResult):
 
 
 class HopRecorder:
-    """A pipeline hop observer keeping every hop's timing, grouped into steps."""
+    """A subscriber to the cluster's events keeping every hop's timing, grouped into steps."""
 
     def __init__(self, workers: list[str]) -> None:
         self.workers = workers
         self.hops: list[Hop] = []
 
-    def __call__(
-        self, name: str, encode: float, network: float, compute: float, decode: float
-    ) -> None:
-        self.hops.append((encode, network, compute, decode))
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, HopEvent):
+            self.hops.append((event.encode_s, event.network_s, event.compute_s, event.decode_s))
 
     def steps(self) -> list[list[Hop]]:
         """The recorded hops as steps: each step holds one hop per worker, in order."""
@@ -172,7 +172,7 @@ async def run_cluster(
             cluster = await Cluster.start(model_dir, [w.address for w in processes])
             try:
                 recorder = HopRecorder([s.client.name for s in cluster.stages])
-                cluster.pipeline.hop_observer = recorder
+                cluster.events.subscribe(recorder)
                 result = await _run_workload(cluster, workload, recorder)
                 infos = await asyncio.gather(*(s.client.info() for s in cluster.stages))
             finally:

@@ -159,7 +159,7 @@ async def test_prefill_chunks_overlap_across_stages_and_match(model_factory, sta
     want = list(generate_step(mx.array(prompt), model_obj, max_tokens=12, prefill_step_size=8))
     pipeline = await make_pipeline(model, await start_workers(3), [2, 3, 3])
     order: list[str] = []
-    pipeline.hop_observer = lambda name, *_: order.append(name)
+    pipeline.events.subscribe(lambda event: order.append(event.worker))
     async with pipeline.session() as session:
         got = [s async for s in generate_tokens(session, prompt, params, prefill_step_size=8)]
     assert_same(got, want)

@@ -7,7 +7,6 @@ http_errors.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mlx_cluster.contract.config import LimitsConfig
-from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.plan import plan_as_dict
 from mlx_cluster.coordinator.api import openai_format as fmt
 from mlx_cluster.coordinator.api.auth import ApiKeyAuth
@@ -35,8 +33,7 @@ from mlx_cluster.coordinator.api.schemas import (
 )
 from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.generation import TextChunk, check_request
-from mlx_cluster.coordinator.engine.health import cluster_health
-from mlx_cluster.coordinator.engine.pipeline import Stage
+from mlx_cluster.coordinator.engine.health import ClusterHealth, StageHealth
 from mlx_cluster.coordinator.engine.sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -130,6 +127,49 @@ def _completion_tokens(
     return _settle(request, list(cluster.tokenizer.encode(text)), cluster, settings)
 
 
+# --- health ---------------------------------------------------------------------------
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _stage_entry(stage: StageHealth) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": stage.name,
+        "address": stage.address,
+        "layers": [stage.layers.start, stage.layers.end],
+        "status": stage.status,
+    }
+    info = stage.info
+    if info is None:
+        entry["error"] = stage.error
+        return entry
+    caps = info.capabilities
+    entry.update(
+        device={"kind": caps.device_kind, "name": caps.device_name},
+        memory={
+            "total_bytes": caps.memory_total_bytes,
+            "available_bytes": caps.memory_available_bytes,
+            "weight_bytes": info.weight_bytes,
+        },
+        kv_tokens={"used": info.kv_used_tokens, "capacity": info.kv_capacity_tokens},
+        sessions_open=info.sessions_open,
+        last_round_trip_ms=_ms(stage.round_trip_s),
+        last_step_network_ms=_ms(stage.step_network_s),
+    )
+    return entry
+
+
+def health_body(state: ClusterHealth) -> dict[str, Any]:
+    return {
+        "status": state.status,
+        "model": state.model,
+        "workers": [_stage_entry(s) for s in state.stages],
+        "standby": [{"name": s.name, "address": s.address} for s in state.standbys],
+    }
+
+
 # --- the app -----------------------------------------------------------------------------
 
 
@@ -149,7 +189,7 @@ def create_app(
     metrics = Metrics()
     drain = Drain()
     app.state.metrics, app.state.drain = metrics, drain
-    cluster.pipeline.hop_observer = metrics.observe_hop
+    cluster.events.subscribe(metrics.observe)
     if api_keys:  # innermost: refusals are logged and counted; CORS preflights pass
         app.add_middleware(ApiKeyAuth, keys=api_keys)
     app.add_middleware(RequestContext, metrics=metrics)
@@ -203,25 +243,17 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        async def refresh(stage: Stage) -> None:
-            try:
-                info = await stage.client.info(timeout=2.0)
-            except ClusterError:
-                info = None
-            metrics.set_worker(stage.client.name, info)
-
-        await asyncio.gather(*(refresh(s) for s in cluster.stages))
+        for stage in (await cluster.health()).stages:
+            metrics.set_worker(stage.name, stage.info)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status, body = await cluster_health(model_id, cluster.stages)
+        state = await cluster.health()
+        body = health_body(state)
         body["context_tokens"] = cluster.context_length
         body["plan"] = plan_as_dict(cluster.plan) if cluster.plan else None
-        body["standby"] = [
-            {"name": c.name, "address": c.address} for c in cluster.pipeline.standbys
-        ]
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=200 if state.serving else 503)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the coordinator, in a registry of their own (one per app).
 
 Request counts and latencies are recorded by the HTTP layer; hop timings by
-the pipeline (through `observe_hop`); worker gauges are refreshed from each
+the engine's events (`observe`, subscribed to the cluster); worker gauges are refreshed from each
 worker's Info when /metrics is scraped.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.coordinator.engine.events import Event, HopEvent
 
 # Seconds: from sub-millisecond hops to minute-long prefills.
 _LATENCY_BUCKETS = (
@@ -58,17 +59,17 @@ class Metrics:
             "mlx_cluster_worker_up", "1 if the worker answered", ["worker"], registry=r
         )
 
-    def observe_hop(
-        self, worker: str, serialize: float, network: float, compute: float, deserialize: float
-    ) -> None:
+    def observe(self, event: Event) -> None:
         """Record one step on one worker (seconds); network = round trip minus compute."""
+        if not isinstance(event, HopEvent):
+            return
         for phase, seconds in (
-            ("serialize", serialize),
-            ("network", network),
-            ("compute", compute),
-            ("deserialize", deserialize),
+            ("serialize", event.encode_s),
+            ("network", event.network_s),
+            ("compute", event.compute_s),
+            ("deserialize", event.decode_s),
         ):
-            self.hop.labels(worker, phase).observe(seconds)
+            self.hop.labels(event.worker, phase).observe(seconds)
 
     def set_worker(self, worker: str, info: pb.InfoResponse | None) -> None:
         """Refresh one worker's gauges from its Info (None: it did not answer)."""

@@ -83,7 +83,7 @@ class WorkerClient:
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)
         self._stub = pb_grpc.LayerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.last_round_trip_s: float | None = None
+        self.last_step_network_s: float | None = None  # last Forward step: round trip - compute
 
     async def close(self) -> None:
         await self._channel.close()
@@ -99,11 +99,9 @@ class WorkerClient:
             raise _error_from_rpc(exc, self.name) from exc
 
     async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
-        started = time.perf_counter()
         reply = await self._call(
             lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self._metadata())
         )
-        self.last_round_trip_s = time.perf_counter() - started
         if reply.name and not self._named:
             self.name = reply.name
         return reply
@@ -220,7 +218,7 @@ class ForwardStream:
         except ValueError as exc:
             raise InvalidArgument(f"worker {self._client.name} sent a bad tensor: {exc}") from exc
         timing = HopTiming(t1 - t0, t2 - t1, reply.compute_seconds, time.perf_counter() - t2)
-        self._client.last_round_trip_s = timing.network
+        self._client.last_step_network_s = timing.network
         return out, timing
 
     async def _stream_error(self) -> ClusterError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
@@ -26,7 +27,16 @@ from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_cou
 from mlx_cluster.contract.plan import ClusterPlan
 from mlx_cluster.coordinator.engine.batching import Batcher
 from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk, generate_text
+from mlx_cluster.coordinator.engine.health import (
+    INFO_TIMEOUT_S,
+    ClusterHealth,
+    StageHealth,
+    Standby,
+    cluster_status,
+    serves,
+)
 from mlx_cluster.coordinator.engine.pipeline import Admission, Pipeline, Stage
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.supervisor import Supervisor
@@ -77,6 +87,22 @@ class Cluster:
     @property
     def stages(self) -> list[Stage]:
         return self.pipeline.stages
+
+    @property
+    def events(self) -> EventBus:
+        """Hop and decode-step events, for metrics and benchmarks to subscribe to."""
+        return self.pipeline.events
+
+    @property
+    def vocab_size(self) -> int:
+        return self.pipeline.edges.vocab_size
+
+    async def health(self) -> ClusterHealth:
+        """Every stage's worker asked now (concurrently, with a short deadline)."""
+        ref = self.pipeline.model_ref
+        stages = await asyncio.gather(*(_stage_health(s, ref) for s in self.stages))
+        standbys = [Standby(c.name, c.address) for c in self.pipeline.standbys]
+        return ClusterHealth(cluster_status(stages), self.model_id, stages, standbys)
 
     @classmethod
     async def start(
@@ -181,6 +207,24 @@ class Cluster:
             self.batcher,
             self.batching.prefill_chunk,
         )
+
+
+async def _stage_health(stage: Stage, model_ref: str) -> StageHealth:
+    client = stage.client
+    started = time.perf_counter()
+    try:
+        info = await client.info(timeout=INFO_TIMEOUT_S)
+    except (ClusterError, TimeoutError) as exc:
+        return StageHealth(client.name, client.address, stage.layers, "unavailable", error=str(exc))
+    return StageHealth(
+        client.name,
+        client.address,
+        stage.layers,
+        "ok" if serves(info, model_ref, stage.layers) else "not_loaded",
+        info,
+        round_trip_s=time.perf_counter() - started,
+        step_network_s=client.last_step_network_s,
+    )
 
 
 async def _load(stage: Stage, model_ref: str, edges: ModelEdges) -> None:

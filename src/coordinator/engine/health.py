@@ -1,58 +1,61 @@
-"""The cluster's health: each worker's Info, asked concurrently with a short deadline."""
+"""The cluster's health: each stage's worker asked for its Info, concurrently, with a deadline.
+
+`serves` is the one rule for "this worker serves its stage": it holds the
+planned model and exactly the planned layers. Health, the supervisor and
+failover all ask it.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
-from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.contract.layers import LayerRange
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.coordinator.engine.pipeline import Stage
 
 INFO_TIMEOUT_S = 2.0
 
-
-def _worker_entry(stage: Stage, info: pb.InfoResponse | BaseException) -> dict[str, Any]:
-    client, planned = stage.client, stage.layers
-    entry: dict[str, Any] = {
-        "name": client.name,
-        "address": client.address,
-        "layers": [planned.start, planned.end],
-    }
-    if isinstance(info, BaseException):
-        entry.update(status="unavailable", error=str(info))
-        return entry
-    serving = (info.layer_start, info.layer_end) == (planned.start, planned.end)
-    caps = info.capabilities
-    entry.update(
-        status="ok" if serving else "not_loaded",
-        device={"kind": caps.device_kind, "name": caps.device_name},
-        memory={
-            "total_bytes": caps.memory_total_bytes,
-            "available_bytes": caps.memory_available_bytes,
-            "weight_bytes": info.weight_bytes,
-        },
-        kv_tokens={"used": info.kv_used_tokens, "capacity": info.kv_capacity_tokens},
-        sessions_open=info.sessions_open,
-        last_round_trip_ms=(
-            round(client.last_round_trip_s * 1000, 3) if client.last_round_trip_s else None
-        ),
-    )
-    return entry
+StageStatus = Literal["ok", "not_loaded", "unavailable"]
+ClusterStatus = Literal["ok", "degraded", "unavailable"]
 
 
-async def cluster_health(model: str, stages: list[Stage]) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, body): 200 when every worker serves its layers, 503 otherwise."""
+def serves(info: pb.InfoResponse, model_ref: str, layers: LayerRange) -> bool:
+    """Whether a worker whose Info is `info` serves `layers` of `model_ref`."""
+    return (info.model, info.layer_start, info.layer_end) == (model_ref, layers.start, layers.end)
 
-    async def ask(stage: Stage) -> pb.InfoResponse | BaseException:
-        try:
-            return await stage.client.info(timeout=INFO_TIMEOUT_S)
-        except (ClusterError, TimeoutError) as exc:
-            return exc
 
-    infos = await asyncio.gather(*(ask(s) for s in stages))
-    workers = [_worker_entry(s, i) for s, i in zip(stages, infos, strict=True)]
-    serving = sum(w["status"] == "ok" for w in workers)
-    status = "ok" if serving == len(workers) else "degraded" if serving else "unavailable"
-    body = {"status": status, "model": model, "workers": workers}
-    return (200 if status == "ok" else 503), body
+@dataclass(frozen=True)
+class StageHealth:
+    """One stage's worker as it answered just now."""
+
+    name: str
+    address: str
+    layers: LayerRange  # what the plan gives it
+    status: StageStatus
+    info: pb.InfoResponse | None = None  # None when it did not answer
+    error: str | None = None  # why it did not answer
+    round_trip_s: float | None = None  # of the Info call just made
+    step_network_s: float | None = None  # of its last Forward step: round trip minus compute
+
+
+@dataclass(frozen=True)
+class Standby:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    status: ClusterStatus
+    model: str
+    stages: list[StageHealth]
+    standbys: list[Standby]
+
+    @property
+    def serving(self) -> bool:
+        return self.status == "ok"
+
+
+def cluster_status(stages: list[StageHealth]) -> ClusterStatus:
+    serving = sum(s.status == "ok" for s in stages)
+    return "ok" if serving == len(stages) else "degraded" if serving else "unavailable"

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -32,12 +32,10 @@ from mlx_cluster.contract.errors import (
 )
 from mlx_cluster.contract.layers import LayerRange
 from mlx_cluster.coordinator.engine.client import ForwardStream, HopTiming, WorkerClient
+from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
 from mlx_cluster.models.slicing import ModelEdges
 
 log = logging.getLogger(__name__)
-
-# (worker name, serialize s, network s, compute s, deserialize s) for one step on one worker.
-HopObserver = Callable[[str, float, float, float, float], None]
 
 MAX_RECOVERIES = 2  # per step
 BATCH_EXIT_WAIT_S = 60.0  # longest wait for a decode batch to let go of a closing session
@@ -267,7 +265,7 @@ class Pipeline:
         self.model_ref = model_ref or str(edges.path)  # what workers are told to load
         self.standbys = list(standbys or [])
         self.admission = admission or Admission()
-        self.hop_observer: HopObserver | None = None  # called once per step per worker
+        self.events = EventBus()  # a HopEvent per step per worker
         self._replacing = asyncio.Lock()
 
     async def step_stage(
@@ -289,10 +287,17 @@ class Pipeline:
             out, timing = await stream.step(session_ids, hidden, offsets, last_position_only)
         except RECOVERABLE as exc:
             raise StageFailed(index, client, exc) from exc
-        if self.hop_observer is not None:
-            self.hop_observer(
-                client.name, timing.encode, timing.network, timing.compute, timing.decode
+        self.events.publish(
+            HopEvent(
+                client.name,
+                len(session_ids),
+                hidden.shape[1],
+                timing.encode,
+                timing.network,
+                timing.compute,
+                timing.decode,
             )
+        )
         return out, timing
 
     @contextlib.asynccontextmanager
