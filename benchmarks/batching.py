@@ -138,7 +138,7 @@ async def run_pipeline(
     eval_every: int | None = None,
 ) -> PipelineRun:
     from mlx_cluster.contract.config import BatchingConfig
-    from mlx_cluster.coordinator.engine.batching import StepProfile
+    from mlx_cluster.coordinator.engine.lanes import StepProfile
     from mlx_cluster.coordinator.engine.cluster import Cluster
     from mlx_cluster.coordinator.engine.generation import Performance
     from mlx_cluster.coordinator.engine.sampling import SamplingParams
@@ -176,14 +176,13 @@ async def run_pipeline(
             await one(probe)  # its prompt's shapes are new: kernels get built on first use
             idle = await one(probe)
 
-            batcher = cluster.batcher
-            assert batcher is not None
-            for lane in batcher.lanes:  # profile the N-stream run alone
+            engine = cluster.engine
+            for lane in engine.lanes:  # profile the N-stream run alone
                 lane.profile = StepProfile()
             started = time.perf_counter()
             perfs = await asyncio.gather(*(one(p) for p in prompts))
             wall = time.perf_counter() - started
-            profile = batcher.profile()
+            profile = engine.profile()
             total = sum(p.completion_tokens for p in perfs)
 
             others = prompts[:busy_streams]
@@ -197,7 +196,7 @@ async def run_pipeline(
             await asyncio.gather(*streaming)
             return PipelineRun(
                 workers=workers,
-                lanes=len(batcher.lanes),
+                lanes=len(engine.lanes),
                 single_tokens_per_s=alone.tokens_per_second,
                 batch_tokens_per_s=total / wall,
                 idle_ttft_s=idle.ttft_s,

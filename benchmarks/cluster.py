@@ -1,12 +1,10 @@
 """The pipeline side: N worker processes on this host, the coordinator in this process.
 
 Workers are started by `mlx_cluster.local.local_workers` (TCP loopback or Unix
-domain sockets), the cluster by
-`Cluster.start` (even split), and tokens come from
-`coordinator.generation.generate_tokens` inside `pipeline.session()`, as the
-HTTP API makes them. Every hop of every step is recorded through the
-pipeline's hop observer, so decode steps and prefill chunks are broken down
-separately.
+domain sockets), the cluster by `Cluster.start` (even split), and tokens come
+from the engine's `generate_tokens`, as the HTTP API makes them. Every hop of
+every step is recorded from the cluster's events, so decode steps and prefill
+chunks are broken down separately.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from benchmarks.workload import (
 )
 from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.events import Event, HopEvent
-from mlx_cluster.coordinator.engine.generation import generate_tokens
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import Transport, local_workers
 
@@ -96,7 +93,7 @@ class HopRecorder:
 
 
 async def _generate(
-    cluster: Cluster, prompt: list[int], max_tokens: int, prefill_step_size: int
+    cluster: Cluster, prompt: list[int], max_tokens: int
 ) -> tuple[float, list[float], list[int], int]:
     """Greedy tokens through the pipeline.
 
@@ -106,22 +103,21 @@ async def _generate(
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     stamps: list[float] = []
     tokens: list[int] = []
+    replays = cluster.engine.chain.replays
     started = time.perf_counter()
-    async with cluster.pipeline.session(len(prompt) + max_tokens) as session:
-        async for token, _ in generate_tokens(session, prompt, params, prefill_step_size):
-            stamps.append(time.perf_counter())
-            tokens.append(token)
-    return started, stamps, tokens, session.recoveries
+    async for token, _ in cluster.engine.generate_tokens(prompt, params):
+        stamps.append(time.perf_counter())
+        tokens.append(token)
+    return started, stamps, tokens, cluster.engine.chain.replays - replays
 
 
 async def _run_workload(
     cluster: Cluster, workload: Workload, recorder: HopRecorder
 ) -> ClusterResult:
-    chunk = workload.prefill_step_size
-    await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS, chunk)
+    await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS)
     recorder.hops.clear()
     started, stamps, tokens, recoveries = await _generate(
-        cluster, workload.decode_prompt, workload.decode_tokens, chunk
+        cluster, workload.decode_prompt, workload.decode_tokens
     )
     # Steps 2..N are what the decode rate measures; step 1 ends the prefill.
     decode_hops = recorder.breakdown(workload.prefill_chunks(len(workload.decode_prompt)) + 1)
@@ -130,9 +126,9 @@ async def _run_workload(
     prefill_hops: dict[int, list[HopBreakdown]] = {}
     for length in workload.prompt_lengths:
         # As for the baseline: the first prompt of a length pays one-off costs; warm up on it.
-        await _generate(cluster, workload.prompt(length), 1, chunk)
+        await _generate(cluster, workload.prompt(length), 1)
         recorder.hops.clear()
-        start, (first, *_), _, replays = await _generate(cluster, workload.prompt(length), 1, chunk)
+        start, (first, *_), _, replays = await _generate(cluster, workload.prompt(length), 1)
         recoveries += replays
         prefill.append(PrefillTiming(length, first - start))
         prefill_hops[length] = recorder.breakdown(0, workload.prefill_chunks(length))
@@ -169,7 +165,11 @@ async def run_cluster(
         pids = [os.getpid(), *(w.process.pid for w in processes)]
         with PeakRss(pids) as rss:
             mx.reset_peak_memory()
-            cluster = await Cluster.start(model_dir, [w.address for w in processes])
+            cluster = await Cluster.start(
+                model_dir,
+                [w.address for w in processes],
+                batching={"prefill_chunk": workload.prefill_step_size},
+            )
             try:
                 recorder = HopRecorder([s.client.name for s in cluster.stages])
                 cluster.events.subscribe(recorder)

@@ -39,7 +39,6 @@ from benchmarks.report import echo_table, engine_table, hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.coordinator.engine.generation import PREFILL_STEP_SIZE
 from mlx_cluster.local import TRANSPORTS, gpu_list
 from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-step-size",
         type=int,
-        default=PREFILL_STEP_SIZE,
+        default=Workload.prefill_step_size,
         help="prompt chunk size, on both sides (default mlx-lm's)",
     )
     p.add_argument("--echo-iterations", type=int, default=200, help="round trips per size")

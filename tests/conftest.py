@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
+from mlx_cluster.contract.config import BatchingConfig
 from mlx_cluster.contract.layers import split_by_counts
+from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
-from mlx_cluster.coordinator.engine.pipeline import Pipeline, Stage
+from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.models.random_model import build_random_model
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.runtime import WorkerSettings
@@ -75,15 +79,19 @@ async def start_workers() -> AsyncIterator[WorkerPool]:
     await pool.close()
 
 
-async def make_pipeline(
-    model: Path, clients: Sequence[WorkerClient], counts: Sequence[int]
-) -> Pipeline:
-    """Load `counts` layers on each client, in order, and return the Pipeline over them."""
+async def make_engine(
+    model: Path, clients: Sequence[WorkerClient], counts: Sequence[int], **batching: Any
+) -> Engine:
+    """Load `counts` layers on each client, in order; the Engine over them.
+
+    `batching` are BatchingConfig fields (e.g. prefill_chunk=16, micro_batches=1).
+    """
     edges = load_edges(model)
     ranges = split_by_counts(list(counts), edges.num_layers)
     for client, r in zip(clients, ranges, strict=True):
         await client.load_layers(str(model), r.start, r.end)
-    return Pipeline(edges, [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
+    stages = StageManager(str(model), [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
+    return Engine(Chain(edges, stages), BatchingConfig(**batching))
 
 
 @pytest.fixture
@@ -103,12 +111,18 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
         counts: Sequence[int] | None = None,
         settings: LimitsConfig | None = None,
         cors_origins: Sequence[str] = (),
+        kv: dict[str, Any] | None = None,
         **worker_settings: object,
     ) -> tuple[str, Cluster]:
+        """`settings` are the cluster's limits (the API's too), `kv` its kv section."""
         clients = await start_workers(workers, **worker_settings)
-        cluster = await Cluster.start(model or tiny_llama, [c.address for c in clients], counts)
+        addresses = [c.address for c in clients]
+        limits = settings or LimitsConfig()
+        cluster = await Cluster.start(
+            model or tiny_llama, addresses, counts, limits=limits, kv=kv or {}
+        )
         clusters.append(cluster)
-        server = HttpServer(create_app(cluster, settings, cors_origins), "127.0.0.1", 0)
+        server = HttpServer(create_app(cluster, limits, cors_origins), "127.0.0.1", 0)
         await server.start()
         servers.append(server)
         return server.url, cluster

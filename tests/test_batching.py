@@ -1,7 +1,7 @@
 """Continuous batching is exact: each request's tokens in a batch are its tokens alone.
 
-Requests decode in the Batcher's micro-batches (one Forward of [B, 1, D] per
-step, batch caches on the workers); these tests check the tokens and logprobs
+Requests decode in the engine's lanes (micro-batches (one Forward of [B, 1, D] per
+step, batch caches on the workers)); these tests check the tokens and logprobs
 against single-process mlx-lm, with requests joining mid-way, leaving early,
 of different lengths and with different sampling, and that the workers did
 run real batches and hold nothing afterwards.
@@ -17,15 +17,13 @@ import mlx.core as mx
 import pytest
 
 from mlx_cluster.contract.errors import KVCapacityExceeded
-from mlx_cluster.coordinator.engine.batching import Batcher
-from mlx_cluster.coordinator.engine.generation import generate_tokens
-from mlx_cluster.coordinator.engine.pipeline import Pipeline
+from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.random_model import build_random_model
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.capabilities import detect
 from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
-from tests.conftest import make_pipeline
+from tests.conftest import make_engine
 from tests.test_golden import assert_same, reference
 
 PROMPTS = [
@@ -39,25 +37,21 @@ PROMPTS = [
 
 
 async def run(
-    pipeline: Pipeline,
-    batcher: Batcher | None,
+    engine: Engine,
     prompt: list[int],
     params: SamplingParams,
     start_after: asyncio.Event | None = None,
     stop_after: int | None = None,
-    prefill_step_size: int = 2048,
 ) -> list[tuple[int, mx.array]]:
-    """One request through the pipeline; it may wait for an event and may stop early."""
+    """One request through the engine; it may wait for an event and may stop early."""
     if start_after is not None:
         await start_after.wait()
     got: list[tuple[int, mx.array]] = []
-    async with pipeline.session() as session:
-        steps = generate_tokens(session, prompt, params, prefill_step_size, batcher)
-        async with contextlib.aclosing(steps):
-            async for step in steps:
-                got.append(step)
-                if stop_after is not None and len(got) == stop_after:
-                    break
+    async with contextlib.aclosing(engine.generate_tokens(prompt, params)) as steps:
+        async for step in steps:
+            got.append(step)
+            if stop_after is not None and len(got) == stop_after:
+                break
     return got
 
 
@@ -68,12 +62,9 @@ class Progress:
         self.after, self.event = after, asyncio.Event()
 
 
-async def run_signalling(pipeline, batcher, prompt, params, progress: Progress):
+async def run_signalling(engine: Engine, prompt, params, progress: Progress):
     got = []
-    async with (
-        pipeline.session() as session,
-        contextlib.aclosing(generate_tokens(session, prompt, params, batcher=batcher)) as steps,
-    ):
+    async with contextlib.aclosing(engine.generate_tokens(prompt, params)) as steps:
         async for step in steps:
             got.append(step)
             if len(got) == progress.after:
@@ -81,8 +72,8 @@ async def run_signalling(pipeline, batcher, prompt, params, progress: Progress):
     return got
 
 
-async def assert_workers_empty(pipeline: Pipeline) -> None:
-    for stage in pipeline.stages:
+async def assert_workers_empty(engine: Engine) -> None:
+    for stage in engine.chain.stages.stages:
         info = await stage.client.info()
         assert (info.sessions_open, info.kv_used_tokens) == (0, 0)
 
@@ -97,28 +88,25 @@ async def test_batched_requests_match_mlx_lm_alone(model_factory, start_workers,
     lengths = [40, 25, 33, 12, 40, 18]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
     want = [reference(model, p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
-    pipeline = await make_pipeline(model, await start_workers(len(split)), split)
-    batcher = Batcher(pipeline, max_batch=8)
+    engine = await make_engine(model, await start_workers(len(split)), split, max_batch=8)
     progress = Progress(after=6)
     try:
         got = await asyncio.gather(
-            run_signalling(pipeline, batcher, PROMPTS[0], params[0], progress),
+            run_signalling(engine, PROMPTS[0], params[0], progress),
+            *(run(engine, p, sp) for p, sp in zip(PROMPTS[1:4], params[1:4], strict=True)),
             *(
-                run(pipeline, batcher, p, sp)
-                for p, sp in zip(PROMPTS[1:4], params[1:4], strict=True)
-            ),
-            *(
-                run(pipeline, batcher, p, sp, start_after=progress.event)
+                run(engine, p, sp, start_after=progress.event)
                 for p, sp in zip(PROMPTS[4:], params[4:], strict=True)
             ),
         )
     finally:
-        await batcher.close()
+        await engine.close()
     for g, w in zip(got, want, strict=True):
         assert_same(g, w)
-    assert batcher.largest_batch >= 2, "requests should have decoded in batches"
-    assert batcher.rows_stepped > batcher.steps
-    await assert_workers_empty(pipeline)
+    profile = engine.profile()
+    assert profile.largest >= 2, "requests should have decoded in batches"
+    assert profile.rows > profile.steps
+    await assert_workers_empty(engine)
 
 
 async def test_mixed_sampling_in_one_batch_equals_each_alone(model_factory, start_workers):
@@ -130,21 +118,21 @@ async def test_mixed_sampling_in_one_batch_equals_each_alone(model_factory, star
         SamplingParams(max_tokens=30, temperature=1.2, top_k=20, seed=3, ignore_eos=True),
         SamplingParams(max_tokens=20, ignore_eos=True, logit_bias={17: 4.0}),
     ]
-    pipeline = await make_pipeline(model, await start_workers(2), [4, 4])
-    alone = [await run(pipeline, None, p, sp) for p, sp in zip(PROMPTS, params, strict=False)]
-    batcher = Batcher(pipeline, lanes=1, max_batch=8)
+    engine = await make_engine(model, await start_workers(2), [4, 4], micro_batches=1, max_batch=8)
+    alone = [await run(engine, p, sp) for p, sp in zip(PROMPTS, params, strict=False)]
+    assert engine.profile().largest == 1
     try:
         together = await asyncio.gather(
-            *(run(pipeline, batcher, p, sp) for p, sp in zip(PROMPTS, params, strict=False))
+            *(run(engine, p, sp) for p, sp in zip(PROMPTS, params, strict=False))
         )
     finally:
-        await batcher.close()
+        await engine.close()
     for t, a in zip(together, alone, strict=True):
         assert [tok for tok, _ in t] == [tok for tok, _ in a]
         for step, ((_, x), (_, y)) in enumerate(zip(t, a, strict=True)):
             assert mx.allclose(x, y, atol=1e-4, rtol=1e-4), f"logprobs differ at step {step}"
-    assert batcher.largest_batch == 4
-    await assert_workers_empty(pipeline)
+    assert engine.profile().largest == 4
+    await assert_workers_empty(engine)
 
 
 async def test_requests_leaving_early_free_their_place(model_factory, start_workers):
@@ -152,44 +140,43 @@ async def test_requests_leaving_early_free_their_place(model_factory, start_work
     model = model_factory("llama")
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     want = [reference(model, p, params) for p in PROMPTS[:4]]
-    pipeline = await make_pipeline(model, await start_workers(2), [4, 4])
-    batcher = Batcher(pipeline, max_batch=3)  # the fourth waits for a place
+    # The fourth waits for a place.
+    engine = await make_engine(model, await start_workers(2), [4, 4], max_batch=3)
     try:
         got = await asyncio.gather(
-            run(pipeline, batcher, PROMPTS[0], params, stop_after=3),
-            run(pipeline, batcher, PROMPTS[1], params, stop_after=9),
-            *(run(pipeline, batcher, p, params) for p in PROMPTS[2:4]),
+            run(engine, PROMPTS[0], params, stop_after=3),
+            run(engine, PROMPTS[1], params, stop_after=9),
+            *(run(engine, p, params) for p in PROMPTS[2:4]),
         )
     finally:
-        await batcher.close()
+        await engine.close()
     assert_same(got[0], want[0][:3])
     assert_same(got[1], want[1][:9])
     assert_same(got[2], want[2])
     assert_same(got[3], want[3])
-    assert batcher.decoding == 0
-    await assert_workers_empty(pipeline)
+    assert engine.decoding == 0
+    await assert_workers_empty(engine)
 
 
 async def test_a_cancelled_request_leaves_the_batch(model_factory, start_workers):
     model = model_factory("llama")
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     want = reference(model, PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))
-    pipeline = await make_pipeline(model, await start_workers(2), [4, 4])
-    batcher = Batcher(pipeline, lanes=1)
+    engine = await make_engine(model, await start_workers(2), [4, 4], micro_batches=1)
     try:
-        doomed = asyncio.create_task(run(pipeline, batcher, PROMPTS[0], params))
+        doomed = asyncio.create_task(run(engine, PROMPTS[0], params))
         other = asyncio.create_task(
-            run(pipeline, batcher, PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))
+            run(engine, PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))
         )
-        while batcher.steps < 5:
+        while engine.profile().steps < 5:
             await asyncio.sleep(0.01)
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
         assert_same(await other, want)
     finally:
-        await batcher.close()
-    await assert_workers_empty(pipeline)
+        await engine.close()
+    await assert_workers_empty(engine)
 
 
 # --- the worker's side: batch caches that follow the membership ---------------------------

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from typing import IO
 
 import psutil
 import pytest
@@ -65,26 +68,54 @@ def test_up_answers_the_prompt_and_exits_cleanly(tiny_llama):
     assert processes_tagged(tag) == []
 
 
+def wait_for_line(stream: IO[str], needle: str, timeout: float) -> None:
+    """Read `stream` until a line holds `needle` (then keep draining it on a thread).
+
+    Fails the test if the stream ends first (the process exited) or `timeout` passes.
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            pytest.fail(f"no line with {needle!r} within {timeout:.0f} s:\n{''.join(seen)}")
+        if line is None:
+            pytest.fail(f"the output ended before a line with {needle!r}:\n{''.join(seen)}")
+        if needle in line:
+            return
+        seen.append(line)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_every_process(tiny_llama):
     proc = subprocess.Popen(
         up(tiny_llama, "--prompt", "hello", "--max-tokens", "100000", "--log-level", "INFO"),
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in proc.stderr:  # readiness from the log, not a sleep
-        if "generating" in line or time.monotonic() > deadline:
-            break
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) >= 2
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    _gone, alive = psutil.wait_procs(children, timeout=15)
-    assert not alive, [p.pid for p in alive]
+    try:
+        assert proc.stderr is not None
+        wait_for_line(proc.stderr, "generating", timeout=60)  # readiness from the log
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        _gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_cluster.contract.logs import request_id
-from mlx_cluster.worker.servicer import ComputeThread
+from mlx_cluster.worker.compute_thread import ComputeThread
 
 
 async def test_jobs_run_in_order_on_one_thread_with_the_callers_request_id():

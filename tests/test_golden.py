@@ -16,10 +16,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.generation import generate_tokens
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import local_workers
-from tests.conftest import make_pipeline
+from tests.conftest import make_engine
 
 PROMPT = [11, 52, 7, 99, 23, 64, 5, 180, 42, 8, 77, 3]
 NEW_TOKENS = 40
@@ -42,10 +41,9 @@ def reference(
 
 
 async def pipeline_run(
-    pipeline, prompt: list[int], params: SamplingParams
+    engine, prompt: list[int], params: SamplingParams
 ) -> list[tuple[int, mx.array]]:
-    async with pipeline.session() as session:
-        return [step async for step in generate_tokens(session, prompt, params)]
+    return [step async for step in engine.generate_tokens(prompt, params)]
 
 
 def assert_same(got: list[tuple[int, mx.array]], want: list[tuple[int, mx.array]]) -> None:
@@ -64,8 +62,8 @@ async def test_pipeline_matches_mlx_lm(model_factory, start_workers, model_type,
     params = SamplingParams(max_tokens=NEW_TOKENS)
     want = reference(model, PROMPT, params)
     assert len({t for t, _ in want}) > 3, "the random model should not repeat one token"
-    pipeline = await make_pipeline(model, await start_workers(len(split)), split)
-    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+    engine = await make_engine(model, await start_workers(len(split)), split)
+    assert_same(await pipeline_run(engine, PROMPT, params), want)
 
 
 @pytest.mark.parametrize("model_type, bits", [("llama", 4), ("qwen3", 8), ("qwen3_moe", 4)])
@@ -74,16 +72,16 @@ async def test_quantized_slices_match(model_factory, start_workers, model_type, 
     model = model_factory(model_type, quantize_bits=bits)
     params = SamplingParams(max_tokens=NEW_TOKENS)
     want = reference(model, PROMPT, params)
-    pipeline = await make_pipeline(model, await start_workers(3), [1, 5, 2])
-    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+    engine = await make_engine(model, await start_workers(3), [1, 5, 2])
+    assert_same(await pipeline_run(engine, PROMPT, params), want)
 
 
 async def test_bfloat16_model_matches(model_factory, start_workers):
     model = model_factory("llama", dtype="bfloat16")
     params = SamplingParams(max_tokens=NEW_TOKENS)
     want = reference(model, PROMPT, params)
-    pipeline = await make_pipeline(model, await start_workers(2), [5, 3])
-    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+    engine = await make_engine(model, await start_workers(2), [5, 3])
+    assert_same(await pipeline_run(engine, PROMPT, params), want)
 
 
 # (MLX's CPU gather_mm, which the MoE layers use, takes float32 only.)
@@ -100,8 +98,8 @@ async def test_computing_layer_by_layer_while_building_changes_nothing(
     params = SamplingParams(max_tokens=NEW_TOKENS)
     want = reference(model, PROMPT, params)
     workers = await start_workers(2, eval_every=1)
-    pipeline = await make_pipeline(model, workers, [5, 3])
-    assert_same(await pipeline_run(pipeline, PROMPT, params), want)
+    engine = await make_engine(model, workers, [5, 3])
+    assert_same(await pipeline_run(engine, PROMPT, params), want)
 
 
 async def test_logits_processors_and_chunked_prefill_match(model_factory, start_workers):
@@ -110,25 +108,24 @@ async def test_logits_processors_and_chunked_prefill_match(model_factory, start_
     prompt = [(i * 37) % 300 + 1 for i in range(50)]
     params = SamplingParams(max_tokens=32, repetition_penalty=1.3, repetition_context_size=16)
     want = reference(model, prompt, params)
-    pipeline = await make_pipeline(model, await start_workers(2), [2, 6])
-    async with pipeline.session() as session:
-        got = [s async for s in generate_tokens(session, prompt, params, prefill_step_size=16)]
+    engine = await make_engine(model, await start_workers(2), [2, 6], prefill_chunk=16)
+    got = await pipeline_run(engine, prompt, params)
     assert [t for t, _ in got] == [t for t, _ in want]
 
 
 async def test_concurrent_generations_match_alone(model_factory, start_workers):
     model = model_factory("llama")
-    pipeline = await make_pipeline(model, await start_workers(2), [3, 5])
+    engine = await make_engine(model, await start_workers(2), [3, 5])
     params = SamplingParams(max_tokens=NEW_TOKENS)
     other = [200, 13, 13, 47, 150]
-    alone_a = await pipeline_run(pipeline, PROMPT, params)
-    alone_b = await pipeline_run(pipeline, other, params)
+    alone_a = await pipeline_run(engine, PROMPT, params)
+    alone_b = await pipeline_run(engine, other, params)
     together_a, together_b = await asyncio.gather(
-        pipeline_run(pipeline, PROMPT, params), pipeline_run(pipeline, other, params)
+        pipeline_run(engine, PROMPT, params), pipeline_run(engine, other, params)
     )
     assert_same(together_a, alone_a)
     assert_same(together_b, alone_b)
-    for stage in pipeline.stages:
+    for stage in engine.chain.stages.stages:
         assert (await stage.client.info()).sessions_open == 0
 
 
@@ -141,9 +138,7 @@ async def test_subprocess_workers_match_mlx_lm(model_factory):
     async with local_workers(3) as workers:
         cluster = await Cluster.start(model, [w.address for w in workers], [1, 5, 2])
         try:
-            async with cluster.pipeline.session() as session:
-                got = [s async for s in generate_tokens(session, PROMPT, params)]
-            assert_same(got, want)
+            assert_same(await pipeline_run(cluster.engine, PROMPT, params), want)
             infos = [await s.client.info() for s in cluster.stages]
             assert [(i.layer_start, i.layer_end) for i in infos] == [(0, 1), (1, 6), (6, 8)]
         finally:
@@ -157,13 +152,12 @@ async def test_prefill_chunks_overlap_across_stages_and_match(model_factory, sta
     params = SamplingParams(max_tokens=12)
     model_obj, _ = load_model(model)
     want = list(generate_step(mx.array(prompt), model_obj, max_tokens=12, prefill_step_size=8))
-    pipeline = await make_pipeline(model, await start_workers(3), [2, 3, 3])
+    engine = await make_engine(model, await start_workers(3), [2, 3, 3], prefill_chunk=8)
     order: list[str] = []
-    pipeline.events.subscribe(lambda event: order.append(event.worker))
-    async with pipeline.session() as session:
-        got = [s async for s in generate_tokens(session, prompt, params, prefill_step_size=8)]
+    engine.chain.events.subscribe(lambda event: order.append(event.worker))
+    got = await pipeline_run(engine, prompt, params)
     assert_same(got, want)
-    names = [stage.client.name for stage in pipeline.stages]
+    names = [stage.client.name for stage in engine.chain.stages.stages]
     prefill_order = order[: 9 * 3]  # 69 tokens in 9 chunks, through 3 stages
     assert sorted(prefill_order) == sorted(names * 9)
     assert prefill_order != names * 9, "chunks went through the stages one at a time"

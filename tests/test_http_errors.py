@@ -6,6 +6,15 @@ import httpx
 import pytest
 
 from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.contract.errors import (
+    ClusterError,
+    KVCapacityExceeded,
+    MessageTooLarge,
+    SessionNotFound,
+    SessionTooLarge,
+    WorkerUnavailable,
+)
+from mlx_cluster.coordinator.api.errors import api_error
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
 
@@ -124,16 +133,52 @@ async def test_prompt_over_the_context_window_is_400_with_both_numbers(
 
 
 async def test_capacity_is_429_with_retry_after(serve_cluster):
-    url, _ = await serve_cluster(kv_budget_tokens=40)
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        reply = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 60})
-        error = assert_error(reply, 429, "capacity", "tokens needed")
-        assert reply.headers["retry-after"] == "1" and error["type"] == "rate_limit_error"
-        streamed = await http.post(
-            "/v1/chat/completions", json={**CHAT, "max_tokens": 60, "stream": True}
-        )
-        assert_error(streamed, 429, "capacity")
+    """KV full right now: another request holds the budget; room comes back when it ends."""
+    kv = {"budget_tokens": 1024, "max_session_tokens": 1024}
+    url, cluster = await serve_cluster(settings=LimitsConfig(queue_length=0), kv=kv)
+    no_end = {str(cluster.tokenizer.eos_token_id): -100}  # it runs to max_tokens
+    holder = {"prompt": "the river", "max_tokens": 1000, "logit_bias": no_end, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+        http.stream("POST", "/generate", json=holder) as held,
+    ):
+        lines = held.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")  # generating: its KV is reserved
+        for stream in (False, True):
+            body = {**CHAT, "max_tokens": 60, "stream": stream}
+            reply = await http.post("/v1/chat/completions", json=body)
+            error = assert_error(reply, 429, "capacity", "tokens needed", "of 1024 free")
+            assert reply.headers["retry-after"] == "1" and error["type"] == "rate_limit_error"
+            assert error["code"] == "capacity_exceeded"
+        assert [line async for line in lines if line][-1] == "data: [DONE]"  # it ran on
         await assert_serves(http)
+
+
+async def test_session_larger_than_the_kv_budget_is_400_with_both_numbers(serve_cluster):
+    """A request that can never fit (a worker holds less KV than planned) is the client's 400."""
+    url, cluster = await serve_cluster()
+    stage = cluster.stages[1]  # as if restarted with a smaller budget than the plan's
+    await stage.client.load_layers(str(cluster.model), stage.layers.start, stage.layers.end, 64)
+    needed = len(cluster.encode("hi", chat=True)) + 100
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for stream in (False, True):
+            body = {**CHAT, "max_tokens": 100, "stream": stream}
+            reply = await http.post("/v1/chat/completions", json=body)
+            error = assert_error(reply, 400, f"needs {needed} tokens", "KV budget is 64")
+            assert error["code"] == "context_length_exceeded"
+            assert error["type"] == "invalid_request_error" and "retry-after" not in reply.headers
+        await assert_serves(http)  # a short request still fits
+
+
+async def test_message_over_the_grpc_limit_is_500_naming_the_setting(serve_cluster):
+    """A prefill over the workers' gRPC message limit: a setting to raise, no client error."""
+    url, _ = await serve_cluster(max_message_bytes=16384)
+    long_prompt = "the river runs past the hills and the road " * 40
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        reply = await http.post("/generate", json={"prompt": long_prompt, "max_tokens": 2})
+        error = assert_error(reply, 500, "vs. 16384", "limits.max_message_mb")
+        assert error["code"] == "message_too_large" and error["type"] == "server_error"
+        await assert_serves(http)  # short prompts stay under the limit
 
 
 async def test_timeout_is_504_and_frees_sessions(serve_cluster):
@@ -157,10 +202,48 @@ async def test_worker_down_is_503_and_health_degraded(serve_cluster, start_worke
         await assert_serves(http)
         await start_workers.servers[cluster.stages[1].client.address].stop(grace=None)
         reply = await http.post("/v1/chat/completions", json=CHAT)
-        assert_error(reply, 503, "worker")
+        error = assert_error(reply, 503, "worker")
+        assert error["code"] == "worker_unavailable" and error["type"] == "server_error"
         health = await http.get("/health")
         assert health.status_code == 503
         body = health.json()
         assert body["status"] == "degraded"
         assert [w["status"] for w in body["workers"]] == ["ok", "unavailable"]
         assert (await http.get("/")).status_code == 200  # the coordinator itself keeps serving
+
+
+WORKER = "worker worker-1: "
+
+
+@pytest.mark.parametrize(
+    "failure, status, kind, code",
+    [
+        (KVCapacityExceeded(f"{WORKER}KV cache budget full: 90 tokens needed, 10 of 64 free"),
+         429, "rate_limit_error", "capacity_exceeded"),
+        (SessionTooLarge(f"{WORKER}session 's1' needs 90 tokens, the KV budget is 64"),
+         400, "invalid_request_error", "context_length_exceeded"),
+        (MessageTooLarge(f"{WORKER}Received message larger than max (9000000 vs. 4194304)"),
+         500, "server_error", "message_too_large"),
+        (WorkerUnavailable(f"{WORKER}failed to connect"),
+         503, "server_error", "worker_unavailable"),
+        (SessionNotFound(f"{WORKER}session 's1' not found"),
+         503, "server_error", "worker_unavailable"),
+        (TimeoutError(), 504, "server_error", "timeout"),
+        (ClusterError(f"{WORKER}something broke"), 502, "server_error", "worker_error"),
+        (RuntimeError("a bug"), 500, "server_error", "internal_error"),
+    ],
+)  # fmt: skip
+def test_each_failure_has_its_status_and_shape(failure, status, kind, code):
+    error = api_error(failure)
+    assert (error.status, error.type, error.code) == (status, kind, code)
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    assert ("Retry-After" in error.headers) == (status == 429)
+    if isinstance(failure, ClusterError):
+        assert str(failure) in error.message  # the worker's numbers reach the client
+
+
+def test_message_too_large_names_the_limit_once():
+    bare = api_error(MessageTooLarge(f"{WORKER}Received message larger than max (9 vs. 4)"))
+    assert "limits.max_message_mb" in bare.message and "(9 vs. 4)" in bare.message
+    advised = MessageTooLarge(f"{WORKER}larger than max (9 vs. 4){MessageTooLarge.advice}")
+    assert api_error(advised).message.count("limits.max_message_mb") == 1

@@ -220,6 +220,18 @@ def test_plan_for_config_maps_kv_and_manual_layers():
     assert result.workers[1].memory_bytes_used == GB + GB // 1000 + GB // 2
 
 
+def test_an_explicit_kv_budget_is_every_workers_and_must_hold_one_session():
+    spec = {"model": "m", "workers": ["a:1", "b:1"], "kv": {"max_session_tokens": 512}}
+    facts = uniform(4, kv_per_token=1000)
+    spec["kv"]["budget_tokens"] = 2048  # type: ignore[index]
+    result = plan_for_config(facts, ClusterConfig.model_validate(spec), workers([8, 8]))
+    assert [w.kv_tokens for w in result.workers] == [2048, 2048]
+    assert result.context_tokens == 512
+    spec["kv"]["budget_tokens"] = 300  # type: ignore[index]
+    with pytest.raises(PlanError, match=r"kv.budget_tokens \(300\) cannot hold one session of 512"):
+        plan_for_config(facts, ClusterConfig.model_validate(spec), workers([8, 8]))
+
+
 # --- property: every layer exactly once --------------------------------------------------------
 
 
@@ -313,11 +325,14 @@ def test_plan_command_needs_memory_for_every_worker(model_factory, tmp_path, cap
     assert "workers[1] (mini) has no memory_gb" in err
 
 
-def test_plan_command_needs_a_local_model(tmp_path, capsys):
+def test_plan_command_names_a_model_it_cannot_find(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path))  # an empty model cache
     config = tmp_path / "cluster.yaml"
     config.write_text("model: org/some-model\nworkers: ['a:1']\n")
-    assert _run(["plan", "--config", str(config)]) == 2
-    assert "'org/some-model' is not a local directory" in capsys.readouterr().err
+    assert _run(["plan", "--config", str(config)]) == 2  # HF_HUB_OFFLINE=1 in tests
+    err = capsys.readouterr().err
+    assert "'org/some-model' is not in the Hugging Face cache, and HF_HUB_OFFLINE is set" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["plan", "config show", "coordinator"])

@@ -108,7 +108,7 @@ def sessions_opened(caplog: pytest.LogCaptureFixture) -> int:
     ],
 )
 async def test_bad_ids_are_refused_before_any_session(cluster, caplog, prompt, kwargs, message):
-    assert cluster.pipeline.edges.vocab_size == VOCAB
+    assert cluster.vocab_size == VOCAB
     with caplog.at_level(logging.INFO, logger="mlx_cluster.worker.servicer"):
         with pytest.raises(InvalidArgument) as caught:
             await generate(cluster, prompt, **kwargs)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_cluster.contract.errors import InvalidArgument, KVCapacityExceeded, SessionNotFound
-from mlx_cluster.worker.sessions import SessionStore
+from mlx_cluster.contract.errors import (
+    InvalidArgument,
+    KVCapacityExceeded,
+    SessionNotFound,
+    SessionTooLarge,
+)
+from mlx_cluster.worker.sessions import SessionStore, StoreTotals
 
 
 class Clock:
@@ -63,10 +68,55 @@ def test_idle_sessions_are_evicted_after_the_ttl():
 
 
 def test_session_ids_are_checked():
-    with pytest.raises(InvalidArgument, match="1 to 128 characters, got 0"):
+    with pytest.raises(InvalidArgument, match="1 to 128 printable characters, got 0"):
         store().open("", 0)
-    with pytest.raises(InvalidArgument, match="got 129"):
+    with pytest.raises(InvalidArgument, match=r"got 129 characters$"):
         store().open("x" * 129, 0)
+    with pytest.raises(InvalidArgument, match="got 3 characters, some of them control"):
+        store().open("a\nb", 0)
+
+
+def test_a_session_larger_than_the_whole_budget_is_too_large_not_a_full_budget():
+    s = store(capacity=100)
+    with pytest.raises(
+        SessionTooLarge, match="session 'big' needs 101 tokens, the KV budget is 100"
+    ):
+        s.open("big", reserve=101)
+    a = s.open("a", reserve=0)
+    s.check_step([a], [0], 60)
+    s.advance(a, 60)
+    with pytest.raises(SessionTooLarge, match="needs 101 tokens, the KV budget is 100"):
+        s.check_step([a], [60], 41)
+    b = s.open("b", reserve=40)
+    with pytest.raises(KVCapacityExceeded):  # fits once others end: full right now
+        s.check_step([a], [60], 1)
+    s.end(["b"])
+    s.check_step([a], [60], 40)
+    assert b.session_id == "b" and s.used == 60
+
+
+def test_totals_follow_every_change():
+    s = store(capacity=100)
+    a = s.open("a", reserve=10)
+    b = s.open("b", reserve=0)
+    s.advance(b, 25)
+    s.advance(a, 5)  # within its reservation: still charged 10
+    assert s.totals() == StoreTotals(sessions=2, used=35, capacity=100)
+    s.truncate("b", 5)
+    assert s.totals().used == 15
+    s.end(["a", "nobody"])
+    assert s.totals() == StoreTotals(sessions=1, used=5, capacity=100) and s.used == 5
+
+
+def test_sessions_end_with_their_lease_or_their_forward_call():
+    s = store()
+    s.open("mine", 0, lease_id="L")
+    s.open("theirs", 0, lease_id="M")
+    s.open("stepped", 0)
+    s.advance(s.get("stepped"), 1, stream_id=7)
+    assert s.end_lease("L") == ["mine"]
+    assert s.end_stream(7) == ["stepped"] and s.end_stream(7) == []
+    assert s.totals().sessions == 1 and s.get("theirs").lease_id == "M"
 
 
 def test_sessions_are_bounded_in_number():

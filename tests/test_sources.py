@@ -1,4 +1,5 @@
-"""Model sources: local directories, and model ids in a Hugging Face cache (offline or fetched)."""
+"""Model sources: local directories, names `models list` shows, and Hugging Face model ids
+(cached, offline, or fetched)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ import pytest
 
 from mlx_cluster.models import sources
 from mlx_cluster.models.shards import shards_for, weight_map
-from mlx_cluster.models.sources import ModelNotAvailable, resolve_model
+from mlx_cluster.models.sources import ModelNotAvailable, local_models, resolve_model
 
 REPO = "test-org/tiny"
 
 
-def hf_cache(tmp_path: Path, model: Path) -> Path:
-    """A Hugging Face cache holding `model` as the snapshot of REPO."""
+def hf_cache(tmp_path: Path, model: Path, repo_id: str = REPO) -> Path:
+    """A Hugging Face cache (`tmp_path/hub`) holding `model` as the snapshot of `repo_id`."""
     cache = tmp_path / "hub"
-    repo = cache / "models--test-org--tiny"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / "0123abcd"
     shutil.copytree(model, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     return cache
+
+
+def imported(home: Path, model: Path, name: str) -> Path:
+    """`model` as if `mlx-cluster models import-gguf` had put it in our cache under `name`."""
+    return Path(shutil.copytree(model, home / "models" / name))
 
 
 class FakeHub:
@@ -50,6 +56,9 @@ class FakeHub:
         path = self.local / filename
         return str(path) if path.exists() else None
 
+    def cached_repos(self) -> dict[str, Path]:
+        return {}
+
 
 @pytest.fixture
 def sharded(model_factory) -> Path:
@@ -60,9 +69,40 @@ def test_a_directory_is_used_as_it_is(tiny_llama):
     assert resolve_model(str(tiny_llama)) == tiny_llama
 
 
-def test_neither_directory_nor_id():
-    with pytest.raises(ModelNotAvailable, match="neither a directory nor a model id"):
-        resolve_model("/no/such/dir")
+def test_neither_directory_nor_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path))
+    hub = sources.HuggingFaceHub(str(tmp_path / "hub"))
+    with pytest.raises(ModelNotAvailable, match=r"neither a directory.* no models here"):
+        resolve_model("/no/such/dir", hub=hub)
+
+
+# --- names `mlx-cluster models list` shows -----------------------------------------------
+
+
+def test_every_listed_name_resolves_to_its_directory(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path))
+    mine = imported(tmp_path, tiny_llama, "tiny")
+    hub = sources.HuggingFaceHub(str(hf_cache(tmp_path, tiny_llama, "test-org/tiny-llama")))
+    listed = local_models(hub)
+    assert [m.name for m in listed] == ["tiny", "test-org/tiny-llama"]
+    for model in listed:
+        assert resolve_model(model.name, hub=hub, offline=True) == model.path
+    assert resolve_model("tiny", hub=hub) == mine
+    # The last part of a cached id is enough when it names one model.
+    assert resolve_model("tiny-llama", hub=hub, offline=True) == listed[1].path
+
+
+def test_unknown_and_ambiguous_names_list_what_there_is(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path))
+    imported(tmp_path, tiny_llama, "tiny")
+    hf_cache(tmp_path, tiny_llama, "org-a/same")
+    hub = sources.HuggingFaceHub(str(hf_cache(tmp_path, tiny_llama, "org-b/same")))
+    with pytest.raises(ModelNotAvailable, match=r"3 model.s. here: tiny, org-a/same, org-b/same"):
+        resolve_model("nope", hub=hub, offline=True)
+    with pytest.raises(ModelNotAvailable, match=r"ambiguous: 2 .*: org-a/same, org-b/same"):
+        resolve_model("same", hub=hub, offline=True)
+    with pytest.raises(ModelNotAvailable, match=r"not in the Hugging Face cache.*3 model"):
+        resolve_model("org-c/same", hub=hub, offline=True)
 
 
 def test_offline_uses_the_cache(tmp_path, sharded):

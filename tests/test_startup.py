@@ -81,11 +81,11 @@ async def test_a_worker_that_restarts_empty_gets_its_slice_again(
         reborn = await create_server(f"127.0.0.1:{port}", WorkerSettings(name="reborn"))
         try:
             assert (await victim.info()).layer_end == 0  # empty after the restart
-            await cluster.supervisor.check_all()
+            await cluster.stage_manager.check_all()
             info = await victim.info()
             assert (info.layer_start, info.layer_end) == (4, 8)
             assert info.kv_capacity_tokens == cluster.plan.workers[1].kv_tokens
-            assert cluster.supervisor.reloads == 1
+            assert cluster.stage_manager.reloads == 1
             chunks = [c async for c in cluster.generate("the river", SamplingParams(max_tokens=4))]
             assert chunks[-1].finish_reason in {"stop", "length"}
         finally:

@@ -26,7 +26,7 @@ from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import create_server
-from tests.conftest import WorkerPool, make_pipeline
+from tests.conftest import WorkerPool, make_engine
 from tests.test_golden import PROMPT, assert_same, pipeline_run
 
 SPLIT = [3, 5]
@@ -59,8 +59,8 @@ async def test_unix_socket_pipeline_gives_the_tcp_pipelines_tokens(
 ):
     assert all(c.address.startswith("unix:") for c in unix_workers)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    over_tcp = await make_pipeline(tiny_llama, await start_workers(len(SPLIT)), SPLIT)
-    over_unix = await make_pipeline(tiny_llama, unix_workers, SPLIT)
+    over_tcp = await make_engine(tiny_llama, await start_workers(len(SPLIT)), SPLIT)
+    over_unix = await make_engine(tiny_llama, unix_workers, SPLIT)
     want = await pipeline_run(over_tcp, PROMPT, params)
     assert len({t for t, _ in want}) > 3, "the random model should not repeat one token"
     assert_same(await pipeline_run(over_unix, PROMPT, params), want)

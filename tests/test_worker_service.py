@@ -11,6 +11,8 @@ from mlx_cluster.contract.errors import (
     ERROR_KIND_KEY,
     WIRE_ERRORS,
     ClusterError,
+    KVCapacityExceeded,
+    MessageTooLarge,
     NotLoaded,
     OffsetMismatch,
     WorkerUnavailable,
@@ -18,7 +20,7 @@ from mlx_cluster.contract.errors import (
 )
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 HIDDEN = 64  # the tiny models' hidden size
 
@@ -84,8 +86,12 @@ async def test_info_reports_slice_and_capabilities(worker):
     assert (info.layer_start, info.layer_end, info.model_num_layers) == (2, 6, 8)
     assert info.model == str(model) and info.hidden_size == HIDDEN and info.dtype == "float32"
     assert info.capabilities.memory_total_bytes > 0 and info.capabilities.cpu_cores >= 1
-    assert info.capabilities.device_kind in {"cpu", "gpu"} and info.protocol_version == 1
+    assert info.capabilities.device_kind in {"cpu", "gpu"}
+    assert info.protocol_version == PROTOCOL_VERSION
     assert info.kv_capacity_tokens == 100 and info.weight_bytes > 0
+    limits = info.limits
+    assert (limits.kv_budget_tokens, limits.max_batch, limits.max_sessions) == (100, 256, 256)
+    assert limits.max_message_bytes == MAX_MESSAGE_BYTES and limits.session_ttl_s == 600
 
 
 async def test_unknown_session_is_not_found(worker):
@@ -144,9 +150,9 @@ async def test_load_layers_outside_model_is_invalid(worker):
         stub.LoadLayers(pb.LoadLayersRequest(model="/no/such/model", start=0, end=1)),
         "/no/such/model",
     )
-    # The failed loads dropped the old slice: load one again, then serve.
+    # The failed loads kept the slice held (tests/test_load_layers.py has more).
     reply = await stub.LoadLayers(pb.LoadLayersRequest(model=str(worker[1]), start=2, end=6))
-    assert reply.reloaded
+    assert not reply.reloaded
     await assert_still_serves(stub)
 
 
@@ -258,6 +264,20 @@ def test_a_status_without_a_kind_is_read_by_code_only_where_one_error_has_it():
     # gRPC's own statuses carry no kind: an unreachable worker is still WorkerUnavailable.
     unavailable = error_from_status(grpc.StatusCode.UNAVAILABLE, "connection refused", "w")
     assert type(unavailable) is WorkerUnavailable
+    # ... and its RESOURCE_EXHAUSTED is a message over the size limit, not a full KV budget.
+    details = "Received message larger than max (4194405 vs. 4096)"
+    too_large = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, details, "w")
+    assert type(too_large) is MessageTooLarge and "limits.max_message_mb" in str(too_large)
+    full = [(ERROR_KIND_KEY, KVCapacityExceeded.kind)]
+    assert type(error_from_status(too_large.code, "full", "w", full)) is KVCapacityExceeded
+    # gRPC core's INTERNAL (a write to the stream of a worker that just died) is a lost
+    # worker, which recovery replays; a worker's own internal error names its kind.
+    core = error_from_status(grpc.StatusCode.INTERNAL, "Internal error from Core", "w")
+    assert type(core) is WorkerUnavailable
+    own = [(ERROR_KIND_KEY, ClusterError.kind)]
+    assert (
+        type(error_from_status(grpc.StatusCode.INTERNAL, "layers failed", "w", own)) is ClusterError
+    )
 
 
 async def test_truncate_then_replay_gives_the_same_output(worker):
@@ -353,3 +373,9 @@ async def test_messages_over_the_configured_size_are_refused(start_workers, tiny
     )
     await assert_still_serves(stub)
     await channel.close()
+    # The coordinator's client tells it from a full KV budget.
+    await client.open_session("t")
+    stream = client.open_stream(timeout=10)
+    with pytest.raises(MessageTooLarge, match="max_message_mb"):
+        await stream.step(["t"], mx.ones((1, 32, HIDDEN)), [0])
+    await stream.close()

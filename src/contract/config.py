@@ -118,6 +118,7 @@ class KVConfig(_Strict):
     memory_gb: float | None = Field(default=None, gt=0)  # KV memory per worker, over fraction
     memory_fraction: float = Field(default=0.5, gt=0, le=1)  # of free memory after weights
     session_ttl_s: float = Field(default=600.0, gt=0)  # idle sessions are dropped after this
+    budget_tokens: int | None = Field(default=None, gt=0)  # each worker's KV; None: from memory
 
 
 class LimitsConfig(_Strict):

@@ -21,6 +21,7 @@ class ClusterError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     kind: str = "internal"  # sent as trailing metadata under ERROR_KIND_KEY; fixed on the wire
+    advice: str = ""  # added to a status gRPC raised itself, which names no kind
 
 
 class InvalidArgument(ClusterError, ValueError):
@@ -62,10 +63,30 @@ class OffsetMismatch(ClusterError):
 
 
 class KVCapacityExceeded(ClusterError):
-    """The KV budget cannot hold the tokens asked for."""
+    """The KV budget is full right now: the tokens asked for fit once other sessions end."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     kind = "kv_capacity_exceeded"
+
+
+class SessionTooLarge(ClusterError):
+    """A session needs more tokens than the whole KV budget: it never fits, whatever ends."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "session_too_large"
+
+
+class MessageTooLarge(ClusterError):
+    """A message is over a gRPC size limit (the coordinator's limits.max_message_mb, or the
+    worker's --max-message-mb)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "message_too_large"
+    # gRPC's own status names only the numbers: say which settings they are.
+    advice = (
+        " (a message over the gRPC size limit: raise limits.max_message_mb on the "
+        "coordinator and --max-message-mb on the workers together)"
+    )
 
 
 class WorkerUnavailable(ClusterError):
@@ -82,6 +103,13 @@ class Unauthenticated(ClusterError):
     kind = "unauthenticated"
 
 
+class ProtocolMismatch(ClusterError):
+    """A worker speaks another protocol version than this coordinator (raised by the client)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "protocol_mismatch"
+
+
 # A worker that failed this way lost a session's state: replaying the session restores it.
 RECOVERABLE = (WorkerUnavailable, SessionNotFound, NotLoaded, OffsetMismatch)
 
@@ -96,15 +124,25 @@ WIRE_ERRORS: tuple[type[ClusterError], ...] = (
     NotLoaded,
     OffsetMismatch,
     KVCapacityExceeded,
+    SessionTooLarge,
+    MessageTooLarge,
     WorkerUnavailable,
     Unauthenticated,
 )
 _BY_KIND = {cls.kind: cls for cls in WIRE_ERRORS}
 
 # Statuses that name no kind come from gRPC itself (an unreachable worker, a message over
-# the size limit) or from the token check: read those by code where one error alone has it.
+# the size limit) or from the token check: read those by code where one error alone has it,
+# and RESOURCE_EXHAUSTED as gRPC's only use of it, a message over the size limit.
 _CODE_USES = Counter(cls.code for cls in WIRE_ERRORS)
-_BY_CODE = {cls.code: cls for cls in WIRE_ERRORS if _CODE_USES[cls.code] == 1}
+# INTERNAL with no kind is gRPC's own ("Internal error from Core"), e.g. writing to the
+# stream of a worker that just died: the worker is gone, as with UNAVAILABLE. (A worker's
+# own internal error names its kind, "internal", and stays a plain ClusterError.)
+_BY_CODE: dict[grpc.StatusCode, type[ClusterError]] = {
+    **{cls.code: cls for cls in WIRE_ERRORS if _CODE_USES[cls.code] == 1},
+    grpc.StatusCode.RESOURCE_EXHAUSTED: MessageTooLarge,
+    grpc.StatusCode.INTERNAL: WorkerUnavailable,
+}
 
 
 def error_metadata(exc: ClusterError) -> tuple[tuple[str, str], ...]:
@@ -125,8 +163,10 @@ def error_from_status(
     """
     kinds = [value for key, value in metadata or () if key == ERROR_KIND_KEY]
     cls = _BY_KIND.get(str(kinds[0])) if kinds else None
+    if kinds and cls is None:  # a kind that has no class of its own, e.g. "internal"
+        cls = ClusterError
     if cls is None or cls.code != code:  # no kind, or one that does not travel as this code
         cls = _BY_CODE.get(code, ClusterError)
-    err = cls(f"worker {worker}: {details}")
+    err = cls(f"worker {worker}: {details}{'' if kinds else cls.advice}")
     err.code = code
     return err

@@ -11,6 +11,7 @@ its sliding window if it has one. Sizes are in bytes; GB in messages is 1e9 byte
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json as jsonlib
 import math
@@ -313,12 +314,14 @@ def plan_for_config(
     """`plan_layers` with a cluster config's context, KV, reserve and manual layers.
 
     The planned context is kv.max_session_tokens, capped by kv.max_sequence_length
-    (or the model's context when that is unset).
+    (or the model's context when that is unset). `kv.budget_tokens`, when set, is
+    every worker's KV budget instead of one sized from memory; it must hold one
+    session of the planned context.
     """
     kv = config.kv
     context = min(kv.max_session_tokens, kv.max_sequence_length or facts.max_context)
     pairs = [w.layers for w in config.workers if w.layers is not None]
-    return plan_layers(
+    planned = plan_layers(
         facts,
         workers,
         context_tokens=context,
@@ -327,6 +330,17 @@ def plan_for_config(
         kv_fraction=kv.memory_fraction,
         kv_budget_bytes=None if kv.memory_gb is None else int(kv.memory_gb * GB),
     )
+    if kv.budget_tokens is None:
+        return planned
+    if kv.budget_tokens < planned.context_tokens:
+        raise PlanError(
+            f"kv.budget_tokens ({kv.budget_tokens}) cannot hold one session of "
+            f"{planned.context_tokens} tokens (kv.max_session_tokens, capped by the model's "
+            "context): lower kv.max_session_tokens or raise the budget"
+        )
+    # An explicit budget replaces the one sized from memory (memory is not re-checked).
+    budgeted = [dataclasses.replace(w, kv_tokens=kv.budget_tokens) for w in planned.workers]
+    return dataclasses.replace(planned, workers=budgeted)
 
 
 def _size_worker(

@@ -9,7 +9,8 @@ keepalive pings its clients send.
 from __future__ import annotations
 
 # Bumped when a message changes incompatibly; workers report it in Info.
-PROTOCOL_VERSION = 1
+# 2: Info reports the worker's limits; sessions belong to a coordinator's Lease.
+PROTOCOL_VERSION = 2
 
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -18,6 +19,11 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # unanswered this long: a dead worker is noticed in about 40 s, not at the TCP timeout.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+# Servers ping their clients too: a coordinator host that vanished without closing its
+# connections (power loss, a cut cable) is noticed in about 10 s, and its lease with it.
+SERVER_KEEPALIVE_TIME_MS = 5_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 5_000
 
 
 def client_channel_options(
@@ -59,6 +65,11 @@ def server_options(
         ("grpc.http2.min_ping_interval_without_data_ms", client_keepalive_time_ms // 2),
         # Clients ping between requests too (keepalive_permit_without_calls above).
         ("grpc.keepalive_permit_without_calls", 1),
+        # The server's own pings: a dead client host cancels its calls (its Lease among
+        # them) within seconds; without data in between, as many pings as it takes.
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

@@ -35,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlx_cluster.contract.auth import load_api_keys
     from mlx_cluster.contract.config import ConfigError, load_config
-    from mlx_cluster.coordinator.engine.startup import start_from_config
+    from mlx_cluster.contract.errors import ClusterError
+    from mlx_cluster.contract.plan import PlanError
+    from mlx_cluster.coordinator.engine.startup import StartupError, start_from_config
+    from mlx_cluster.models.sources import ModelNotAvailable
     from mlx_cluster.serving import serve_http
 
     try:
@@ -57,16 +60,16 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main() -> int:
-        cluster = await start_from_config(config)
         try:
-            await serve_http(
-                cluster,
-                config.coordinator.http_listen,
-                config.limits,
-                config.coordinator.cors_origins,
-                config.coordinator.shutdown_grace_s,
-                api_keys,
-            )
+            cluster = await start_from_config(config)
+        except (ModelNotAvailable, PlanError, StartupError) as exc:  # the spec cannot run
+            print(f"mlx-cluster coordinator: {exc}", file=sys.stderr)
+            return 2
+        except ClusterError as exc:  # workers unreachable, refusing the token, ...
+            print(f"mlx-cluster coordinator: cannot start: {exc}", file=sys.stderr)
+            return 1
+        try:
+            await serve_http(cluster, api_keys)
         finally:
             await cluster.close()
         return 0

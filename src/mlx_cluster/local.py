@@ -175,5 +175,5 @@ async def _started(
         codes = await asyncio.shield(asyncio.gather(*(_stop(w.process) for w in workers)))
         workers.exit_codes = list(codes)
         for worker, code in zip(workers, codes, strict=True):
-            if code != 0:
-                log.error("%s exited with code %d", worker.name, code)
+            level = logging.INFO if code == 0 else logging.ERROR
+            log.log(level, "%s (pid %d) exited with code %d", worker.name, worker.process.pid, code)

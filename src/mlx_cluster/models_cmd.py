@@ -65,22 +65,9 @@ def describe(name: str, path: Path) -> CachedModel:
 
 def cached_models() -> list[CachedModel]:
     """Models imported into our cache, then models in the Hugging Face cache."""
-    from mlx_cluster.models.demo import model_cache_dir
+    from mlx_cluster.models.sources import local_models
 
-    found = []
-    root = model_cache_dir()
-    if root.is_dir():
-        found += [describe(d.name, d) for d in sorted(root.iterdir()) if d.is_dir()]
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
-            if repo.repo_type == "model" and repo.revisions:
-                newest = max(repo.revisions, key=lambda r: r.last_modified)
-                found.append(describe(repo.repo_id, Path(newest.snapshot_path)))
-    except Exception:  # no Hugging Face cache here: nothing to list from it
-        pass
-    return found
+    return [describe(m.name, m.path) for m in local_models()]
 
 
 def _list() -> int:

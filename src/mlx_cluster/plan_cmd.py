@@ -2,6 +2,8 @@
 
 `plan` sizes the model from its config.json and safetensors headers and takes
 each worker's memory from the config's `memory_gb`, so it runs on any machine.
+The model is found as every command finds it (`resolve_model`), with the files the
+coordinator has (metadata, embedding, norm and head), so both make the same plan.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory or id (overrides `model`)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory, name from `mlx-cluster models list`, or Hugging Face id "
+        "(overrides `model`)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -83,14 +90,9 @@ def capacities_from_config(config: ClusterConfig) -> list[WorkerCapacity]:
 
 def _plan(loaded: LoadedConfig, as_json: bool) -> str:
     from mlx_cluster.models.inspect import model_facts
+    from mlx_cluster.models.sources import resolve_model
 
-    model = Path(loaded.config.model)
-    if not model.is_dir():
-        raise PlanError(
-            f"model {loaded.config.model!r} is not a local directory; `mlx-cluster plan` "
-            "reads config.json and safetensors headers from disk"
-        )
-    facts = model_facts(model)
+    facts = model_facts(resolve_model(loaded.config.model, edges=True))
     plan = plan_for_config(facts, loaded.config, capacities_from_config(loaded.config))
     return render_plan(plan, json=as_json)
 
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(_plan(loaded, args.json))
         else:
             print(render_config(loaded))
-    except (ValueError, OSError) as exc:  # ConfigError, PlanError, unreadable model
+    except (ValueError, OSError) as exc:  # ConfigError, PlanError, unknown or unreadable model
         print(f"mlx-cluster {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,6 @@ import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.cluster import Cluster
@@ -24,23 +23,19 @@ def _on_signals(callback: Any) -> None:
             loop.add_signal_handler(sig, callback)
 
 
-async def serve_http(
-    cluster: Cluster,
-    listen: str,
-    limits: LimitsConfig | None = None,
-    cors_origins: Sequence[str] = (),
-    shutdown_grace_s: float = 30.0,
-    api_keys: Sequence[str] = (),
-) -> None:
+async def serve_http(cluster: Cluster, api_keys: Sequence[str] = ()) -> None:
     """Serve the HTTP API until SIGINT/SIGTERM; requests in flight get the grace period.
 
-    With `api_keys`, requests need `Authorization: Bearer KEY` (see coordinator.auth).
+    Where and how come from the cluster's spec (`coordinator`, `limits`). With
+    `api_keys`, requests need `Authorization: Bearer KEY` (see coordinator.api.auth).
     """
-    host, port = listen.rsplit(":", 1)
-    app = create_app(cluster, limits, cors_origins, api_keys)
+    settings = cluster.config.coordinator
+    shutdown_grace_s = settings.shutdown_grace_s
+    host, port = settings.http_listen.rsplit(":", 1)
+    app = create_app(cluster, cluster.config.limits, settings.cors_origins, api_keys)
     server = HttpServer(app, host, int(port), shutdown_grace_s=shutdown_grace_s)
     await server.start()
-    cluster.supervisor.start()
+    cluster.stage_manager.supervise()
     log.warning("serving %s on %s", cluster.model_id, server.url)
     stop = asyncio.Event()
     _on_signals(stop.set)

@@ -23,7 +23,10 @@ log = logging.getLogger("mlx_cluster")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run a whole cluster on this host")
     p.add_argument(
-        "--model", type=Path, default=None, help="model directory (default: the bundled demo model)"
+        "--model",
+        default=None,
+        help="model directory, name from `mlx-cluster models list`, or Hugging Face id "
+        "(default: the bundled demo model)",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes to start")
     p.add_argument(
@@ -47,12 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "default: every worker sees every GPU",
     )
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (else serve HTTP)")
-    p.add_argument("--listen", default="127.0.0.1:8100", help="HTTP address when serving")
+    p.add_argument(
+        "--listen", default=None, help="HTTP address when serving (default 127.0.0.1:8100)"
+    )
     p.add_argument(
         "--shutdown-grace",
         type=float,
-        default=30.0,
-        help="on SIGTERM, seconds requests in flight may take before they end with an error",
+        default=None,
+        help="on SIGTERM, seconds requests in flight may take before they end with an error "
+        "(default 30)",
     )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -103,10 +109,10 @@ async def _answer(args: argparse.Namespace, cluster: object) -> None:
 
 async def _up(args: argparse.Namespace, model: Path) -> int:
     from mlx_cluster.coordinator.engine.cluster import Cluster
+    from mlx_cluster.coordinator.engine.startup import local_spec
     from mlx_cluster.local import local_workers
     from mlx_cluster.serving import serve_http
 
-    counts = args.layers
     worker_args = ["--log-level", args.log_level or "WARNING"]
     token = secrets.token_urlsafe(32)  # a new cluster token each run, even on loopback
     async with local_workers(
@@ -116,13 +122,20 @@ async def _up(args: argparse.Namespace, model: Path) -> int:
         transport=args.transport,
         gpus=args.gpus,
     ) as workers:
-        addresses = [w.address for w in workers]
-        cluster = await Cluster.start(model, addresses, counts, token=token)
+        coordinator = {"http_listen": args.listen, "shutdown_grace_s": args.shutdown_grace}
+        spec = local_spec(
+            model,
+            [w.address for w in workers],
+            args.layers,
+            auth={"token": token},
+            coordinator={k: v for k, v in coordinator.items() if v is not None},
+        )
+        cluster = await Cluster.from_config(spec)
         try:
             if args.prompt is not None:
                 await _answer(args, cluster)
             else:
-                await serve_http(cluster, args.listen, shutdown_grace_s=args.shutdown_grace)
+                await serve_http(cluster)
         finally:
             await cluster.close()
     return 0 if workers.clean_exit else 1
@@ -138,9 +151,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model = args.model
-    if model is None:
-        from mlx_cluster.models.demo import ensure_demo_model
+    from mlx_cluster.models.demo import DEMO_MODEL_NAME
+    from mlx_cluster.models.sources import EVERY_LAYER, ModelNotAvailable, resolve_model
 
-        model = ensure_demo_model()
+    try:
+        model = resolve_model(args.model or DEMO_MODEL_NAME, layers=EVERY_LAYER, edges=True)
+    except ModelNotAvailable as exc:
+        print(f"mlx-cluster up: {exc}", file=sys.stderr)
+        return 2
     return run_until_signal(_up(args, model))

@@ -1,31 +1,77 @@
 """`mlx-cluster worker`: serve a slice of a model's layers over gRPC.
 
 The cluster token comes from `--token-file` or else the environment variable
-MLX_CLUSTER_AUTH__TOKEN (never a flag, so it stays out of `ps`).
+MLX_CLUSTER_AUTH__TOKEN (never a flag, so it stays out of `ps`). The settings
+flags default to None: WorkerSettings holds the defaults and checks what is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import socket
 import sys
+from typing import NamedTuple
+
+from pydantic import ValidationError
 
 from mlx_cluster.contract.auth import TOKEN_ENV, TlsFiles, load_secret
 from mlx_cluster.contract.config import ConfigError
 from mlx_cluster.contract.logs import setup_logging
+from mlx_cluster.worker.settings import MIB, WorkerSettings
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+class SettingFlag(NamedTuple):
+    """A flag that sets one WorkerSettings field."""
+
+    flag: str
+    field: str
+    type: type[int] | type[float]
+    unit: int  # the field's value for 1 of the flag's (MiB -> bytes)
+    help: str
+
+
+SETTING_FLAGS = (
+    SettingFlag(
+        "--kv-budget-tokens",
+        "kv_budget_tokens",
+        int,
+        1,
+        "cached tokens over all sessions, unless the coordinator sets it",
+    ),
+    SettingFlag(
+        "--session-ttl",
+        "session_ttl_s",
+        float,
+        1,
+        "seconds an idle session keeps its cache, unless the coordinator sets it",
+    ),
+    SettingFlag("--max-sessions", "max_sessions", int, 1, "sessions open at once"),
+    SettingFlag("--max-batch", "max_batch", int, 1, "sessions in one Forward step"),
+    SettingFlag(
+        "--max-message-mb",
+        "max_message_bytes",
+        int,
+        MIB,
+        "largest gRPC message in MiB (match the coordinator's limits.max_message_mb)",
+    ),
+    SettingFlag(
+        "--eval-every",
+        "eval_every",
+        int,
+        1,
+        "start computing a step every N layers while the rest is built, so the GPU "
+        "works while Python builds (0: once, at the end)",
+    ),
+    SettingFlag(
+        "--lease-grace-s",
+        "lease_grace_s",
+        float,
+        1,
+        "seconds the sessions of a coordinator whose connection is lost wait for it to return",
+    ),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,29 +82,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="HOST:PORT (port 0 picks one), or unix:PATH for a Unix domain socket (same host)",
     )
     p.add_argument("--name", default=socket.gethostname(), help="name shown in /health and logs")
-    p.add_argument(
-        "--kv-budget-tokens",
-        type=int,
-        default=65_536,
-        help="cached tokens over all sessions, unless the coordinator sets it",
-    )
-    p.add_argument(
-        "--session-ttl", type=float, default=600.0, help="seconds an idle session keeps its cache"
-    )
-    p.add_argument("--max-sessions", type=int, default=256, help="sessions open at once")
-    p.add_argument(
-        "--max-message-mb",
-        type=int,
-        default=256,
-        help="largest gRPC message (match the coordinator)",
-    )
-    p.add_argument(
-        "--eval-every",
-        type=non_negative_int,
-        default=None,
-        help="start computing a step every N layers while the rest is built, so the GPU "
-        "works while Python builds (0: once, at the end; default 4)",
-    )
+    for setting in SETTING_FLAGS:
+        default = WorkerSettings.model_fields[setting.field].default
+        shown = default // setting.unit if setting.unit > 1 else default
+        p.add_argument(
+            setting.flag,
+            dest=setting.field,
+            metavar=setting.flag.removeprefix("--").replace("-", "_").upper(),
+            type=setting.type,
+            default=None,
+            help=f"{setting.help} (default {shown})",
+        )
     p.add_argument(
         "--token-file",
         default=None,
@@ -86,24 +120,38 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
     return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
 
 
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """WorkerSettings from the flags given, and the schema's defaults for the others.
+
+    Raises:
+        ConfigError: values out of range, one line each, naming the flag.
+    """
+    given = {
+        s.field: getattr(args, s.field) * s.unit
+        for s in SETTING_FLAGS
+        if getattr(args, s.field) is not None
+    }
+    try:
+        return WorkerSettings(name=args.name, **given)
+    except ValidationError as exc:
+        flags = {s.field: s.flag for s in SETTING_FLAGS}
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0])
+            got = f"{field} = {error['input']!r}"
+            problems.append(f"{flags.get(field, '--' + field)}: {error['msg']} (got {got})")
+        raise ConfigError("\n".join(problems)) from exc
+
+
 def run(args: argparse.Namespace) -> int:
-    from mlx_cluster.worker.runtime import WorkerSettings
     from mlx_cluster.worker.server import serve
 
     setup_logging(args.name, args.log_level or "INFO", args.log_format or "text", args.log_file)
-    settings = WorkerSettings(
-        name=args.name,
-        kv_budget_tokens=args.kv_budget_tokens,
-        session_ttl_s=args.session_ttl,
-        max_sessions=args.max_sessions,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-    )
-    if args.eval_every is not None:
-        settings = dataclasses.replace(settings, eval_every=args.eval_every)
     try:
+        settings = settings_from(args)
         token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")
         asyncio.run(serve(args.listen, settings, token=token, tls=_tls(args)))
-    except ConfigError as exc:  # unreadable token or TLS files, too long a socket path
+    except ConfigError as exc:  # bad settings, unreadable token or TLS files, too long a path
         print(f"mlx-cluster worker: {exc}", file=sys.stderr)
         return 2
     return 0

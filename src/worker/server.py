@@ -25,8 +25,9 @@ from mlx_cluster.contract.rpc import (
 )
 from mlx_cluster.worker.auth import TokenInterceptor
 from mlx_cluster.worker.capabilities import detect
-from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
+from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.servicer import LayerServicer
+from mlx_cluster.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class RunningWorker:
         """Stop taking calls, finish those in flight (up to `grace` s) and the step in progress."""
         self._evictor.cancel()
         await self.health.enter_graceful_shutdown()
+        self.servicer.stop_leases()  # Lease calls never end on their own
         await self.server.stop(grace)
         self.servicer.close()
 

@@ -6,10 +6,15 @@ servicer turns into status codes.
 
 Accounting is in tokens: a session is charged max(reserved, cached) tokens,
 and the sum over sessions never exceeds the capacity.
+
+Only the compute thread changes the store. Info reads `totals()` from the event
+loop: the store keeps running totals under a lock, so that read is one
+consistent snapshot and never iterates the sessions while they change.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +28,35 @@ from mlx_cluster.contract.errors import (
     OffsetMismatch,
     SessionExists,
     SessionNotFound,
+    SessionTooLarge,
 )
 from mlx_cluster.worker.batching import BatchGroup
 
-MAX_SESSION_ID_LENGTH = 128
+MAX_ID_LENGTH = 128
+
+
+def check_id(value: str, what: str = "session id") -> str:
+    """`value` if it is 1 to MAX_ID_LENGTH printable characters, else InvalidArgument.
+
+    The error never repeats the id: a huge one would overflow the status, and one
+    with a newline could forge log lines.
+    """
+    if 0 < len(value) <= MAX_ID_LENGTH and value.isprintable():
+        return value
+    problem = "" if value.isprintable() else ", some of them control characters"
+    raise InvalidArgument(
+        f"a {what} must be 1 to {MAX_ID_LENGTH} printable characters, "
+        f"got {len(value)} characters{problem}"
+    )
+
+
+@dataclass(frozen=True)
+class StoreTotals:
+    """The store's numbers at one moment."""
+
+    sessions: int  # open
+    used: int  # tokens charged
+    capacity: int  # tokens in the budget
 
 
 @dataclass
@@ -39,6 +69,8 @@ class Session:
     offset: int = 0  # tokens cached so far
     last_used: float = field(default_factory=time.monotonic)
     group: BatchGroup | None = None  # the batch whose caches hold this session's rows
+    lease_id: str = ""  # the session ends with this lease; "" = by the idle TTL only
+    stream_id: int = 0  # the Forward call of its last step; 0 = none yet
 
     def own_caches(self) -> list[Any]:
         """This session's caches, taken out of its batch first if it is in one."""
@@ -68,6 +100,8 @@ class SessionStore:
         self._make_caches = make_caches
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self._used = 0  # sum of the sessions' charges, kept as they change
+        self._lock = threading.Lock()  # between changes and `totals()` on another thread
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -75,24 +109,29 @@ class SessionStore:
     @property
     def used(self) -> int:
         """Tokens charged over all open sessions."""
-        return sum(s.charge for s in self._sessions.values())
+        return self._used
 
-    def open(self, session_id: str, reserve: int) -> Session:
+    def totals(self) -> StoreTotals:
+        """Sessions open, tokens charged and capacity, as one snapshot (from any thread)."""
+        with self._lock:
+            return StoreTotals(len(self._sessions), self._used, self.capacity)
+
+    def open(self, session_id: str, reserve: int, lease_id: str = "") -> Session:
         """Open a session with empty caches, reserving `reserve` tokens of the budget."""
-        if not session_id or len(session_id) > MAX_SESSION_ID_LENGTH:
-            raise InvalidArgument(
-                f"session id must be 1 to {MAX_SESSION_ID_LENGTH} characters, got {len(session_id)}"
-            )
+        check_id(session_id)
         if session_id in self._sessions:
             raise SessionExists(f"session {session_id!r} is already open")
         if len(self._sessions) >= self.max_sessions:
             raise KVCapacityExceeded(
                 f"{len(self._sessions)} sessions open, at most {self.max_sessions} allowed"
             )
+        self._check_fits(session_id, reserve)
         self._check_room(reserve, self.used)
-        session = Session(session_id, self._make_caches(), reserved=reserve)
+        session = Session(session_id, self._make_caches(), reserved=reserve, lease_id=lease_id)
         session.last_used = self._clock()
-        self._sessions[session_id] = session
+        with self._lock:
+            self._sessions[session_id] = session
+            self._used += session.charge
         return session
 
     def get(self, session_id: str) -> Session:
@@ -118,12 +157,15 @@ class SessionStore:
                     f"session {session.session_id!r}: step expects cache offset {offset}, "
                     f"worker holds {session.offset} tokens"
                 )
+            self._check_fits(session.session_id, session.offset + new_tokens)
         others = self.used - sum(s.charge for s in sessions)
         needed = sum(max(s.offset + new_tokens, s.reserved) for s in sessions)
         self._check_room(needed, others, step_sessions=len(sessions))
 
-    def advance(self, session: Session, new_tokens: int) -> None:
-        session.offset += new_tokens
+    def advance(self, session: Session, new_tokens: int, stream_id: int = 0) -> None:
+        """Count `new_tokens` more cached tokens, stepped on Forward call `stream_id`."""
+        self._set_offset(session, session.offset + new_tokens)
+        session.stream_id = stream_id
 
     def truncate(self, session_id: str, length: int) -> int:
         """Keep only the first `length` cached tokens of a session; returns the new length."""
@@ -142,27 +184,53 @@ class SessionStore:
             )
         if drop:
             trim_prompt_cache(caches, drop)
-        session.offset = length
+        self._set_offset(session, length)
         return length
 
     def end(self, session_ids: list[str]) -> int:
         """Drop sessions; unknown ids are ignored. Returns how many were open."""
         ended = 0
         for sid in session_ids:
-            session = self._sessions.pop(sid, None)
-            if session is None:
-                continue
+            with self._lock:
+                session = self._sessions.pop(sid, None)
+                if session is None:
+                    continue
+                self._used -= session.charge
             ended += 1
             if session.group is not None:
                 session.group.remove(session, keep_caches=False)
         return ended
 
+    def end_lease(self, lease_id: str) -> list[str]:
+        """End the sessions opened under this lease; returns their ids."""
+        return self._end_where(lambda s: s.lease_id == lease_id)
+
+    def end_stream(self, stream_id: int) -> list[str]:
+        """End the sessions whose last step was on this Forward call; returns their ids."""
+        return self._end_where(lambda s: s.stream_id == stream_id)
+
     def evict_idle(self) -> list[str]:
         """End sessions idle longer than the TTL; returns their ids."""
         cutoff = self._clock() - self.idle_ttl_s
-        stale = [sid for sid, s in self._sessions.items() if s.last_used < cutoff]
-        self.end(stale)
-        return stale
+        return self._end_where(lambda s: s.last_used < cutoff)
+
+    def _end_where(self, condition: Callable[[Session], bool]) -> list[str]:
+        chosen = [sid for sid, s in self._sessions.items() if condition(s)]
+        self.end(chosen)
+        return chosen
+
+    def _set_offset(self, session: Session, offset: int) -> None:
+        with self._lock:
+            before = session.charge
+            session.offset = offset
+            self._used += session.charge - before
+
+    def _check_fits(self, session_id: str, needed: int) -> None:
+        """Raise SessionTooLarge if one session needs more than the whole budget."""
+        if needed > self.capacity:
+            raise SessionTooLarge(
+                f"session {session_id!r} needs {needed} tokens, the KV budget is {self.capacity}"
+            )
 
     def _check_room(self, needed: int, others: int, step_sessions: int = 1) -> None:
         """Raise unless `needed` tokens fit beside the `others` that other sessions hold."""

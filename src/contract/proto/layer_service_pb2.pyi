@@ -34,12 +34,26 @@ class Capabilities(_message.Message):
     platform: str
     def __init__(self, memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., device_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., gpu_cores: _Optional[int] = ..., platform: _Optional[str] = ...) -> None: ...
 
+class WorkerLimits(_message.Message):
+    __slots__ = ("max_batch", "max_message_bytes", "max_sessions", "kv_budget_tokens", "session_ttl_s")
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    max_batch: int
+    max_message_bytes: int
+    max_sessions: int
+    kv_budget_tokens: int
+    session_ttl_s: float
+    def __init__(self, max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size")
+    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +68,7 @@ class InfoResponse(_message.Message):
     SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -68,7 +83,8 @@ class InfoResponse(_message.Message):
     sessions_open: int
     dtype: str
     hidden_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ...) -> None: ...
+    limits: WorkerLimits
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
     __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s")
@@ -95,12 +111,14 @@ class LoadLayersResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[InfoResponse, _Mapping]] = ..., memory_used_bytes: _Optional[int] = ..., reloaded: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "reserve_tokens")
+    __slots__ = ("session_id", "reserve_tokens", "lease_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reserve_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("kv_used_tokens", "kv_capacity_tokens")
@@ -159,3 +177,13 @@ class TruncateSessionResponse(_message.Message):
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     length: int
     def __init__(self, length: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class LeaseEvent(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class LayerServiceStub:
                 request_serializer=layer__service__pb2.TruncateSessionRequest.SerializeToString,
                 response_deserializer=layer__service__pb2.TruncateSessionResponse.FromString,
                 _registered_method=True)
+        self.Lease = channel.unary_stream(
+                '/mlx_cluster.v1.LayerService/Lease',
+                request_serializer=layer__service__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=layer__service__pb2.LeaseEvent.FromString,
+                _registered_method=True)
 
 
 class LayerServiceServicer:
@@ -76,7 +81,11 @@ class LayerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadLayers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Load a slice; it replaces the slice held and ends every open session. Loading
+        the slice already held keeps its weights (reloaded = false) but still ends its
+        sessions: a coordinator starting over must not inherit old ones. A rejected
+        request (bad range, unreadable model, missing weights) changes nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,7 +97,9 @@ class LayerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request_iterator, context):
-        """A persistent stream: each request is one step, answered in order.
+        """A persistent stream: each request is one step, answered in order. A call that
+        ends other than by the client's half-close (cancelled, failed, connection lost)
+        ends the sessions whose last step was on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +113,15 @@ class LayerServiceServicer:
 
     def TruncateSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lease(self, request, context):
+        """Held open by a coordinator while it uses the worker. Sessions opened with this
+        lease id end when no Lease call holds it for a short grace (the worker's
+        --lease-grace-s): a coordinator that crashed or lost the network frees its KV.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -138,6 +158,11 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.TruncateSession,
                     request_deserializer=layer__service__pb2.TruncateSessionRequest.FromString,
                     response_serializer=layer__service__pb2.TruncateSessionResponse.SerializeToString,
+            ),
+            'Lease': grpc.unary_stream_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=layer__service__pb2.LeaseRequest.FromString,
+                    response_serializer=layer__service__pb2.LeaseEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +327,33 @@ class LayerService:
             '/mlx_cluster.v1.LayerService/TruncateSession',
             layer__service__pb2.TruncateSessionRequest.SerializeToString,
             layer__service__pb2.TruncateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlx_cluster.v1.LayerService/Lease',
+            layer__service__pb2.LeaseRequest.SerializeToString,
+            layer__service__pb2.LeaseEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,8 @@ from mlx_cluster.contract.errors import (
     ClusterError,
     InvalidArgument,
     KVCapacityExceeded,
+    MessageTooLarge,
+    SessionTooLarge,
 )
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,23 @@ class ApiError(Exception):
 
 
 def api_error(exc: BaseException) -> ApiError:
-    """The ApiError a failure becomes (also used for error events inside streams)."""
+    """The ApiError a failure becomes (also used for error events inside streams).
+
+    KV full right now is a 429 to retry; a request that can never fit the KV
+    budget is the client's 400; a gRPC message over its size limit is a setting
+    of this deployment, a 500 naming that setting.
+    """
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidArgument):
         return ApiError(400, str(exc))
+    if isinstance(exc, SessionTooLarge):
+        return ApiError(
+            400,
+            f"the prompt and max_tokens together need more KV cache than the cluster holds "
+            f"for one request; shorten the prompt or lower max_tokens: {exc}",
+            code="context_length_exceeded",
+        )
     if isinstance(exc, KVCapacityExceeded):
         return ApiError(
             429,
@@ -68,6 +82,10 @@ def api_error(exc: BaseException) -> ApiError:
             code="capacity_exceeded",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
+    if isinstance(exc, MessageTooLarge):
+        text = str(exc)
+        advice = "" if "max_message_mb" in text else MessageTooLarge.advice
+        return ApiError(500, f"{text}{advice}", "server_error", code="message_too_large")
     if isinstance(exc, RECOVERABLE):
         return ApiError(
             503, f"a worker is unavailable: {exc}", "server_error", code="worker_unavailable"

@@ -1,16 +1,16 @@
 """Prometheus metrics of the coordinator, in a registry of their own (one per app).
 
 Request counts and latencies are recorded by the HTTP layer; hop timings by
-the engine's events (`observe`, subscribed to the cluster); worker gauges are refreshed from each
-worker's Info when /metrics is scraped.
+the engine's events (`observe`, subscribed to the cluster); worker gauges are
+refreshed from each worker's Info (the cluster's health) when /metrics is scraped.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.coordinator.engine.events import Event, HopEvent
+from mlx_cluster.coordinator.engine.health import StageHealth
 
 # Seconds: from sub-millisecond hops to minute-long prefills.
 _LATENCY_BUCKETS = (
@@ -71,8 +71,9 @@ class Metrics:
         ):
             self.hop.labels(event.worker, phase).observe(seconds)
 
-    def set_worker(self, worker: str, info: pb.InfoResponse | None) -> None:
-        """Refresh one worker's gauges from its Info (None: it did not answer)."""
+    def set_worker(self, stage: StageHealth) -> None:
+        """Refresh a stage's worker gauges from the Info it just gave (None: no answer)."""
+        worker, info = stage.name, stage.info
         self.worker_up.labels(worker).set(0 if info is None else 1)
         if info is not None:
             self.kv_used.labels(worker).set(info.kv_used_tokens)

@@ -32,6 +32,11 @@ class Envelope:
         prefix = {"chat.completion": "chatcmpl", "text_completion": "cmpl"}.get(self.kind, "gen")
         self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
 
+    @property
+    def chunk_object(self) -> str:
+        """The `object` of this request's stream chunks."""
+        return "chat.completion.chunk" if self.kind == "chat.completion" else self.kind
+
     def wrap(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -49,6 +54,11 @@ def usage(perf: Performance) -> dict[str, int]:
         "completion_tokens": perf.completion_tokens,
         "total_tokens": perf.prompt_tokens + perf.completion_tokens,
     }
+
+
+def usage_chunk(env: Envelope, perf: Performance) -> dict[str, Any]:
+    """A stream's last chunk when the client asked for usage: no choices, only usage."""
+    return env.wrap(env.chunk_object, [], usage=usage(perf))
 
 
 def performance(perf: Performance) -> dict[str, float]:
@@ -109,25 +119,40 @@ def completion_logprobs(
     }
 
 
+# --- one choice, whole or streamed -------------------------------------------------------
+
+
+def _whole(env: Envelope, chunks: Sequence[TextChunk], **fields: Any) -> dict[str, Any]:
+    """A whole generation's response: one choice holding `fields`, then usage and timings."""
+    last = chunks[-1]
+    assert last.performance is not None
+    choice = {"index": 0, **fields, "finish_reason": last.finish_reason}
+    return env.wrap(
+        env.kind,
+        [choice],
+        usage=usage(last.performance),
+        performance=performance(last.performance),
+    )
+
+
+def _piece(env: Envelope, chunk: TextChunk, **fields: Any) -> dict[str, Any]:
+    """One stream chunk: one choice holding `fields`; timings ride on the last."""
+    choice = {"index": 0, **fields, "finish_reason": chunk.finish_reason}
+    extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
+    return env.wrap(env.chunk_object, [choice], **extra)
+
+
 # --- chat ------------------------------------------------------------------------------
 
 
 def chat_response(
     env: Envelope, chunks: Sequence[TextChunk], token_text: TokenText, logprobs: bool
 ) -> dict[str, Any]:
-    last = chunks[-1]
-    assert last.performance is not None
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-        "logprobs": chat_logprobs(chunks, token_text) if logprobs else None,
-        "finish_reason": last.finish_reason,
-    }
-    return env.wrap(
-        "chat.completion",
-        [choice],
-        usage=usage(last.performance),
-        performance=performance(last.performance),
+    return _whole(
+        env,
+        chunks,
+        message={"role": "assistant", "content": "".join(c.text for c in chunks)},
+        logprobs=chat_logprobs(chunks, token_text) if logprobs else None,
     )
 
 
@@ -137,18 +162,12 @@ def chat_chunk(
     delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if first else {}
     if not first and (chunk.text or chunk.finish_reason is None):
         delta["content"] = chunk.text
-    choice = {
-        "index": 0,
-        "delta": delta,
-        "logprobs": chat_logprobs([chunk], token_text) if logprobs else None,
-        "finish_reason": chunk.finish_reason,
-    }
-    extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
-    return env.wrap("chat.completion.chunk", [choice], **extra)
-
-
-def usage_chunk(env: Envelope, perf: Performance) -> dict[str, Any]:
-    return env.wrap("chat.completion.chunk", [], usage=usage(perf))
+    return _piece(
+        env,
+        chunk,
+        delta=delta,
+        logprobs=chat_logprobs([chunk], token_text) if logprobs else None,
+    )
 
 
 # --- text completions --------------------------------------------------------------------
@@ -161,33 +180,23 @@ def completion_response(
     logprobs: bool,
     echo: str = "",
 ) -> dict[str, Any]:
-    last = chunks[-1]
-    assert last.performance is not None
-    choice = {
-        "index": 0,
-        "text": echo + "".join(c.text for c in chunks),
-        "logprobs": completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
-        "finish_reason": last.finish_reason,
-    }
-    return env.wrap(
-        "text_completion",
-        [choice],
-        usage=usage(last.performance),
-        performance=performance(last.performance),
+    return _whole(
+        env,
+        chunks,
+        text=echo + "".join(c.text for c in chunks),
+        logprobs=completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
     )
 
 
 def completion_chunk(
     env: Envelope, chunk: TextChunk, token_text: TokenText, logprobs: bool, prefix: str = ""
 ) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "text": prefix + chunk.text,
-        "logprobs": completion_logprobs([chunk], token_text) if logprobs else None,
-        "finish_reason": chunk.finish_reason,
-    }
-    extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
-    return env.wrap("text_completion", [choice], **extra)
+    return _piece(
+        env,
+        chunk,
+        text=prefix + chunk.text,
+        logprobs=completion_logprobs([chunk], token_text) if logprobs else None,
+    )
 
 
 # --- /generate -------------------------------------------------------------------------

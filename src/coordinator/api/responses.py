@@ -1,8 +1,8 @@
 """Run one generation for an HTTP request: deadline, shutdown drain, metrics, SSE.
 
 `metered` wraps a generation's chunks with the request's deadline and the
-server's drain deadline and records token metrics; `collect` and `stream`
-turn the chunks into a JSON body or a server-sent event stream.
+server's drain deadline and records token metrics; `answer` turns the chunks
+into a JSON body (`collect`) or a server-sent event stream (`stream`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mlx_cluster.coordinator.api.metrics import Metrics
 from mlx_cluster.coordinator.engine.generation import TextChunk
 
 Chunks = AsyncGenerator[TextChunk, None]
+Render = Callable[[TextChunk, bool], list[dict[str, Any]]]  # (chunk, first) -> events
 
 
 class Drain:
@@ -83,9 +84,33 @@ async def collect(chunks: Chunks) -> list[TextChunk]:
         raise api_error(exc) from exc
 
 
-async def stream(
-    chunks: Chunks, render: Callable[[TextChunk, bool], list[dict[str, Any]]]
-) -> StreamingResponse:
+async def answer(
+    chunks: Chunks,
+    streaming: bool,
+    whole: Callable[[list[TextChunk]], dict[str, Any]],
+    piece: Callable[[TextChunk, bool], dict[str, Any]],
+    usage: fmt.Envelope | None = None,
+) -> dict[str, Any] | StreamingResponse:
+    """A generation as one JSON body (`whole`), or as a stream of events (`piece`).
+
+    Args:
+        piece: the event for one chunk, given whether it is the first.
+        usage: if given, the stream's last chunk is followed by a usage-only chunk
+            in this envelope (OpenAI's stream_options.include_usage).
+    """
+    if not streaming:
+        return whole(await collect(chunks))
+
+    def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
+        events = [piece(chunk, first)]
+        if usage is not None and chunk.performance is not None:
+            events.append(fmt.usage_chunk(usage, chunk.performance))
+        return events
+
+    return await stream(chunks, render)
+
+
+async def stream(chunks: Chunks, render: Render) -> StreamingResponse:
     """Start a stream: failures before the first chunk are HTTP errors, later ones events."""
     try:
         first = await anext(chunks)

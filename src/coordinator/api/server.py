@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from mlx_cluster.coordinator.api.state import state_of
+
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
@@ -69,7 +71,7 @@ class HttpServer:
 
     async def stop(self) -> None:
         """Stop accepting; requests in flight get the grace period, then end with an error."""
-        self.app.state.drain.begin(self.shutdown_grace_s)
+        state_of(self.app).drain.begin(self.shutdown_grace_s)
         self._server.should_exit = True
         if self._task is not None:
             await self._task

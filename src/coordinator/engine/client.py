@@ -1,13 +1,22 @@
 """The coordinator's handle on one worker: unary calls with deadlines, and Forward streams.
 
 gRPC statuses come back as contract errors naming the worker, so callers deal
-with one kind of failure whatever the transport said.
+with one kind of failure whatever the transport said; replies come back as the
+typed values of contract.worker_info, never as protobuf messages.
+
+Sessions are tied to the client's lifetime: from its first session on, the client
+holds a Lease call to the worker and opens every session under that lease, so a
+worker ends them within seconds of this process dying. An EndSession that fails
+is retried in the background until the worker has ended those ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +30,7 @@ from mlx_cluster.contract.auth import TlsFiles, token_metadata
 from mlx_cluster.contract.errors import (
     ClusterError,
     InvalidArgument,
+    ProtocolMismatch,
     WorkerUnavailable,
     error_from_status,
 )
@@ -31,11 +41,20 @@ from mlx_cluster.contract.rpc import (
     INFO_DEADLINE_S,
     LOAD_DEADLINE_S,
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     SESSION_DEADLINE_S,
     client_channel_options,
 )
+from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
 
+log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+# A failed EndSession is tried again after this, then twice as long each time, up to the max.
+END_RETRY_FIRST_S = 0.5
+END_RETRY_MAX_S = 30.0
+# Pause before calling Lease again after the call ended: well inside the worker's grace.
+LEASE_RETRY_S = 0.5
 
 
 @dataclass
@@ -84,8 +103,18 @@ class WorkerClient:
         self._stub = pb_grpc.LayerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.last_step_network_s: float | None = None  # last Forward step: round trip - compute
+        self.lease_id = uuid.uuid4().hex  # this client's sessions end with this lease
+        self._lease: asyncio.Task[None] | None = None  # holds the Lease call open
+        self._unended: set[str] = set()  # ids whose EndSession failed
+        self._end_retry: asyncio.Task[None] | None = None
+        self._retry_now = asyncio.Event()  # set: a call succeeded, retry EndSession at once
 
     async def close(self) -> None:
+        """Let go of the lease (the worker ends this client's sessions) and of the channel."""
+        tasks = [t for t in (self._lease, self._end_retry) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._channel.close()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -94,19 +123,36 @@ class WorkerClient:
 
     async def _call(self, call: Callable[[], Awaitable[R]]) -> R:
         try:
-            return await call()
+            reply = await call()
         except grpc.aio.AioRpcError as exc:
             raise _error_from_rpc(exc, self.name) from exc
+        if self._unended:  # the worker answers again: end what it could not end before
+            self._retry_now.set()
+        return reply
 
-    async def info(self, timeout: float = INFO_DEADLINE_S) -> pb.InfoResponse:
+    def _checked(self, info: WorkerInfo) -> WorkerInfo:
+        """`info`, from a worker that speaks this coordinator's protocol."""
+        if info.name and not self._named:
+            self.name = info.name
+        if info.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"worker {self.name} speaks protocol {info.protocol_version}, this coordinator "
+                f"speaks {PROTOCOL_VERSION}; run the same mlx-cluster version on both"
+            )
+        return info
+
+    async def info(self, timeout: float = INFO_DEADLINE_S) -> WorkerInfo:
+        """The worker's Info.
+
+        Raises:
+            ProtocolMismatch: if the worker speaks another protocol version.
+        """
         reply = await self._call(
             lambda: self._stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self._metadata())
         )
-        if reply.name and not self._named:
-            self.name = reply.name
-        return reply
+        return self._checked(WorkerInfo.from_proto(reply))
 
-    async def wait_ready(self, timeout: float) -> pb.InfoResponse:
+    async def wait_ready(self, timeout: float) -> WorkerInfo:
         """Wait until the worker's standard health service says SERVING, then return Info."""
         request = health_pb2.HealthCheckRequest(service="")
         try:
@@ -123,7 +169,8 @@ class WorkerClient:
 
     async def load_layers(
         self, model: str, start: int, end: int, kv_budget_tokens: int = 0, session_ttl_s: float = 0
-    ) -> pb.LoadLayersResponse:
+    ) -> LoadedSlice:
+        """Load layers [start, end) of `model`; the worker ends every session it had open."""
         request = pb.LoadLayersRequest(
             model=model,
             start=start,
@@ -131,14 +178,21 @@ class WorkerClient:
             kv_budget_tokens=kv_budget_tokens,
             session_ttl_s=session_ttl_s,
         )
-        return await self._call(
+        reply = await self._call(
             lambda: self._stub.LoadLayers(
                 request, timeout=LOAD_DEADLINE_S, metadata=self._metadata()
             )
         )
+        loaded = LoadedSlice.from_proto(reply)
+        self._checked(loaded.info)
+        return loaded
 
     async def open_session(self, session_id: str, reserve_tokens: int = 0) -> None:
-        request = pb.OpenSessionRequest(session_id=session_id, reserve_tokens=reserve_tokens)
+        """Open a session under this client's lease (held from the first session on)."""
+        self._hold_lease()
+        request = pb.OpenSessionRequest(
+            session_id=session_id, reserve_tokens=reserve_tokens, lease_id=self.lease_id
+        )
         await self._call(
             lambda: self._stub.OpenSession(
                 request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
@@ -146,6 +200,19 @@ class WorkerClient:
         )
 
     async def end_sessions(self, session_ids: list[str]) -> int:
+        """End sessions; returns how many were open. If the call fails, the ids are ended
+        later, in the background, once the worker answers again."""
+        try:
+            return await self._end(session_ids)
+        except InvalidArgument:  # ids the worker refuses: no retry can end them
+            raise
+        except ClusterError:
+            self._unended.update(session_ids)
+            if self._end_retry is None or self._end_retry.done():
+                self._end_retry = asyncio.create_task(self._retry_ends())
+            raise
+
+    async def _end(self, session_ids: list[str]) -> int:
         request = pb.EndSessionRequest(session_ids=session_ids)
         reply = await self._call(
             lambda: self._stub.EndSession(
@@ -153,6 +220,48 @@ class WorkerClient:
             )
         )
         return reply.ended
+
+    async def _retry_ends(self) -> None:
+        """Until the worker has ended every id whose EndSession failed (or no longer knows
+        it): EndSession again, with backoff, or at once after another call succeeds."""
+        delay = END_RETRY_FIRST_S
+        while self._unended:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), delay)
+            self._retry_now.clear()
+            session_ids = sorted(self._unended)
+            try:
+                await self._end(session_ids)
+            except ClusterError as exc:
+                delay = min(2 * delay, END_RETRY_MAX_S)
+                log.info(
+                    "worker %s: EndSession failed again (%s), next try in %.1f s",
+                    self.name,
+                    exc,
+                    delay,
+                )
+                continue
+            self._unended.difference_update(session_ids)
+            log.info("worker %s: ended sessions %s on a retry", self.name, session_ids)
+
+    def _hold_lease(self) -> None:
+        if self._lease is None or self._lease.done():
+            self._lease = asyncio.create_task(self._keep_lease(), name=f"lease on {self.address}")
+
+    async def _keep_lease(self) -> None:
+        """Until close: a Lease call to the worker, made again whenever it ends."""
+        request_id.set("-")  # the lease is the client's, not the request's that started it
+        request = pb.LeaseRequest(lease_id=self.lease_id)
+        while True:
+            call = self._stub.Lease(request, metadata=self._metadata(), wait_for_ready=True)
+            try:
+                async for _ in call:  # heartbeats
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                log.debug("worker %s: lease call ended: %s", self.name, exc.details())
+            finally:
+                call.cancel()
+            await asyncio.sleep(LEASE_RETRY_S)
 
     async def truncate_session(self, session_id: str, length: int) -> int:
         request = pb.TruncateSessionRequest(session_id=session_id, length=length)

@@ -1,12 +1,8 @@
-"""Generation through the pipeline: tokens as mlx-lm's generate_step makes them, then text.
+"""Text from the engine's tokens: detokenization, stop strings, end of sequence, timing.
 
-`generate_tokens` mirrors mlx-lm's `generate_step` step for step (prefill of all
-but the last prompt token in chunks, then one step per token, processors on
-the running token history, logprobs = logits - logsumexp), so the pipeline
-produces the tokens and logprobs single-process mlx-lm produces.
-`generate_text` adds streaming detokenization, stop strings, end-of-sequence
-and timing, and checks the request against the model (`check_request`) before
-it opens a session.
+The engine (core.py) makes the tokens as mlx-lm's generate_step would;
+`generate_text` turns them into text chunks, and checks the request against
+the model (`check_request`) before it opens a session.
 """
 
 from __future__ import annotations
@@ -20,17 +16,8 @@ from typing import cast
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_cluster.contract.errors import InvalidArgument
-from mlx_cluster.coordinator.engine.batching import Batcher
-from mlx_cluster.coordinator.engine.pipeline import Pipeline, PipelineSession
-from mlx_cluster.coordinator.engine.sampling import (
-    InvalidParam,
-    SamplingParams,
-    TokenPicker,
-    check_token_ids,
-)
-
-PREFILL_STEP_SIZE = 2048  # mlx-lm's default prompt chunk
+from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.sampling import InvalidParam, SamplingParams, check_token_ids
 
 
 def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int) -> None:
@@ -43,45 +30,6 @@ def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int
         raise InvalidParam("prompt", "prompt must hold at least one token")
     check_token_ids("prompt", prompt, vocab_size)
     params.check(vocab_size)
-
-
-async def generate_tokens(
-    session: PipelineSession,
-    prompt: Sequence[int],
-    params: SamplingParams,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
-    batcher: Batcher | None = None,
-) -> AsyncGenerator[tuple[int, mx.array], None]:
-    """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic.
-
-    The prompt and the first new token always run for this session alone. With a
-    batcher, later tokens come from its decode batches; without, from steps of
-    this session alone. Callers check the request first (`check_request`), as
-    generate_text does before it opens the session.
-    """
-    if not prompt:
-        raise InvalidArgument("prompt must hold at least one token")
-    picker = TokenPicker(params)
-    tokens = mx.array(list(prompt), dtype=mx.uint32)
-    size = max(prefill_step_size, 1)
-    chunks = [tokens[i : min(i + size, len(prompt) - 1)] for i in range(0, len(prompt) - 1, size)]
-    await session.prefill(chunks)
-    picker.feed(tokens[: len(prompt) - 1])
-    pending = tokens[len(prompt) - 1 :]
-    logits = await session.logits(pending)
-    token, logprobs = picker.pick(pending, logits)
-    yield cast(int, token.item()), logprobs.squeeze(0)
-    if batcher is not None:
-        decoding = batcher.decode(session, picker, token, params.max_tokens - 1)
-        async with contextlib.aclosing(decoding):  # leave the batch before the session ends
-            async for step in decoding:
-                yield step
-        return
-    for _ in range(params.max_tokens - 1):
-        pending = token.reshape(1).astype(mx.uint32)
-        logits = await session.logits(pending)
-        token, logprobs = picker.pick(pending, logits)
-        yield cast(int, token.item()), logprobs.squeeze(0)
 
 
 @dataclass
@@ -150,35 +98,26 @@ class StopMatcher:
 
 
 async def generate_text(
-    pipeline: Pipeline,
+    engine: Engine,
     tokenizer: TokenizerWrapper,
     prompt: Sequence[int],
     params: SamplingParams,
     timeout: float | None = None,
-    batcher: Batcher | None = None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
 ) -> AsyncGenerator[TextChunk, None]:
     """Generate text for a tokenized prompt, chunk by chunk; sessions end whatever happens.
-
-    With a batcher, the request decodes in its batches (continuous batching).
 
     Raises:
         InvalidParam: from `check_request`, on the first iteration, before any
             worker holds a session for the request.
     """
-    check_request(prompt, params, pipeline.edges.vocab_size)
+    check_request(prompt, params, engine.chain.edges.vocab_size)
     started = time.perf_counter()
     perf = Performance(prompt_tokens=len(prompt))
     detokenizer = tokenizer.detokenizer
     stops = StopMatcher(params.stop)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     finish, stopped = "length", False
-    async with (
-        pipeline.session(len(prompt) + params.max_tokens, timeout) as session,
-        contextlib.aclosing(
-            generate_tokens(session, prompt, params, prefill_step_size, batcher)
-        ) as steps,
-    ):
+    async with contextlib.aclosing(engine.generate_tokens(prompt, params, timeout)) as steps:
         async for token, logprobs in steps:
             if not perf.ttft_s:
                 perf.ttft_s = time.perf_counter() - started

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mlx_cluster.contract.layers import LayerRange
-from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.worker_info import WorkerInfo
 
 INFO_TIMEOUT_S = 2.0
 
@@ -19,7 +19,7 @@ StageStatus = Literal["ok", "not_loaded", "unavailable"]
 ClusterStatus = Literal["ok", "degraded", "unavailable"]
 
 
-def serves(info: pb.InfoResponse, model_ref: str, layers: LayerRange) -> bool:
+def serves(info: WorkerInfo, model_ref: str, layers: LayerRange) -> bool:
     """Whether a worker whose Info is `info` serves `layers` of `model_ref`."""
     return (info.model, info.layer_start, info.layer_end) == (model_ref, layers.start, layers.end)
 
@@ -32,7 +32,7 @@ class StageHealth:
     address: str
     layers: LayerRange  # what the plan gives it
     status: StageStatus
-    info: pb.InfoResponse | None = None  # None when it did not answer
+    info: WorkerInfo | None = None  # None when it did not answer
     error: str | None = None  # why it did not answer
     round_trip_s: float | None = None  # of the Info call just made
     step_network_s: float | None = None  # of its last Forward step: round trip minus compute

@@ -1,23 +1,35 @@
-"""Start a cluster from its configuration: ask the workers what they have, plan, load.
+"""Start a cluster from its spec: ask the workers what they have, plan, check, load.
 
-The planner is pure (contract.plan); this module feeds it the model's facts
-(read from disk, no weights loaded) and each worker's capabilities (from Info,
-unless the config overrides memory or compute), then assembles the Cluster.
+Every way to start a cluster (the config file, `mlx-cluster up`, `Cluster.start`)
+builds one typed spec, a `ClusterConfig`, and comes here. The planner is pure
+(contract.plan); this module feeds it the model's facts (read from disk, no
+weights loaded) and each worker's capabilities (from Info, unless the config
+overrides memory or compute), checks the plan against the limits the workers
+report, then loads every slice and assembles the Cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from mlx_lm.utils import load_tokenizer
 
 from mlx_cluster.contract.auth import client_credentials
 from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
+from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.contract.layers import split_by_counts, split_evenly
 from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
-from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.worker_info import WorkerInfo
+from mlx_cluster.coordinator.engine.admission import Admission
+from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
-from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.pipeline import Admission, Stage
+from mlx_cluster.coordinator.engine.cluster import READY_TIMEOUT_S, Cluster
+from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.models.inspect import model_facts
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.models.sources import resolve_model
@@ -25,7 +37,36 @@ from mlx_cluster.models.sources import resolve_model
 log = logging.getLogger(__name__)
 
 
-def capacities(config: ClusterConfig, infos: list[pb.InfoResponse]) -> list[WorkerCapacity]:
+class StartupError(ClusterError):
+    """The plan does not fit what the workers said they can do."""
+
+
+def local_spec(
+    model: Path | str,
+    addresses: Sequence[str],
+    layer_counts: Sequence[int] | None = None,
+    **sections: Any,
+) -> ClusterConfig:
+    """The spec of workers given by address, in chain order, with layers split by counts.
+
+    Without counts the layers are split evenly. `sections` are further config
+    sections or fields (e.g. `kv={"budget_tokens": 512}`, `batching=BatchingConfig(...)`).
+    """
+    if not addresses:
+        raise StartupError("a cluster needs at least one worker")
+    total = model_facts(resolve_model(str(model), edges=True)).num_layers
+    ranges = (
+        split_by_counts(list(layer_counts), total)
+        if layer_counts
+        else split_evenly(total, len(addresses))
+    )
+    workers = [
+        {"address": a, "layers": (r.start, r.end)} for a, r in zip(addresses, ranges, strict=True)
+    ]
+    return ClusterConfig.model_validate({"model": str(model), "workers": workers, **sections})
+
+
+def capacities(config: ClusterConfig, infos: Sequence[WorkerInfo]) -> list[WorkerCapacity]:
     """Each worker's usable memory and relative compute: the config's overrides, else Info.
 
     Compute defaults to the worker's memory, so an uneven cluster is split by memory.
@@ -38,41 +79,60 @@ def capacities(config: ClusterConfig, infos: list[pb.InfoResponse]) -> list[Work
     return result
 
 
+def check_limits(config: ClusterConfig, infos: Sequence[WorkerInfo], names: Sequence[str]) -> None:
+    """Refuse a plan the workers said they cannot run, naming both numbers.
+
+    Raises:
+        StartupError: a decode batch larger than a worker takes in one step.
+    """
+    if not config.batching.enabled:
+        return
+    for name, info in zip(names, infos, strict=True):
+        if config.batching.max_batch > info.limits.max_batch:
+            raise StartupError(
+                f"batching.max_batch is {config.batching.max_batch}, but worker {name} takes "
+                f"at most {info.limits.max_batch} sessions in one step: lower "
+                "batching.max_batch or start the worker with a larger --max-batch"
+            )
+
+
 async def plan_cluster(
     config: ClusterConfig, model: Path, clients: list[WorkerClient], ready_timeout: float
 ) -> ClusterPlan:
-    """Ask every worker for its capabilities and plan the layers over them."""
+    """Ask every worker for its capabilities, plan the layers over them, check its limits."""
     infos = await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
     facts = await asyncio.to_thread(model_facts, model)
-    plan = plan_for_config(facts, config, capacities(config, list(infos)))
+    plan = plan_for_config(facts, config, capacities(config, infos))
+    check_limits(config, infos, [c.name for c in clients])
     log.info("plan:\n%s", render_plan(plan))
     return plan
 
 
-async def start_from_config(config: ClusterConfig, ready_timeout: float = 120.0) -> Cluster:
-    """Connect to the configured workers, plan, load every slice; returns the Cluster."""
+async def start_from_config(
+    config: ClusterConfig, ready_timeout: float = READY_TIMEOUT_S
+) -> Cluster:
+    """Connect to the spec's workers, plan, check, load every slice; returns the Cluster."""
     model = resolve_model(config.model, edges=True)
     clients = [worker_client(w, config) for w in config.workers]
     standbys = [worker_client(w, config) for w in config.standby]
     try:
         plan = await plan_cluster(config, model, clients, ready_timeout)
         edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
-        stages = [
-            Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
-            for client, wp in zip(clients, plan.workers, strict=True)
-        ]
-        admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
-        return await Cluster.assemble(
-            model,
-            edges,
-            stages,
-            plan.context_tokens,
-            plan,
-            standbys,
-            admission,
+        stages = StageManager(
             config.model,
-            config.batching,
+            [
+                Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
+                for client, wp in zip(clients, plan.workers, strict=True)
+            ],
+            standbys,
         )
+        await stages.load_all(edges)
+        tokenizer = await asyncio.to_thread(
+            load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
+        )
+        admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
+        engine = Engine(Chain(edges, stages, admission), config.batching)
+        return Cluster(model, engine, tokenizer, plan, config)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
         raise

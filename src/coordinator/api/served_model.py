@@ -1,0 +1,51 @@
+"""The engine interface the HTTP API relies on, and nothing more of it.
+
+`engine.cluster.Cluster` provides it; the API never reaches into pipelines,
+stages or workers, so the engine may change behind these few members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_cluster.contract.plan import ClusterPlan
+from mlx_cluster.coordinator.engine.events import EventBus
+from mlx_cluster.coordinator.engine.generation import TextChunk
+from mlx_cluster.coordinator.engine.health import ClusterHealth
+from mlx_cluster.coordinator.engine.sampling import SamplingParams
+
+
+class ServedModel(Protocol):
+    """A started cluster serving one model."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def created(self) -> int: ...  # unix time, for /v1/models
+
+    @property
+    def context_length(self) -> int: ...  # tokens, prompt and output together
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> TokenizerWrapper: ...
+
+    @property
+    def plan(self) -> ClusterPlan | None: ...  # None when layers were split without a plan
+
+    @property
+    def events(self) -> EventBus: ...
+
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]: ...
+
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, /, *, timeout: float | None = None
+    ) -> AsyncGenerator[TextChunk, None]: ...
+
+    async def health(self) -> ClusterHealth: ...

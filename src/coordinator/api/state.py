@@ -1,0 +1,53 @@
+"""What every route of one app shares: the cluster, the limits, the metrics, the drain.
+
+`create_app` builds one ApiState and keeps it on `app.state`; a route asks for
+it with the `State` dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.coordinator.api.metrics import Metrics
+from mlx_cluster.coordinator.api.responses import Chunks, Drain, metered
+from mlx_cluster.coordinator.api.served_model import ServedModel
+from mlx_cluster.coordinator.api.settle import Prepared
+
+
+@dataclass
+class ApiState:
+    cluster: ServedModel
+    limits: LimitsConfig  # what one request may ask for
+    metrics: Metrics = field(default_factory=Metrics)  # this app's own Prometheus registry
+    drain: Drain = field(default_factory=Drain)  # the server's shutdown deadline
+
+    def generate(self, prepared: Prepared) -> Chunks:
+        """Run a settled request under its deadline and the drain, recording metrics.
+
+        Raises:
+            ApiError: 503 when the server is shutting down.
+        """
+        self.drain.refuse_new()
+        timeout = self.limits.request_timeout_s
+        chunks = self.cluster.generate(prepared.tokens, prepared.params, timeout=timeout)
+        return metered(chunks, timeout, self.drain, self.metrics)
+
+    def token_text(self, token: int) -> str:
+        return str(self.cluster.tokenizer.decode([token]))
+
+
+def state_of(app: FastAPI) -> ApiState:
+    """The ApiState `create_app` stored on `app`."""
+    state: ApiState = app.state.api
+    return state
+
+
+def _request_state(request: Request) -> ApiState:
+    return state_of(request.app)
+
+
+State = Annotated[ApiState, Depends(_request_state)]

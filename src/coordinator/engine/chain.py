@@ -1,0 +1,327 @@
+"""The chain: hidden states through the stages in layer order, and recovery when one fails.
+
+Topology: a star. The coordinator sends each worker's output to the next worker
+itself (coordinator -> w1 -> coordinator -> w2 -> ...). That costs one extra
+transfer per hop compared with workers forwarding to each other, but keeps
+workers independent of each other's addresses, lets the coordinator time every
+hop, and keeps failure handling here, once.
+
+A step carries a set of rows (requests), each extending its own session by the
+same number of tokens. The chain times every hop (a HopEvent for subscribers),
+turns a lost worker into `StageFailed`, and recovers: the stage goes to its
+restarted worker or a standby, each row's session is reopened on every stage
+and its history replayed with the same chunk boundaries (so every cache is
+rebuilt exactly), and the step is tried again. Callers see the step succeed or
+a contract error; `StageFailed` never leaves this module's public calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlx_cluster.contract.errors import RECOVERABLE, ClusterError, KVCapacityExceeded
+from mlx_cluster.coordinator.engine.admission import Admission
+from mlx_cluster.coordinator.engine.client import ForwardStream, WorkerClient
+from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
+from mlx_cluster.coordinator.engine.request import RequestState
+from mlx_cluster.coordinator.engine.stages import StageManager
+from mlx_cluster.models.slicing import ModelEdges
+
+log = logging.getLogger(__name__)
+
+MAX_RECOVERIES = 2  # per step
+
+
+class StageFailed(ClusterError):
+    """A step failed on one stage in a way a replay can repair; `cause` says how."""
+
+    def __init__(self, index: int, client: WorkerClient, cause: ClusterError) -> None:
+        super().__init__(str(cause))
+        self.index, self.client, self.cause = index, client, cause
+        self.code = cause.code
+
+
+@dataclass
+class StepTiming:
+    """Where one step's time went over every stage (seconds, summed)."""
+
+    hops: float = 0.0  # encode + round trip + decode
+    compute: float = 0.0  # the workers' own compute
+
+
+class Streams:
+    """One Forward stream to each stage, opened lazily, reopened when a stage's worker changes.
+
+    Steps on one stream are answered in order, so each user that steps on its own
+    (a decode lane) holds its own Streams.
+    """
+
+    def __init__(self, stages: StageManager) -> None:
+        self._stages = stages
+        self._open: dict[int, tuple[WorkerClient, ForwardStream]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # streams to replaced workers
+
+    def __getitem__(self, index: int) -> tuple[WorkerClient, ForwardStream]:
+        client = self._stages.stages[index].client
+        current = self._open.get(index)
+        if current is not None and current[0] is client:
+            return current
+        if current is not None:  # the old worker's stream: close it in the background
+            closing = asyncio.create_task(current[1].close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        opened = (client, client.open_stream(None))
+        self._open[index] = opened
+        return opened
+
+    async def close(self) -> None:
+        streams = [stream for _, stream in self._open.values()]
+        self._open = {}
+        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+
+
+class Chain:
+    """The model's edges and the stages between them; sessions and steps for requests."""
+
+    def __init__(
+        self,
+        edges: ModelEdges,
+        stages: StageManager,
+        admission: Admission | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        self.edges = edges
+        self.stages = stages
+        self.admission = admission or Admission()
+        self.events = events or EventBus()
+        self.replays = 0  # sessions replayed onto a new chain since start
+
+    def streams(self) -> Streams:
+        return Streams(self.stages)
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    async def open(self, request: RequestState, timeout: float | None = None) -> None:
+        """Open the request's session on every stage (all or nothing).
+
+        A full KV budget waits in the admission queue (at most `timeout` seconds).
+        """
+        await self._open_admitted(request, timeout)
+
+    async def end(self, request: RequestState) -> None:
+        """End the request's session on every stage (a failed end is retried by the client)."""
+        await self._end(request.session_id)
+
+    async def _open_admitted(self, request: RequestState, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.admission.max_wait_s, timeout or 1e9)
+        failures = 0
+        while True:
+            seen = self.admission.version
+            try:
+                await self._open(request)
+                return
+            except KVCapacityExceeded as full:
+                await self.admission.wait_for_room(full, deadline, seen)
+            except StageFailed as failure:
+                failures += 1
+                if failures > MAX_RECOVERIES:
+                    raise failure.cause from failure
+                await self.stages.replace(failure.index, failure.client)
+
+    async def _open(self, request: RequestState) -> None:
+        """Open a new session for `request` on every current stage (all or nothing)."""
+        session_id = request.new_session()
+        stages = list(self.stages.stages)
+        results = await asyncio.gather(
+            *(s.client.open_session(session_id, request.reserve_tokens) for s in stages),
+            return_exceptions=True,
+        )
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                # its own half-open session is no room freed: no notify, or a full
+                # budget makes the caller retry at once instead of waiting (or a 429)
+                await self._end(session_id, [s.client for s in stages], notify=False)
+                if isinstance(result, RECOVERABLE):
+                    raise StageFailed(i, stages[i].client, result) from result
+                raise result
+
+    async def _end(
+        self, session_id: str, clients: Sequence[WorkerClient] | None = None, notify: bool = True
+    ) -> None:
+        if clients is None:
+            clients = [s.client for s in self.stages.stages]
+        await asyncio.gather(
+            *(c.end_sessions([session_id]) for c in clients), return_exceptions=True
+        )
+        if notify:
+            self.admission.notify()
+
+    # --- steps ----------------------------------------------------------------------------
+
+    async def step(
+        self, streams: Streams, rows: list[RequestState], tokens: mx.array
+    ) -> tuple[mx.array, StepTiming]:
+        """Run tokens [B, L] (row b for rows[b]) through every stage; advance every row.
+
+        Returns the last position's hidden states [B, 1, D] and where the time went.
+        A lost worker is replaced and the rows replayed, up to MAX_RECOVERIES times.
+        """
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                offsets = [row.offset for row in rows]
+                hidden, timing = await self._through(streams, rows, tokens, offsets)
+                break
+            except StageFailed as failure:
+                if attempt == MAX_RECOVERIES:
+                    raise failure.cause from failure
+                await self._recover(streams, rows, failure)
+        for row, chunk in zip(rows, tokens, strict=True):
+            row.advance(chunk)
+        return hidden, timing
+
+    async def prefill(self, streams: Streams, row: RequestState, chunks: list[mx.array]) -> None:
+        """Run prompt chunks [L_k] of one request through every stage, overlapped.
+
+        Stage i takes chunk k+1 while stage i+1 takes chunk k, so a long prompt keeps
+        every worker busy; each worker sees the same chunks at the same offsets, in
+        order, as with one `step` per chunk.
+        """
+        if len(chunks) <= 1 or len(self.stages) <= 1:
+            for chunk in chunks:
+                await self.step(streams, [row], chunk[None])
+            return
+        done_before = len(row.history)
+        try:
+            await self._overlapped(streams, row, chunks)
+            return
+        except StageFailed as exc:
+            failure = exc
+        await self._recover(streams, [row], failure)
+        for chunk in chunks[len(row.history) - done_before :]:
+            await self.step(streams, [row], chunk[None])
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The LM head on the last position: hidden [B, L, D] -> logits [B, vocab]."""
+        return self.edges.head(hidden)[:, -1, :]
+
+    # --- one pass ------------------------------------------------------------------------
+
+    async def _through(
+        self, streams: Streams, rows: list[RequestState], tokens: mx.array, offsets: list[int]
+    ) -> tuple[mx.array, StepTiming]:
+        hidden = self.edges.embed(tokens)
+        ids = [row.session_id for row in rows]
+        timing = StepTiming()
+        last = len(self.stages) - 1
+        for i in range(len(self.stages)):
+            hidden = await self._hop(streams, i, ids, hidden, offsets, i == last, timing)
+        return hidden, timing
+
+    async def _hop(
+        self,
+        streams: Streams,
+        index: int,
+        session_ids: list[str],
+        hidden: mx.array,
+        offsets: list[int],
+        last_position_only: bool,
+        timing: StepTiming | None = None,
+    ) -> mx.array:
+        """One step on stage `index`; a loss a replay can repair raises StageFailed."""
+        client, stream = streams[index]
+        try:
+            out, hop = await stream.step(session_ids, hidden, offsets, last_position_only)
+        except RECOVERABLE as exc:
+            raise StageFailed(index, client, exc) from exc
+        if timing is not None:
+            timing.hops += hop.encode + hop.round_trip + hop.decode
+            timing.compute += hop.compute
+        self.events.publish(
+            HopEvent(
+                client.name,
+                len(session_ids),
+                hidden.shape[1],
+                hop.encode,
+                hop.network,
+                hop.compute,
+                hop.decode,
+            )
+        )
+        return out
+
+    async def _overlapped(
+        self, streams: Streams, row: RequestState, chunks: list[mx.array]
+    ) -> None:
+        last = len(self.stages) - 1
+        starts = [row.offset]
+        for chunk in chunks[:-1]:
+            starts.append(starts[-1] + chunk.shape[0])
+        inboxes: list[asyncio.Queue[tuple[int, mx.array]]] = [
+            asyncio.Queue() for _ in range(len(self.stages))
+        ]
+        for k, chunk in enumerate(chunks):
+            inboxes[0].put_nowait((k, self.edges.embed(chunk[None])))
+
+        async def stage(i: int) -> None:
+            for _ in chunks:
+                k, hidden = await inboxes[i].get()
+                out = await self._hop(streams, i, [row.session_id], hidden, [starts[k]], i == last)
+                if i < last:
+                    inboxes[i + 1].put_nowait((k, out))
+                else:
+                    row.advance(chunks[k])
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(len(self.stages)):
+                    group.create_task(stage(i))
+        except* ClusterError as failures:  # StageFailed, or one no replay repairs
+            raise failures.exceptions[0] from None
+
+    # --- recovery ------------------------------------------------------------------------
+
+    async def _recover(
+        self, streams: Streams, rows: list[RequestState], failure: StageFailed
+    ) -> None:
+        """Replace the failed stage's worker, reopen each row's session, replay its history.
+
+        A failure during recovery starts it again, up to MAX_RECOVERIES times in all.
+
+        Raises:
+            ClusterError: what the last failure was (WorkerUnavailable when no worker
+                could take the stage), never StageFailed.
+        """
+        for attempt in range(MAX_RECOVERIES + 1):
+            log.warning(
+                "worker %s failed (%s); recovering %d requests",
+                failure.client.name,
+                failure.cause,
+                len(rows),
+            )
+            try:
+                await self.stages.replace(failure.index, failure.client)
+                await streams.close()
+                for row in rows:
+                    await self._replay(streams, row)
+                return
+            except StageFailed as exc:
+                if attempt == MAX_RECOVERIES:
+                    raise exc.cause from exc
+                failure = exc
+
+    async def _replay(self, streams: Streams, row: RequestState) -> None:
+        await self._end(row.session_id)
+        await self._open(row)
+        offset = 0
+        for chunk in row.history:
+            await self._through(streams, [row], chunk[None], [offset])
+            offset += chunk.shape[0]
+        row.recoveries += 1
+        self.replays += 1
+        log.warning("session %s: replayed %d tokens onto the new chain", row.session_id, offset)

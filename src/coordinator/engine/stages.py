@@ -1,0 +1,222 @@
+"""The stages: which worker serves which layers, kept serving.
+
+`StageManager` owns membership. It loads each stage's slice, hands a failed
+stage to its restarted worker or a standby (`replace`), reloads slices that
+workers lost (the supervisor loop) and answers health, all with the one rule
+of `health.serves`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from mlx_cluster import tensor
+from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable
+from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.contract.worker_info import LoadedSlice
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.health import (
+    INFO_TIMEOUT_S,
+    ClusterHealth,
+    StageHealth,
+    Standby,
+    cluster_status,
+    serves,
+)
+from mlx_cluster.models.slicing import ModelEdges
+
+log = logging.getLogger(__name__)
+
+SUPERVISE_EVERY_S = 2.0
+RELOAD_WARN_AFTER = 3  # failed reloads of one stage in a row before each is a WARNING
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One worker, the layers it holds, and what it is loaded with."""
+
+    client: WorkerClient
+    layers: LayerRange
+    kv_budget_tokens: int = 0  # 0 = the worker's default
+    session_ttl_s: float = 0.0  # 0 = the worker's default
+
+
+class StageManager:
+    """The stages in chain order, the standbys, and the supervisor that keeps them serving."""
+
+    def __init__(
+        self, model_ref: str, stages: list[Stage], standbys: list[WorkerClient] | None = None
+    ) -> None:
+        self.model_ref = model_ref  # what workers are told to load
+        self.stages = stages
+        self.standbys = list(standbys or [])
+        self.reloads = 0  # slices the supervisor re-sent since start
+        self._failed_reloads = [0] * len(stages)
+        self._replacing = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def clients(self) -> list[WorkerClient]:
+        return [s.client for s in self.stages] + self.standbys
+
+    # --- loading -------------------------------------------------------------------------
+
+    async def load_all(self, edges: ModelEdges) -> None:
+        """Give every stage's worker its slice; check that each chains onto the edges."""
+        await asyncio.gather(*(self._load(stage, edges) for stage in self.stages))
+
+    async def _load(self, stage: Stage, edges: ModelEdges) -> None:
+        loaded = await self._send_slice(stage.client, stage)
+        info = loaded.info
+        expected_dtype = tensor.dtype_name(edges.dtype)
+        if info.hidden_size != edges.hidden_size or info.dtype != expected_dtype:
+            raise ClusterError(
+                f"worker {stage.client.name} loaded hidden size {info.hidden_size} {info.dtype}, "
+                f"the model's embedding gives {edges.hidden_size} {expected_dtype}"
+            )
+        log.info(
+            "worker %s at %s holds layers %s (%.1f MB)",
+            stage.client.name,
+            stage.client.address,
+            stage.layers,
+            info.weight_bytes / 1e6,
+        )
+
+    async def _send_slice(self, client: WorkerClient, stage: Stage) -> LoadedSlice:
+        r = stage.layers
+        return await client.load_layers(
+            self.model_ref, r.start, r.end, stage.kv_budget_tokens, stage.session_ttl_s
+        )
+
+    # --- failover ------------------------------------------------------------------------
+
+    async def replace(self, index: int, failed: WorkerClient) -> None:
+        """Give stage `index` a serving worker: the same one if it is back, else a standby.
+
+        Raises:
+            WorkerUnavailable: neither the worker nor any standby can take the slice.
+        """
+        async with self._replacing:
+            stage = self.stages[index]
+            if stage.client is not failed:
+                return  # another request already replaced it
+            candidates = [failed, *self.standbys]
+            for client in candidates:
+                if await self._takes(client, stage):
+                    self.standbys = [c for c in candidates if c is not client]
+                    self.stages[index] = Stage(
+                        client, stage.layers, stage.kv_budget_tokens, stage.session_ttl_s
+                    )
+                    if client is not failed:
+                        log.warning(
+                            "stage %s moved from %s to standby %s",
+                            stage.layers,
+                            failed.name,
+                            client.name,
+                        )
+                    return
+            raise WorkerUnavailable(
+                f"worker {failed.name} holding layers {stage.layers} is down and "
+                f"no standby could take its place ({len(self.standbys)} standbys)"
+            )
+
+    async def _takes(self, client: WorkerClient, stage: Stage) -> bool:
+        """Whether `client` serves `stage` now, loading the slice if it must."""
+        try:
+            info = await client.info(timeout=INFO_TIMEOUT_S)
+            if not serves(info, self.model_ref, stage.layers):
+                await self._send_slice(client, stage)
+            return True
+        except ClusterError as exc:
+            log.info("worker %s cannot take layers %s: %s", client.name, stage.layers, exc)
+            return False
+
+    # --- the supervisor --------------------------------------------------------------------
+
+    def supervise(self, every_s: float = SUPERVISE_EVERY_S) -> None:
+        """Check every stage every `every_s` seconds; reload slices that workers lost."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(every_s), name="supervisor")
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+
+    async def _supervise(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        """Check every stage once; reload the slice of a reachable worker that lost it."""
+        await asyncio.gather(*(self._check(i) for i in range(len(self.stages))))
+
+    async def _check(self, index: int) -> None:
+        stage = self.stages[index]
+        try:
+            info = await stage.client.info(timeout=INFO_TIMEOUT_S)
+        except ClusterError as exc:
+            log.debug("worker %s not reachable: %s", stage.client.name, exc)
+            return
+        if serves(info, self.model_ref, stage.layers):
+            return
+        log.warning(
+            "worker %s holds %r [%d, %d), planned %s: loading its slice again",
+            stage.client.name,
+            info.model,
+            info.layer_start,
+            info.layer_end,
+            stage.layers,
+        )
+        try:
+            await self._send_slice(stage.client, stage)
+        except ClusterError as exc:
+            self._failed_reloads[index] += 1
+            failures = self._failed_reloads[index]
+            level = logging.WARNING if failures >= RELOAD_WARN_AFTER else logging.INFO
+            log.log(
+                level, "reloading %s failed (%d in a row): %s", stage.client.name, failures, exc
+            )
+            return
+        self._failed_reloads[index] = 0
+        self.reloads += 1
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def health(self, model_id: str) -> ClusterHealth:
+        """Every stage's worker asked now, concurrently, with a short deadline."""
+        stages = await asyncio.gather(*(self._stage_health(s) for s in self.stages))
+        standbys = [Standby(c.name, c.address) for c in self.standbys]
+        return ClusterHealth(cluster_status(stages), model_id, stages, standbys)
+
+    async def _stage_health(self, stage: Stage) -> StageHealth:
+        client = stage.client
+        started = time.perf_counter()
+        try:
+            info = await client.info(timeout=INFO_TIMEOUT_S)
+        except (ClusterError, TimeoutError) as exc:
+            return StageHealth(
+                client.name, client.address, stage.layers, "unavailable", error=str(exc)
+            )
+        return StageHealth(
+            client.name,
+            client.address,
+            stage.layers,
+            "ok" if serves(info, self.model_ref, stage.layers) else "not_loaded",
+            info,
+            round_trip_s=time.perf_counter() - started,
+            step_network_s=client.last_step_network_s,
+        )
+
+    async def close(self) -> None:
+        await self.stop()
+        await asyncio.gather(*(c.close() for c in self.clients()), return_exceptions=True)

@@ -1,0 +1,46 @@
+"""A worker's settings: one typed, validated schema, and the only place of their defaults.
+
+`mlx-cluster worker` flags default to None and take these defaults; tests and
+benchmarks build WorkerSettings directly. Info reports the limits among them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES
+from mlx_cluster.contract.worker_info import WorkerLimits
+
+MIB = 1024 * 1024
+
+
+class WorkerSettings(BaseModel):
+    """Settings a worker starts with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    name: str = Field(min_length=1)  # shown in Info, the coordinator's /health and log lines
+    kv_budget_tokens: int = Field(default=65_536, gt=0)  # cached tokens when LoadLayers gives 0
+    session_ttl_s: float = Field(default=600.0, gt=0)  # idle TTL when LoadLayers gives 0
+    max_sessions: int = Field(default=256, ge=1)  # sessions open at once; more: KV budget full
+    max_batch: int = Field(default=256, ge=1)  # sessions in one Forward step (the coordinator's)
+    batch_decode: bool = True  # decode steps of several sessions run as one batch
+    # The largest gRPC message, in or out (the coordinator's limits.max_message_mb must match).
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=4096, le=2047 * MIB)
+    # Start computing every this many layers of a step while the rest is built (0: at the
+    # end). Measured on an H100, 8B-shaped bf16, 2 workers: 4 cut a decode token's compute
+    # by about 2.5 ms (20%) and changed nothing for batches of 8 (benchmarks/RESULTS.md).
+    eval_every: int = Field(default=4, ge=0)
+    lease_grace_s: float = Field(default=2.0, ge=0)  # a lease's sessions outlive its call this long
+    lease_heartbeat_s: float = Field(default=5.0, gt=0)  # a Lease call gets an event this often
+
+    @property
+    def limits(self) -> WorkerLimits:
+        """What Info tells coordinators this worker allows."""
+        return WorkerLimits(
+            max_batch=self.max_batch,
+            max_message_bytes=self.max_message_bytes,
+            max_sessions=self.max_sessions,
+            kv_budget_tokens=self.kv_budget_tokens,
+            session_ttl_s=self.session_ttl_s,
+        )
