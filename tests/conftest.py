@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
 from mlx_cluster.contract.config import BatchingConfig
 from mlx_cluster.contract.layers import split_by_counts
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.core import Engine
@@ -77,6 +79,25 @@ async def start_workers() -> AsyncIterator[WorkerPool]:
     pool = WorkerPool()
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def worker_channel(
+    start_workers,
+) -> AsyncIterator[Callable[..., Awaitable[grpc.aio.Channel]]]:
+    """`await worker_channel(model, start, end)`: a raw gRPC channel to a new in-process
+    worker holding layers [start, end) of `model` (for calls below the client)."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def make(model: Path, start: int, end: int) -> grpc.aio.Channel:
+        (client,) = await start_workers(1)
+        await client.load_layers(str(model), start, end)
+        channels.append(grpc.aio.insecure_channel(client.address, options=CHANNEL_OPTIONS))
+        return channels[-1]
+
+    yield make
+    for channel in channels:
+        await channel.close()
 
 
 async def make_engine(

@@ -28,7 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlx_cluster.contract.auth import TlsFiles, load_api_keys, load_secret
-from mlx_cluster.contract.config import ConfigError, load_config, render_config
+from mlx_cluster.contract.config import ConfigError
+from mlx_cluster.contract.config_loader import load_config, render_config
 from mlx_cluster.contract.errors import Unauthenticated, WorkerUnavailable
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from mlx_cluster.contract.config import ConfigError, LoadedConfig, load_config, render_config
+from mlx_cluster.contract.config import ConfigError
+from mlx_cluster.contract.config_loader import LoadedConfig, load_config, render_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "model: /models/m\nworkers:\n  - address: a:50051\n  - address: b:50051\n"
@@ -268,7 +269,7 @@ def test_render_config_shows_values_and_sources(tmp_path):
 
 
 def test_tool_variables_are_not_settings(tmp_path):
-    from mlx_cluster.contract.config import load_config
+    from mlx_cluster.contract.config_loader import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("model: /m\nworkers: [127.0.0.1:50051]\n")

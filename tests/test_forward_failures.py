@@ -19,19 +19,14 @@ import pytest
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 from mlx_cluster.worker import runtime as worker_runtime
 
 HIDDEN = 64  # the tiny models' hidden size
 
 
 @pytest.fixture
-async def stub(start_workers, tiny_llama):
-    (client,) = await start_workers(1)
-    await client.load_layers(str(tiny_llama), 0, 2)
-    channel = grpc.aio.insecure_channel(client.address, options=CHANNEL_OPTIONS)
-    yield pb_grpc.LayerServiceStub(channel)
-    await channel.close()
+async def stub(worker_channel, tiny_llama):
+    return pb_grpc.LayerServiceStub(await worker_channel(tiny_llama, 0, 2))
 
 
 def request(session_ids: list[str], offsets: list[int], length: int = 1) -> pb.ForwardRequest:

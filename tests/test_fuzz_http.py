@@ -235,59 +235,28 @@ async def test_raw_bodies_and_content_types_are_4xx(api):
 # --- cases the fuzzing found: once a 500 (or worse), now a 400 naming the field ---------
 
 
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+# (id, route, body, the field named, a fragment of the message)
+ONCE_500 = [
+    ("top_k-2**64", CHAT_PATH, {**CHAT, "top_k": 2**64}, "top_k", "2147483647"),
+    ("bias-key-2**66", CHAT_PATH, {**CHAT, "logit_bias": {"99999999999999999999": 1}},
+     "logit_bias", "99999999999999999999"),
+    ("bias-key-superscript", CHAT_PATH, {**CHAT, "logit_bias": {"\u00b2": 1}}, "logit_bias",
+     "\u00b2"),
+    ("chat-surrogate", CHAT_PATH, {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]},
+     "messages", "Unicode"),
+    ("prompt-surrogate", COMPLETIONS_PATH, {"prompt": "\ud800", "max_tokens": 2}, "prompt",
+     "Unicode"),
+    ("image-part", CHAT_PATH, {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+     "messages", "image"),
+    ("logprobs-tiny-penalty", COMPLETIONS_PATH,
+     {"prompt": "hi", "logprobs": 0, "repetition_penalty": 5e-324}, "repetition_penalty",
+     "5e-324"),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "path, body, param, says",
-    [
-        pytest.param(
-            "/v1/chat/completions",
-            {**CHAT, "top_k": 2**64},
-            "top_k",
-            "2147483647",
-            id="top_k-2**64",
-        ),
-        pytest.param(
-            "/v1/chat/completions",
-            {**CHAT, "logit_bias": {"99999999999999999999": 1}},
-            "logit_bias",
-            "99999999999999999999",
-            id="bias-key-2**66",
-        ),
-        pytest.param(
-            "/v1/chat/completions",
-            {**CHAT, "logit_bias": {"\u00b2": 1}},
-            "logit_bias",
-            "\u00b2",
-            id="bias-key-superscript",
-        ),
-        pytest.param(
-            "/v1/chat/completions",
-            {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]},
-            "messages",
-            "Unicode",
-            id="chat-surrogate",
-        ),
-        pytest.param(
-            "/v1/completions",
-            {"prompt": "\ud800", "max_tokens": 2},
-            "prompt",
-            "Unicode",
-            id="prompt-surrogate",
-        ),
-        pytest.param(
-            "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
-            "messages",
-            "image",
-            id="image-part",
-        ),
-        pytest.param(
-            "/v1/completions",
-            {"prompt": "hi", "logprobs": 0, "repetition_penalty": 5e-324},
-            "repetition_penalty",
-            "5e-324",
-            id="logprobs-tiny-penalty",
-        ),
-    ],
+    "path, body, param, says", [pytest.param(*case[1:], id=case[0]) for case in ONCE_500]
 )
 async def test_inputs_that_once_got_a_500_are_a_400_naming_the_field(api, path, body, param, says):
     _, http, _ = api

@@ -13,22 +13,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, LAYER_SERVICE_NAME
+from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME
 
 HIDDEN = 64  # the tiny models' hidden size
 
 
 @pytest.fixture
-async def serving(start_workers, tiny_llama):
+async def serving(worker_channel, tiny_llama):
     """A worker serving layers [0, 4) of the tiny llama with one session 'kept' one token in."""
-    (client,) = await start_workers(1)
-    await client.load_layers(str(tiny_llama), 0, 4)
-    channel = grpc.aio.insecure_channel(client.address, options=CHANNEL_OPTIONS)
+    channel = await worker_channel(tiny_llama, 0, 4)
     stub = pb_grpc.LayerServiceStub(channel)
     await stub.OpenSession(pb.OpenSessionRequest(session_id="kept", reserve_tokens=5), timeout=5)
     await step(stub, "kept", 0)
-    yield stub, health_pb2_grpc.HealthStub(channel)
-    await channel.close()
+    return stub, health_pb2_grpc.HealthStub(channel)
 
 
 async def step(stub, session_id: str, offset: int) -> pb.ForwardResponse:

@@ -24,9 +24,9 @@ from mlx_cluster.contract.plan import (
     manual_ranges,
     plan_for_config,
     plan_layers,
-    render_plan,
     split_proportional,
 )
+from mlx_cluster.contract.plan_report import render_plan
 
 
 def uniform(layers: int, layer_gb: float = 1.0, kv_per_token: int = 0, context: int = 4096):

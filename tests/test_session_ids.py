@@ -11,7 +11,6 @@ import pytest
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 
 HIDDEN = 64  # the tiny models' hidden size
 HUGE = "x" * (1 << 20)
@@ -19,12 +18,8 @@ FORGED = "s1\n2030-01-01 00:00:00 INFO worker: all sessions ended by the adminis
 
 
 @pytest.fixture
-async def stub(start_workers, tiny_llama):
-    (client,) = await start_workers(1)
-    await client.load_layers(str(tiny_llama), 0, 2)
-    channel = grpc.aio.insecure_channel(client.address, options=CHANNEL_OPTIONS)
-    yield pb_grpc.LayerServiceStub(channel)
-    await channel.close()
+async def stub(worker_channel, tiny_llama):
+    return pb_grpc.LayerServiceStub(await worker_channel(tiny_llama, 0, 2))
 
 
 async def forward(stub, session_id: str) -> pb.ForwardResponse:

@@ -9,7 +9,7 @@ import sys
 import httpx
 import yaml
 
-from mlx_cluster.contract.config import load_config
+from mlx_cluster.contract.config_loader import load_config
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.sampling import SamplingParams

@@ -13,7 +13,8 @@ from __future__ import annotations
 PROTOCOL_VERSION = 2
 
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MIB = 1024 * 1024
+MAX_MESSAGE_BYTES = 256 * MIB
 
 # Clients ping an idle or silent connection this often, and drop it when a ping goes
 # unanswered this long: a dead worker is noticed in about 40 s, not at the TCP timeout.

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlx_cluster.contract.auth import load_api_keys
-    from mlx_cluster.contract.config import ConfigError, load_config
+    from mlx_cluster.contract.config import ConfigError
+    from mlx_cluster.contract.config_loader import load_config
     from mlx_cluster.contract.errors import ClusterError
     from mlx_cluster.contract.plan import PlanError
     from mlx_cluster.coordinator.engine.startup import StartupError, start_from_config

@@ -13,14 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlx_cluster.contract.config import (
-    ClusterConfig,
-    ConfigError,
-    LoadedConfig,
-    load_config,
-    render_config,
-)
-from mlx_cluster.contract.plan import GB, PlanError, WorkerCapacity, plan_for_config, render_plan
+from mlx_cluster.contract.config import ClusterConfig, ConfigError
+from mlx_cluster.contract.config_loader import LoadedConfig, load_config, render_config
+from mlx_cluster.contract.plan import GB, PlanError, WorkerCapacity, plan_for_config
+from mlx_cluster.contract.plan_report import render_plan
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -257,6 +257,18 @@ def _save_tokenizer(out_dir: Path) -> None:
 # --- public API -----------------------------------------------------------------------
 
 
+def _vocabulary(vocab_size: int | None) -> tuple[int, dict[str, int]]:
+    """The model's vocabulary size (default: the tokenizer's, rounded up) and special ids."""
+    tokenizer_size, special_ids = _tokenizer_info()
+    if vocab_size is None:
+        vocab_size = math.ceil(tokenizer_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if vocab_size < tokenizer_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer_size}"
+        )
+    return vocab_size, special_ids
+
+
 def build_random_model(
     out_dir: Path,
     model_type: str = "llama",
@@ -295,14 +307,7 @@ def build_random_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer_size, special_ids = _tokenizer_info()
-    if vocab_size is None:
-        vocab_size = math.ceil(tokenizer_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    if vocab_size < tokenizer_size:
-        raise ValueError(
-            f"vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer_size}"
-        )
-
+    vocab_size, special_ids = _vocabulary(vocab_size)
     config = _make_config(model_type, num_layers, hidden_size, vocab_size, special_ids)
     config.update(config_overrides or {})
     model = _build_model(config, DTYPES[dtype], seed)

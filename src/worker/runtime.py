@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
-from mlx_cluster.contract.worker_info import Capabilities, WorkerInfo
+from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, load_layer_slice
 from mlx_cluster.models.sources import resolve_model
 from mlx_cluster.worker.batching import batch_for, can_batch
@@ -36,12 +36,6 @@ try:
     VERSION = _dist_version("mlx-cluster")
 except Exception:  # running from a source tree without an install
     VERSION = "0.0.0+source"
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    reloaded: bool
-    memory_used_bytes: int
 
 
 @dataclass(frozen=True)
@@ -79,18 +73,18 @@ class WorkerRuntime:
         held: dict[str, Any] = {}
         if loaded is not None:
             s, totals = loaded.layer_slice, loaded.sessions.totals()
-            held = dict(
-                model=loaded.model,
-                layer_start=s.start,
-                layer_end=s.end,
-                model_num_layers=s.num_layers,
-                weight_bytes=s.weight_bytes,
-                kv_capacity_tokens=totals.capacity,
-                kv_used_tokens=totals.used,
-                sessions_open=totals.sessions,
-                dtype=tensor.dtype_name(s.dtype),
-                hidden_size=s.hidden_size,
-            )
+            held = {
+                "model": loaded.model,
+                "layer_start": s.start,
+                "layer_end": s.end,
+                "model_num_layers": s.num_layers,
+                "weight_bytes": s.weight_bytes,
+                "kv_capacity_tokens": totals.capacity,
+                "kv_used_tokens": totals.used,
+                "sessions_open": totals.sessions,
+                "dtype": tensor.dtype_name(s.dtype),
+                "hidden_size": s.hidden_size,
+            }
         settings = self.settings
         return WorkerInfo(
             settings.name, VERSION, PROTOCOL_VERSION, self.capabilities, settings.limits, **held
@@ -106,7 +100,7 @@ class WorkerRuntime:
         kv_budget_tokens: int = 0,
         session_ttl_s: float = 0,
         on_unload: Callable[[], None] | None = None,
-    ) -> LoadResult:
+    ) -> LoadedSlice:
         """Load layers [start, end) of `model` in place of the slice held; open sessions end.
 
         The request is checked in full (range, config, weights present) before the slice
@@ -127,7 +121,7 @@ class WorkerRuntime:
                 model,
                 len(current.sessions),
             )
-            return LoadResult(reloaded=False, memory_used_bytes=current.layer_slice.weight_bytes)
+            return LoadedSlice(self.info(), current.layer_slice.weight_bytes, reloaded=False)
         return self._load_new(model, start, end, capacity, ttl, on_unload)
 
     def _load_new(
@@ -138,7 +132,7 @@ class WorkerRuntime:
         capacity: int,
         ttl: float,
         on_unload: Callable[[], None] | None,
-    ) -> LoadResult:
+    ) -> LoadedSlice:
         before = 0
 
         def drop_held_slice() -> None:
@@ -158,7 +152,7 @@ class WorkerRuntime:
             model,
             layer_slice.weight_bytes / 1e6,
         )
-        return LoadResult(reloaded=True, memory_used_bytes=max(used, layer_slice.weight_bytes))
+        return LoadedSlice(self.info(), max(used, layer_slice.weight_bytes), reloaded=True)
 
     def _read_slice(
         self, model: str, start: int, end: int, before_reading: Callable[[], None]

@@ -138,7 +138,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         finally:  # a rejected load leaves the slice held, and so the status, as they were
             await self._set_serving(self.runtime.loaded is not None)
         return pb.LoadLayersResponse(
-            info=self.runtime.info().to_proto(),
+            info=result.info.to_proto(),
             memory_used_bytes=result.memory_used_bytes,
             reloaded=result.reloaded,
         )

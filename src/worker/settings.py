@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES
+from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES, MIB
 from mlx_cluster.contract.worker_info import WorkerLimits
-
-MIB = 1024 * 1024
 
 
 class WorkerSettings(BaseModel):

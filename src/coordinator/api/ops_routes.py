@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mlx_cluster.contract.plan import plan_as_dict
+from mlx_cluster.contract.plan_report import plan_as_dict
 from mlx_cluster.coordinator.api.state import State
 from mlx_cluster.coordinator.engine.health import ClusterHealth, StageHealth
 

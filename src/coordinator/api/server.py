@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from mlx_cluster.contract.config import CoordinatorConfig
 from mlx_cluster.coordinator.api.state import state_of
 
 
@@ -20,6 +21,10 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the caller handles signals
         yield
+
+
+# The config's default (coordinator.shutdown_grace_s), for servers made without a config.
+SHUTDOWN_GRACE_S: float = CoordinatorConfig.model_fields["shutdown_grace_s"].default
 
 
 class HttpServer:
@@ -31,7 +36,7 @@ class HttpServer:
         host: str,
         port: int,
         log_level: str = "warning",
-        shutdown_grace_s: float = 30.0,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
     ) -> None:
         # The app ends its own generations at the grace deadline (see responses.Drain);
         # uvicorn's own limit is the backstop a little later.

@@ -15,9 +15,9 @@ class Admission:
     between the failed attempt and the wait is not missed.
     """
 
-    def __init__(self, max_waiting: int = 0, max_wait_s: float = 30.0) -> None:
-        self.max_waiting = max_waiting  # 0 = refuse at once when full
-        self.max_wait_s = max_wait_s
+    def __init__(self, max_waiting: int = 0, max_wait_s: float = 0.0) -> None:
+        self.max_waiting = max_waiting  # 0 (no queue): refuse at once when full
+        self.max_wait_s = max_wait_s  # (limits.queue_length and queue_timeout_s in the config)
         self.waiting = 0
         self.version = 0
         self._freed = asyncio.Event()  # set (and replaced) each time a session ends

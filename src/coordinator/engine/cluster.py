@@ -13,6 +13,8 @@ spec) build the same `ClusterConfig` and start the same way (startup.py).
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +32,29 @@ from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 READY_TIMEOUT_S = 120.0  # for every worker to answer its health check at start
 
 
+@dataclass(eq=False)
 class Cluster:
-    """The tokenizer, the engine over the workers, and the plan they were loaded by."""
+    """The tokenizer, the engine over the workers, and the spec and plan they were loaded by."""
 
-    def __init__(
-        self,
-        model: Path,
-        engine: Engine,
-        tokenizer: TokenizerWrapper,
-        plan: ClusterPlan,
-        config: ClusterConfig,
-    ) -> None:
-        self.model = model
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.plan = plan
-        self.config = config
-        self.model_id = model.name
-        self.created = int((model / "config.json").stat().st_mtime)
-        self.context_length = plan.context_tokens
+    model: Path  # the coordinator's copy of the model directory
+    engine: Engine
+    tokenizer: TokenizerWrapper
+    plan: ClusterPlan
+    config: ClusterConfig
+
+    @property
+    def model_id(self) -> str:
+        return self.model.name
+
+    @cached_property
+    def created(self) -> int:
+        """When the model was made (its config.json's time), as OpenAI's `created`."""
+        return int((self.model / "config.json").stat().st_mtime)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + new tokens) the cluster admits."""
+        return self.plan.context_tokens
 
     @classmethod
     async def start(

@@ -22,7 +22,9 @@ from mlx_cluster.contract.auth import client_credentials
 from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
 from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.layers import split_by_counts, split_evenly
-from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config, render_plan
+from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config
+from mlx_cluster.contract.plan_report import render_plan
+from mlx_cluster.contract.rpc import MIB
 from mlx_cluster.contract.worker_info import WorkerInfo
 from mlx_cluster.coordinator.engine.admission import Admission
 from mlx_cluster.coordinator.engine.chain import Chain
@@ -121,7 +123,7 @@ async def start_from_config(
         stages = StageManager(
             config.model,
             [
-                Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s)
+                Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s or 0.0)
                 for client, wp in zip(clients, plan.workers, strict=True)
             ],
             standbys,
@@ -141,7 +143,7 @@ async def start_from_config(
 def worker_client(entry: WorkerEntry, config: ClusterConfig) -> WorkerClient:
     """A client for one configured worker (active or standby), with the cluster's credentials."""
     token, tls = client_credentials(config.auth)
-    max_bytes = config.limits.max_message_mb * 1024 * 1024
+    max_bytes = config.limits.max_message_mb * MIB
     return WorkerClient(
         entry.address, entry.name, token=token, tls=tls, max_message_bytes=max_bytes
     )
