@@ -55,7 +55,8 @@ class StepTiming:
 
 
 class Streams:
-    """One Forward stream to each stage, opened lazily, reopened when a stage's worker changes.
+    """One Forward stream to each stage, opened lazily, reopened when a stage's worker
+    changes or its call has ended (a failed worker's stream is never used again).
 
     Steps on one stream are answered in order, so each user that steps on its own
     (a decode lane) holds its own Streams.
@@ -69,7 +70,7 @@ class Streams:
     def __getitem__(self, index: int) -> tuple[WorkerClient, ForwardStream]:
         client = self._stages.stages[index].client
         current = self._open.get(index)
-        if current is not None and current[0] is client:
+        if current is not None and current[0] is client and not current[1].done:
             return current
         if current is not None:  # the old worker's stream: close it in the background
             closing = asyncio.create_task(current[1].close())
@@ -306,7 +307,6 @@ class Chain:
             )
             try:
                 await self.stages.replace(failure.index, failure.client)
-                await streams.close()
                 for row in rows:
                     await self._replay(streams, row)
                 return

@@ -278,12 +278,22 @@ class WorkerClient:
 
 
 class ForwardStream:
-    """One persistent bidirectional Forward stream: write a step, read its answer."""
+    """One persistent bidirectional Forward stream: write a step, read its answer.
+
+    Several tasks may step on one stream: each step holds the stream from its write
+    to its answer, so steps are answered in the order they were sent.
+    """
 
     def __init__(self, client: WorkerClient, call: grpc.aio.StreamStreamCall) -> None:
         self._client = client
         self._call = call
         self._step_id = 0
+        self._turn = asyncio.Lock()
+
+    @property
+    def done(self) -> bool:
+        """The call has ended (closed, failed or cancelled): no step can go through."""
+        return self._call.done()
 
     async def step(
         self,
@@ -298,29 +308,21 @@ class ForwardStream:
             The worker's output and where this step's time went.
         """
         t0 = time.perf_counter()
-        self._step_id += 1
         request = pb.ForwardRequest(
-            step_id=self._step_id,
-            session_ids=session_ids,
-            offsets=offsets,
-            last_position_only=last_position_only,
+            session_ids=session_ids, offsets=offsets, last_position_only=last_position_only
         )
         tensor.encode(hidden, out=request.hidden)
         t1 = time.perf_counter()
-        try:
-            await self._call.write(request)
-            reply = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise _error_from_rpc(exc, self._client.name) from exc
-        except asyncio.InvalidStateError:  # the call ended before this write: say why
-            raise await self._stream_error() from None
-        if reply is grpc.aio.EOF:
-            raise await self._stream_error()
+        async with self._turn:
+            self._step_id += 1
+            request.step_id = self._step_id
+            reply = await self._exchange(request)
         t2 = time.perf_counter()
-        if reply.step_id != self._step_id:
+        if reply.step_id != request.step_id:
+            self._call.cancel()
             raise ClusterError(
                 f"worker {self._client.name}: answer to step {reply.step_id}, "
-                f"expected {self._step_id}"
+                f"expected {request.step_id}"
             )
         try:
             out = tensor.decode(reply.hidden)
@@ -329,6 +331,26 @@ class ForwardStream:
         timing = HopTiming(t1 - t0, t2 - t1, reply.compute_seconds, time.perf_counter() - t2)
         self._client.last_step_network_s = timing.network
         return out, timing
+
+    async def _exchange(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+        """Write one step and read its answer; a step cut short ends the call.
+
+        (A step cancelled between its write and its answer would leave that answer for
+        the next step to read: the call is cancelled instead, so it is never used again.)
+        """
+        try:
+            await self._call.write(request)
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _error_from_rpc(exc, self._client.name) from exc
+        except asyncio.InvalidStateError:  # the call ended before this write: say why
+            raise await self._stream_error() from None
+        except BaseException:
+            self._call.cancel()
+            raise
+        if reply is grpc.aio.EOF:
+            raise await self._stream_error()
+        return reply
 
     async def _stream_error(self) -> ClusterError:
         code = await self._call.code()

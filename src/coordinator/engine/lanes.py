@@ -3,8 +3,9 @@
 A lane is a micro-batch. Its members step together as one Forward of [B, 1, D]
 through every stage, and each samples with its own parameters; a batch of one
 is a lane too. A request joining a lane first prefills there, chunk by chunk:
-the lane alternates a few overlapped prefill chunks of one newcomer with a
-decode step of its members, so decoding never waits for a whole long prompt.
+the lane alternates a few prefill chunks of each newcomer (overlapped across the
+stages) with a decode step of its members, so decoding never waits for a whole
+long prompt.
 Members join and leave at token boundaries.
 
 Each lane runs in its own task, so while the last stage computes lane A's step
@@ -98,7 +99,7 @@ class Lane:
         try:
             while self._admit():
                 if self.prefilling:
-                    await self._prefill_turn(self.prefilling[0])
+                    await self._prefill_turn()
                 if self.members:
                     await self._decode_turn()
         finally:
@@ -122,8 +123,12 @@ class Lane:
         self.joining = []
         return bool(self.members or self.prefilling)
 
-    async def _prefill_turn(self, request: RequestState) -> None:
-        """A few of the first newcomer's prompt chunks (all of them if nobody decodes)."""
+    async def _prefill_turn(self) -> None:
+        """The next prompt chunks of every newcomer, all at once (the stages overlap them)."""
+        await asyncio.gather(*(self._prefill_some(r) for r in list(self.prefilling)))
+
+    async def _prefill_some(self, request: RequestState) -> None:
+        """A few of a newcomer's prompt chunks (all of them if nobody decodes)."""
         count = len(request.to_prefill) if not self.members else self.prefill_turn
         chunks = request.to_prefill[:count]
         try:
@@ -133,7 +138,6 @@ class Lane:
             log.warning("lane %d: prefill failed: %s", self.index, exc)
             self.prefilling.remove(request)
             request.fail(exc)
-            await self.streams.close()
             return
         del request.to_prefill[:count]
         if not request.to_prefill:
@@ -150,7 +154,6 @@ class Lane:
             for request in members:
                 request.fail(exc)
             self.members = []
-            await self.streams.close()
 
     async def _decode_step(self, members: list[RequestState]) -> None:
         started = time.perf_counter()
