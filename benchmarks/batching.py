@@ -138,9 +138,9 @@ async def run_pipeline(
     eval_every: int | None = None,
 ) -> PipelineRun:
     from mlx_cluster.contract.config import BatchingConfig
-    from mlx_cluster.coordinator.engine.lanes import StepProfile
     from mlx_cluster.coordinator.engine.cluster import Cluster
     from mlx_cluster.coordinator.engine.generation import Performance
+    from mlx_cluster.coordinator.engine.lanes import StepProfile
     from mlx_cluster.coordinator.engine.sampling import SamplingParams
     from mlx_cluster.local import local_workers
 

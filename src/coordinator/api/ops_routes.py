@@ -43,7 +43,7 @@ async def health(state: State) -> JSONResponse:
     report = await cluster.health()
     body = health_body(report)
     body["context_tokens"] = cluster.context_length
-    body["plan"] = plan_as_dict(cluster.plan) if cluster.plan else None
+    body["plan"] = plan_as_dict(cluster.plan)
     return JSONResponse(body, status_code=200 if report.serving else 503)
 
 

@@ -37,7 +37,7 @@ class ServedModel(Protocol):
     def tokenizer(self) -> TokenizerWrapper: ...
 
     @property
-    def plan(self) -> ClusterPlan | None: ...  # None when layers were split without a plan
+    def plan(self) -> ClusterPlan: ...  # the layers, KV budgets and context it was started with
 
     @property
     def events(self) -> EventBus: ...
