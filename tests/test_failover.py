@@ -41,7 +41,9 @@ PROMPTS = [
     [31, 41, 59, 26, 53, 58, 97, 93],
     [5, 6, 7],
 ]
-NEW_TOKENS = 32
+# Long enough that no lane can finish while the test waits for every stream to reach
+# KILL_AFTER (lanes go on decoding while a reader waits: their queues are unbounded).
+NEW_TOKENS = 192
 KILL_AFTER = 4  # tokens every stream has produced when its worker dies; far from NEW_TOKENS
 
 

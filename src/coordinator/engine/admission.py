@@ -35,10 +35,12 @@ class Admission:
 
         Raises `error` at once if the queue is full or `deadline` (loop time) passed.
         """
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            raise error
         if self.version != seen_version:
             return  # room was freed while the caller was trying
-        loop = asyncio.get_running_loop()
-        if self.waiting >= self.max_waiting or loop.time() >= deadline:
+        if self.waiting >= self.max_waiting:
             raise error
         freed = self._freed
         self.waiting += 1

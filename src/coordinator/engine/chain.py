@@ -139,15 +139,20 @@ class Chain:
         """Open a new session for `request` on every current stage (all or nothing)."""
         session_id = request.new_session()
         stages = list(self.stages.stages)
-        results = await asyncio.gather(
-            *(s.client.open_session(session_id, request.reserve_tokens) for s in stages),
-            return_exceptions=True,
-        )
+        clients = [s.client for s in stages]
+        try:
+            results = await asyncio.gather(
+                *(c.open_session(session_id, request.reserve_tokens) for c in clients),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:  # some stages may have opened it: end it there
+            await asyncio.shield(self._end(session_id, clients, notify=False))
+            raise
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 # its own half-open session is no room freed: no notify, or a full
                 # budget makes the caller retry at once instead of waiting (or a 429)
-                await self._end(session_id, [s.client for s in stages], notify=False)
+                await self._end(session_id, clients, notify=False)
                 if isinstance(result, RECOVERABLE):
                     raise StageFailed(i, stages[i].client, result) from result
                 raise result
