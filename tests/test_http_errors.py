@@ -57,6 +57,7 @@ async def http(serve_cluster):
         ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
         ({"max_tokens": 4}, "messages", "Field required"),
         ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [CHAT["messages"][0]] * 1025}, "messages", "1025 messages, at most 1024"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "robot"),
         ({**CHAT, "stream": "maybe"}, "stream", "boolean"),
     ],
@@ -80,7 +81,16 @@ async def test_malformed_json_is_400(http):
 async def test_prompt_over_the_byte_limit_is_413_with_both_numbers(http):
     body = {**CHAT, "messages": [{"role": "user", "content": "x" * 2500}]}
     reply = await http.post("/v1/chat/completions", json=body)
-    assert_error(reply, 413, "2500 bytes", "2000 bytes", param="prompt")
+    assert_error(reply, 413, "2504 bytes", "2000 bytes", param="prompt")  # "user" counts too
+    await assert_serves(http)
+
+
+async def test_every_message_byte_counts_against_the_prompt_limit(http):
+    """Roles, names and every content part count, not only the text (1988 of 2011 bytes)."""
+    parts = [{"type": "text", "text": "x" * 497}] * 4
+    body = {**CHAT, "messages": [{"role": "user", "name": "ann", "content": parts}]}
+    reply = await http.post("/v1/chat/completions", json=body)
+    assert_error(reply, 413, "2011 bytes", "2000 bytes", param="prompt")
     await assert_serves(http)
 
 

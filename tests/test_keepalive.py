@@ -7,10 +7,10 @@ with the 30 s interval). Here a real worker (`create_server` on port 0) takes a 
 first step, clients ping every second, the shortest interval gRPC clients keep to,
 and the worker stays silent for six of them.
 
-The worker builds its server options for clients pinging every KEEPALIVE_TIME_MS
-(30 s) and has no setting for another interval, so the tests swap the
-`server_options` its factory calls for one that scales the interval down to the
-clients' here, and the control for one with gRPC's default ping policy.
+The worker builds its server options for clients pinging as often as gRPC lets them
+(MIN_KEEPALIVE_TIME_MS); the tests swap the `server_options` its factory calls for
+one built for the clients' interval here, and the control for one with gRPC's
+default ping policy.
 """
 
 from __future__ import annotations

@@ -264,6 +264,9 @@ def test_a_status_without_a_kind_is_read_by_code_only_where_one_error_has_it():
     # gRPC's own statuses carry no kind: an unreachable worker is still WorkerUnavailable.
     unavailable = error_from_status(grpc.StatusCode.UNAVAILABLE, "connection refused", "w")
     assert type(unavailable) is WorkerUnavailable
+    # ... and so is one that did not answer in time (a frozen worker's OpenSession).
+    late = error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "w")
+    assert type(late) is WorkerUnavailable and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # ... and its RESOURCE_EXHAUSTED is a message over the size limit, not a full KV budget.
     details = "Received message larger than max (4194405 vs. 4096)"
     too_large = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, details, "w")

@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES, MIB
+from mlx_cluster.contract.rpc import (
+    KEEPALIVE_TIME_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    MAX_MESSAGE_BYTES,
+    MIB,
+)
 
 ENV_PREFIX = "MLX_CLUSTER_"
 # Variables with our prefix that belong to the tools, not to the cluster's settings.
@@ -120,7 +125,12 @@ class LimitsConfig(_Strict):
     max_prompt_tokens: int | None = Field(default=None, gt=0)  # None = the cluster's context
     default_max_tokens: int = Field(default=256, gt=0)  # when a request gives no max_tokens
     max_tokens_ceiling: int = Field(default=4096, gt=0)  # the most a request may ask for
-    request_timeout_s: float = Field(default=300.0, gt=0)  # a request is cancelled after this
+    request_timeout_s: float = Field(default=300.0, gt=0)  # a request ends by then, sends included
+    send_timeout_s: float = Field(default=10.0, gt=0)  # a stream left unread this long ends
+    max_messages: int = Field(default=1024, gt=0)  # chat messages in one request
+    # HTTP request body, counted while it arrives; None = 2x max_prompt_bytes + 1 MiB
+    # (JSON escapes double non-ASCII text; the rest of the request fits in the MiB).
+    max_body_bytes: int | None = Field(default=None, gt=0)
     queue_length: int = Field(default=16, ge=0)  # requests that may wait for KV room; then 429
     queue_timeout_s: float = Field(default=30.0, ge=0)  # longest wait for KV room; then 429
     # Largest gRPC message to workers (match the workers' --max-message-mb).
@@ -135,6 +145,11 @@ class LimitsConfig(_Strict):
             )
         return self
 
+    @property
+    def body_limit(self) -> int:
+        """The largest HTTP request body accepted, in bytes."""
+        return self.max_body_bytes or 2 * self.max_prompt_bytes + MIB
+
 
 class BatchingConfig(_Strict):
     """Continuous batching: requests decode together in micro-batches that keep stages busy."""
@@ -143,6 +158,20 @@ class BatchingConfig(_Strict):
     max_batch: int = Field(default=32, ge=1, le=256)  # requests decoding at once; more wait
     micro_batches: int = Field(default=0, ge=0, le=64)  # decode lanes; 0 = one per worker
     prefill_chunk: int = Field(default=512, ge=1)  # prompt tokens per prefill step
+
+
+class LivenessConfig(_Strict):
+    """How soon a worker that stopped answering counts as lost (then a standby takes its
+    stage, or its requests end with 503). A frozen worker or a silent link is noticed within
+    ping_interval_s + ping_timeout_s; a stalled decode step within decode_hop_timeout_s."""
+
+    ping_interval_s: float = Field(default=KEEPALIVE_TIME_MS / 1000, ge=1)  # keepalive pings
+    ping_timeout_s: float = Field(default=KEEPALIVE_TIMEOUT_MS / 1000, gt=0)  # then link dropped
+    decode_hop_timeout_s: float = Field(default=10.0, gt=0)  # one decode step on one worker
+    prefill_hop_timeout_s: float = Field(default=120.0, gt=0)  # one prompt chunk on one worker
+    probe_timeout_s: float = Field(default=1.0, gt=0)  # Info asked of a failed worker or standby
+    restart_wait_s: float = Field(default=5.0, ge=0)  # wait for a refusing worker to come back
+    end_wait_s: float = Field(default=0.5, ge=0)  # a finished request waits for EndSession
 
 
 class LoggingConfig(_Strict):
@@ -196,6 +225,7 @@ class ClusterConfig(_Strict):
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
     batching: BatchingConfig = Field(default_factory=BatchingConfig)  # continuous batching
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)  # when a worker is lost
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
     auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys
     reserve_gb: float = Field(default=1.0, ge=0)  # memory left free on every worker

@@ -138,10 +138,13 @@ _CODE_USES = Counter(cls.code for cls in WIRE_ERRORS)
 # INTERNAL with no kind is gRPC's own ("Internal error from Core"), e.g. writing to the
 # stream of a worker that just died: the worker is gone, as with UNAVAILABLE. (A worker's
 # own internal error names its kind, "internal", and stays a plain ClusterError.)
+# DEADLINE_EXCEEDED with no kind is a worker that did not answer in time (frozen, or its
+# link silently dropped): it is unavailable, and recovery turns to a standby.
 _BY_CODE: dict[grpc.StatusCode, type[ClusterError]] = {
     **{cls.code: cls for cls in WIRE_ERRORS if _CODE_USES[cls.code] == 1},
     grpc.StatusCode.RESOURCE_EXHAUSTED: MessageTooLarge,
     grpc.StatusCode.INTERNAL: WorkerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: WorkerUnavailable,
 }
 
 

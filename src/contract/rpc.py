@@ -16,15 +16,39 @@ PROTOCOL_VERSION = 2
 MIB = 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * MIB
 
-# Clients ping an idle or silent connection this often, and drop it when a ping goes
-# unanswered this long: a dead worker is noticed in about 40 s, not at the TCP timeout.
-KEEPALIVE_TIME_MS = 30_000
-KEEPALIVE_TIMEOUT_MS = 10_000
+# Clients ping every connection this often, and drop it when a ping goes unanswered this
+# long: a frozen worker or a link that silently drops is noticed within the two together
+# (the coordinator's own numbers come from its config's `liveness` section).
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+# The shortest ping interval gRPC clients keep to; servers accept pings this often.
+MIN_KEEPALIVE_TIME_MS = 1_000
+# A channel whose worker went away tries to reconnect at least this often, so that a
+# restarted worker is found within a second (gRPC's default backoff grows to 120 s).
+MAX_RECONNECT_BACKOFF_MS = 1_000
 
 # Servers ping their clients too: a coordinator host that vanished without closing its
 # connections (power loss, a cut cable) is noticed in about 10 s, and its lease with it.
 SERVER_KEEPALIVE_TIME_MS = 5_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 5_000
+
+
+def _keepalive(time_ms: int, timeout_ms: int) -> list[tuple[str, int]]:
+    """Ping every `time_ms`, with or without calls or data; drop the connection (failing
+    its calls with UNAVAILABLE) when a ping is unanswered for `timeout_ms`.
+
+    grpcio (1.85) times a keepalive ping out by "grpc.http2.ping_timeout_ms" (default
+    60 s): "grpc.keepalive_timeout_ms" alone is not honoured. Measured on a SIGSTOPped
+    worker with 2 s / 2 s: a blocked stream fails after 4 s with both set, 62 s without
+    the first (tests/test_chaos_workers.py checks the bound).
+    """
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 def client_channel_options(
@@ -36,18 +60,16 @@ def client_channel_options(
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         # Hidden states are latency-bound: keep the connection warm between tokens, and
         # notice a dead worker while a long Forward step keeps the stream silent.
-        ("grpc.keepalive_time_ms", keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *_keepalive(keepalive_time_ms, keepalive_timeout_ms),
     ]
 
 
 def server_options(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    client_keepalive_time_ms: int = KEEPALIVE_TIME_MS,
+    client_keepalive_time_ms: int = MIN_KEEPALIVE_TIME_MS,
 ) -> list[tuple[str, int]]:
     """Options for servers: accept the pings of clients using `client_channel_options`.
 
@@ -55,6 +77,8 @@ def server_options(
     that sends no data, and after 2 pings that come sooner it ends the connection with
     GOAWAY "too_many_pings". A Forward step that keeps its stream silent for a few
     client keepalive intervals (a long prefill on a slow CPU) would then be cut off.
+    By default pings are accepted as often as any gRPC client sends them, so the
+    coordinator's configured interval needs no worker setting.
     """
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -64,13 +88,10 @@ def server_options(
         # "grpc.http2.min_recv_ping_interval_without_data_ms" is no gRPC option and is
         # ignored). Half the clients' interval, so that timer jitter never makes one early.
         ("grpc.http2.min_ping_interval_without_data_ms", client_keepalive_time_ms // 2),
-        # Clients ping between requests too (keepalive_permit_without_calls above).
-        ("grpc.keepalive_permit_without_calls", 1),
         # The server's own pings: a dead client host cancels its calls (its Lease among
-        # them) within seconds; without data in between, as many pings as it takes.
-        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
-        ("grpc.http2.max_pings_without_data", 0),
+        # them) within seconds; without data in between, as many pings as it takes. (This
+        # also lets clients ping between requests: keepalive_permit_without_calls.)
+        *_keepalive(SERVER_KEEPALIVE_TIME_MS, SERVER_KEEPALIVE_TIMEOUT_MS),
     ]
 
 

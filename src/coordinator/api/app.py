@@ -17,7 +17,7 @@ from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.coordinator.api import generate_route, openai_routes, ops_routes
 from mlx_cluster.coordinator.api.auth import ApiKeyAuth
 from mlx_cluster.coordinator.api.errors import install_error_handlers
-from mlx_cluster.coordinator.api.middleware import RequestContext
+from mlx_cluster.coordinator.api.middleware import RequestContext, RequestLimits
 from mlx_cluster.coordinator.api.served_model import ServedModel
 from mlx_cluster.coordinator.api.state import ApiState
 
@@ -39,6 +39,7 @@ def create_app(
     install_error_handlers(app)
     if api_keys:  # innermost: refusals are logged and counted; CORS preflights pass
         app.add_middleware(ApiKeyAuth, keys=api_keys)
+    app.add_middleware(RequestLimits, limits=state.limits)
     app.add_middleware(RequestContext, metrics=state.metrics)
     if cors_origins:
         app.add_middleware(

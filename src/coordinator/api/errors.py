@@ -29,6 +29,7 @@ from mlx_cluster.contract.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+HTTP_CODES = {404: "not_found", 413: "request_too_large"}  # error codes of plain HTTP errors
 
 
 @dataclass
@@ -134,7 +135,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code == 404 else "invalid_request"
+        kind = HTTP_CODES.get(exc.status_code, "invalid_request")
         return ApiError(exc.status_code, str(exc.detail), code=kind).response()
 
     # Handlers for Exception run in Starlette's outermost middleware, which logs and

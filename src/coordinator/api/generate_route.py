@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.post("/generate", response_model=None)
 async def generate(request: GenerateRequest, state: State) -> dict[str, Any] | StreamingResponse:
-    prepared = settle_generate(request, state.cluster, state.limits)
+    prepared = await settle_generate(request, state.cluster, state.limits)
     return await answer(
         state.generate(prepared),
         request.stream,

@@ -1,7 +1,8 @@
-"""Per-request context for the HTTP API: request id, access log line, request metrics.
+"""Per-request context for the HTTP API: request id, access log line, request metrics,
+and the limits that must hold before a body is parsed.
 
-A plain ASGI middleware, so the request id (a contextvar) also covers the body
-of streaming responses.
+Plain ASGI middlewares, so the request id (a contextvar) also covers the body
+of streaming responses, and a body is counted while it arrives.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import time
 import uuid
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
+from mlx_cluster.coordinator.api.errors import HTTP_CODES, ApiError
 from mlx_cluster.coordinator.api.metrics import Metrics
+from mlx_cluster.coordinator.api.schemas import max_messages
 
 log = logging.getLogger("mlx_cluster.coordinator.http")
 
@@ -68,3 +73,43 @@ class RequestContext:
                     (time.perf_counter() - started) * 1000,
                 )
             request_id.reset(token)
+
+
+class RequestLimits:
+    """Refuses a body over `limits.body_limit` with a 413 as soon as it is known: from
+    its Content-Length, or once the bytes read pass the limit (before any parsing).
+    Also sets the message limit that validating a chat request checks first."""
+
+    def __init__(self, app: ASGIApp, limits: LimitsConfig) -> None:
+        self.app = app
+        self.limit = limits.body_limit
+        self.max_messages = limits.max_messages
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            refusal = ApiError(413, self._message(int(declared)), code=HTTP_CODES[413])
+            await refusal.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # the error handler gives it OpenAI's shape
+                    raise HTTPException(413, self._message(received, "at least "))
+            return message
+
+        token = max_messages.set(self.max_messages)
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            max_messages.reset(token)
+
+    def _message(self, size: int, at_least: str = "") -> str:
+        return f"the request body is {at_least}{size} bytes, the limit is {self.limit} bytes"

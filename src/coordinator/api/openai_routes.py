@@ -43,7 +43,7 @@ async def models(state: State) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat(request: ChatCompletionRequest, state: State) -> dict[str, Any] | StreamingResponse:
-    prepared = settle_chat(request, state.cluster, state.limits)
+    prepared = await settle_chat(request, state.cluster, state.limits)
     env = fmt.Envelope("chat.completion", state.cluster.model_id)
     text, logprobs = state.token_text, request.logprobs
     return await answer(
@@ -59,7 +59,7 @@ async def chat(request: ChatCompletionRequest, state: State) -> dict[str, Any] |
 async def completions(
     request: CompletionRequest, state: State
 ) -> dict[str, Any] | StreamingResponse:
-    prepared = settle_completion(request, state.cluster, state.limits)
+    prepared = await settle_completion(request, state.cluster, state.limits)
     env = fmt.Envelope("text_completion", state.cluster.model_id)
     text, logprobs = state.token_text, request.logprobs is not None
     echo = state.cluster.tokenizer.decode(prepared.tokens) if request.echo else ""

@@ -2,7 +2,8 @@
 
 `metered` wraps a generation's chunks with the request's deadline and the
 server's drain deadline and records token metrics; `answer` turns the chunks
-into a JSON body (`collect`) or a server-sent event stream (`stream`).
+into a JSON body (`collect`) or a server-sent event stream (`stream`, sent
+through a relay.Relay so that a slow client cannot hold the generation).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -18,10 +20,19 @@ from fastapi.responses import StreamingResponse
 from mlx_cluster.coordinator.api import openai_format as fmt
 from mlx_cluster.coordinator.api.errors import ApiError, api_error
 from mlx_cluster.coordinator.api.metrics import Metrics
+from mlx_cluster.coordinator.api.relay import Relay, RelayedResponse, Render
 from mlx_cluster.coordinator.engine.generation import TextChunk
 
 Chunks = AsyncGenerator[TextChunk, None]
-Render = Callable[[TextChunk, bool], list[dict[str, Any]]]  # (chunk, first) -> events
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A running request's chunks and the bounds on sending them."""
+
+    chunks: Chunks  # already under the request's deadline (metered)
+    deadline: float  # loop time by which the request ends, sending included
+    send_timeout_s: float  # the longest a streamed client may leave its buffer full
 
 
 class Drain:
@@ -42,15 +53,13 @@ class Drain:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
 
 
-async def metered(chunks: Chunks, timeout: float, drain: Drain, metrics: Metrics) -> Chunks:
+async def metered(chunks: Chunks, deadline: float, drain: Drain, metrics: Metrics) -> Chunks:
     """Pass chunks through until the request's or the drain's deadline, recording metrics.
 
     Raises:
-        TimeoutError: the request ran past `timeout` seconds.
+        TimeoutError: the request ran past `deadline` (loop time).
         ApiError: 503 when the server's shutdown grace period ended first.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     last = time.perf_counter()
     async with contextlib.aclosing(chunks):
         for count in range(1 << 62):
@@ -85,7 +94,7 @@ async def collect(chunks: Chunks) -> list[TextChunk]:
 
 
 async def answer(
-    chunks: Chunks,
+    generation: Generation,
     streaming: bool,
     whole: Callable[[list[TextChunk]], dict[str, Any]],
     piece: Callable[[TextChunk, bool], dict[str, Any]],
@@ -99,7 +108,7 @@ async def answer(
             in this envelope (OpenAI's stream_options.include_usage).
     """
     if not streaming:
-        return whole(await collect(chunks))
+        return whole(await collect(generation.chunks))
 
     def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
         events = [piece(chunk, first)]
@@ -107,29 +116,17 @@ async def answer(
             events.append(fmt.usage_chunk(usage, chunk.performance))
         return events
 
-    return await stream(chunks, render)
+    return await stream(generation, render)
 
 
-async def stream(chunks: Chunks, render: Render) -> StreamingResponse:
+async def stream(generation: Generation, render: Render) -> StreamingResponse:
     """Start a stream: failures before the first chunk are HTTP errors, later ones events."""
+    relay = Relay(generation.chunks, generation.deadline, generation.send_timeout_s)
     try:
-        first = await anext(chunks)
+        first = await relay.first()
     except BaseException as exc:
-        await chunks.aclose()
+        await relay.close()
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise api_error(exc) from exc
-
-    async def events() -> AsyncIterator[str]:
-        async with contextlib.aclosing(chunks):
-            for event in render(first, True):
-                yield fmt.sse(event)
-            try:
-                async for chunk in chunks:
-                    for event in render(chunk, False):
-                        yield fmt.sse(event)
-            except Exception as exc:
-                yield fmt.sse(api_error(exc).body())
-            yield fmt.sse("[DONE]")
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return RelayedResponse(relay, first, render)

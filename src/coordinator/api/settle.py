@@ -1,12 +1,18 @@
 """Settling a request before it runs: prompt -> tokens, the limits, max_tokens.
 
 Every check that can fail fails here, as a 4xx naming the field, before a
-generation (and a stream) starts.
+generation (and a stream) starts. The chat template and the tokenizer run in a
+worker thread, so that a large prompt does not stall the streams of others
+(they touch no MLX, only the tokenizer).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from dataclasses import dataclass
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.coordinator.api.errors import ApiError
@@ -27,63 +33,75 @@ class Prepared:
 
     tokens: list[int]
     params: SamplingParams
+    started: float  # loop time the request began settling: its deadline counts from here
 
 
-def settle_chat(
+async def settle_chat(
     request: ChatCompletionRequest, cluster: ServedModel, limits: LimitsConfig
 ) -> Prepared:
     """The chat template applied to the messages, then `settle`."""
+    started = asyncio.get_running_loop().time()
+    tokens = await asyncio.to_thread(_chat_tokens, request, cluster, limits)
+    return settle(request, tokens, cluster, limits, started)
+
+
+def _chat_tokens(
+    request: ChatCompletionRequest, cluster: ServedModel, limits: LimitsConfig
+) -> list[int]:
+    """Every byte of the messages counted (roles, names, each content part), then the
+    chat template; runs in a worker thread."""
+    strings = (text for message in request.messages for text in message.strings())
+    size = sum(_utf8_size(text, "messages") for text in strings)
+    _check_prompt_size(size, request, cluster, limits)
     try:
         messages = request.chat_messages()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
-    _check_prompt_bytes(sum(_utf8_size(m["content"], "messages") for m in messages), limits)
     try:
         tokens = cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as exc:  # jinja raises its own errors for unsupported conversations
         raise ApiError(
             400, f"the chat template rejected the messages: {exc}", param="messages"
         ) from exc
-    return settle(request, list(tokens), cluster, limits)
+    return list(tokens)
 
 
-def settle_completion(
+async def settle_completion(
     request: CompletionRequest, cluster: ServedModel, limits: LimitsConfig
 ) -> Prepared:
     """The prompt as given (token ids) or encoded (text), then `settle`."""
+    started = asyncio.get_running_loop().time()
     prompt = request.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
-        return settle(request, [int(t) for t in prompt], cluster, limits)
+        return settle(request, [int(t) for t in prompt], cluster, limits, started)
     text = prompt if isinstance(prompt, str) else str(prompt[0])
-    _check_prompt_bytes(_utf8_size(text, "prompt"), limits)
-    return settle(request, list(cluster.tokenizer.encode(text)), cluster, limits)
+    _check_prompt_size(_utf8_size(text, "prompt"), request, cluster, limits)
+    tokens = await asyncio.to_thread(cluster.encode, text)
+    return settle(request, tokens, cluster, limits, started)
 
 
-def settle_generate(
+async def settle_generate(
     request: GenerateRequest, cluster: ServedModel, limits: LimitsConfig
 ) -> Prepared:
     """The prompt encoded (as one chat message with `chat`), then `settle`."""
-    _check_prompt_bytes(_utf8_size(request.prompt, "prompt"), limits)
-    tokens = cluster.encode(request.prompt, chat=request.chat)
-    return settle(request, tokens, cluster, limits)
+    started = asyncio.get_running_loop().time()
+    _check_prompt_size(_utf8_size(request.prompt, "prompt"), request, cluster, limits)
+    tokens = await asyncio.to_thread(cluster.encode, request.prompt, request.chat)
+    return settle(request, tokens, cluster, limits, started)
 
 
 def settle(
-    request: _Request, tokens: list[int], cluster: ServedModel, limits: LimitsConfig
+    request: _Request,
+    tokens: list[int],
+    cluster: ServedModel,
+    limits: LimitsConfig,
+    started: float,
 ) -> Prepared:
     """Check the prompt against the limits and the context window; settle max_tokens."""
     context = cluster.context_length
-    limit = min(limits.max_prompt_tokens or context, context - 1)
     if not tokens:
         raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
-    if len(tokens) > limit:
-        raise ApiError(
-            400,
-            f"the prompt has {len(tokens)} tokens, the limit is {limit} tokens "
-            f"(context window {context})",
-            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
+    _check_token_count(len(tokens), "", request, cluster, limits)
     max_tokens = _max_tokens(request, len(tokens), context, limits)
     # generate_text runs the same checks; running them here makes a bad id a 400
     # naming its field, before a stream starts.
@@ -92,7 +110,7 @@ def settle(
         check_request(tokens, params, cluster.vocab_size)
     except InvalidParam as exc:
         raise ApiError(400, str(exc), param=exc.param) from exc
-    return Prepared(tokens, params)
+    return Prepared(tokens, params, started)
 
 
 def _max_tokens(request: _Request, prompt: int, context: int, limits: LimitsConfig) -> int:
@@ -107,7 +125,12 @@ def _max_tokens(request: _Request, prompt: int, context: int, limits: LimitsConf
     return min(wanted or limits.default_max_tokens, context - prompt)
 
 
-def _check_prompt_bytes(size: int, limits: LimitsConfig) -> None:
+def _check_prompt_size(
+    size: int, request: _Request, cluster: ServedModel, limits: LimitsConfig
+) -> None:
+    """The prompt's UTF-8 bytes against the limit; then the fewest tokens they can be
+    against the token limit, so that a prompt sure to be too long is not tokenized
+    (tokenizing megabytes holds the GIL for tenths of a second, even in a thread)."""
     if size > limits.max_prompt_bytes:
         raise ApiError(
             413,
@@ -115,6 +138,30 @@ def _check_prompt_bytes(size: int, limits: LimitsConfig) -> None:
             param="prompt",
             code="prompt_too_large",
         )
+    fewest = size // _longest_token_bytes(cluster.tokenizer)
+    _check_token_count(fewest, "at least ", request, cluster, limits)
+
+
+def _check_token_count(
+    count: int, at_least: str, request: _Request, cluster: ServedModel, limits: LimitsConfig
+) -> None:
+    context = cluster.context_length
+    limit = min(limits.max_prompt_tokens or context, context - 1)
+    if count > limit:
+        raise ApiError(
+            400,
+            f"the prompt has {at_least}{count} tokens, the limit is {limit} tokens "
+            f"(context window {context})",
+            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+
+
+@functools.cache
+def _longest_token_bytes(tokenizer: TokenizerWrapper) -> int:
+    """The most UTF-8 bytes of one vocabulary entry: no token covers more bytes of text
+    (byte-level and SentencePiece pieces spell a byte in one or more bytes)."""
+    return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab())
 
 
 def _utf8_size(text: str, param: str) -> int:

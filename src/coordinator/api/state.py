@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Request
 
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.coordinator.api.metrics import Metrics
-from mlx_cluster.coordinator.api.responses import Chunks, Drain, metered
+from mlx_cluster.coordinator.api.responses import Drain, Generation, metered
 from mlx_cluster.coordinator.api.served_model import ServedModel
 from mlx_cluster.coordinator.api.settle import Prepared
 
@@ -25,7 +25,7 @@ class ApiState:
     metrics: Metrics = field(default_factory=Metrics)  # this app's own Prometheus registry
     drain: Drain = field(default_factory=Drain)  # the server's shutdown deadline
 
-    def generate(self, prepared: Prepared) -> Chunks:
+    def generate(self, prepared: Prepared) -> Generation:
         """Run a settled request under its deadline and the drain, recording metrics.
 
         Raises:
@@ -33,8 +33,10 @@ class ApiState:
         """
         self.drain.refuse_new()
         timeout = self.limits.request_timeout_s
+        deadline = prepared.started + timeout
         chunks = self.cluster.generate(prepared.tokens, prepared.params, timeout=timeout)
-        return metered(chunks, timeout, self.drain, self.metrics)
+        metered_chunks = metered(chunks, deadline, self.drain, self.metrics)
+        return Generation(metered_chunks, deadline, self.limits.send_timeout_s)
 
     def token_text(self, token: int) -> str:
         return str(self.cluster.tokenizer.decode([token]))

@@ -13,6 +13,10 @@ restarted worker or a standby, each row's session is reopened on every stage
 and its history replayed with the same chunk boundaries (so every cache is
 rebuilt exactly), and the step is tried again. Callers see the step succeed or
 a contract error; `StageFailed` never leaves this module's public calls.
+
+Liveness: every hop has a deadline (`LivenessConfig`: one for a decode step, a larger
+one for a prompt chunk); a hop past it is a lost worker. Ending a request's sessions
+never holds its caller longer than `end_wait_s`: the rest finishes in the background.
 """
 
 from __future__ import annotations
@@ -21,10 +25,18 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import mlx.core as mx
 
-from mlx_cluster.contract.errors import RECOVERABLE, ClusterError, KVCapacityExceeded
+from mlx_cluster.contract.config import LivenessConfig
+from mlx_cluster.contract.errors import (
+    RECOVERABLE,
+    ClusterError,
+    KVCapacityExceeded,
+    WorkerUnavailable,
+)
 from mlx_cluster.coordinator.engine.admission import Admission
 from mlx_cluster.coordinator.engine.client import ForwardStream, WorkerClient
 from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
@@ -95,12 +107,15 @@ class Chain:
         stages: StageManager,
         admission: Admission | None = None,
         events: EventBus | None = None,
+        liveness: LivenessConfig | None = None,
     ) -> None:
         self.edges = edges
         self.stages = stages
         self.admission = admission or Admission()
         self.events = events or EventBus()
+        self.liveness = liveness or LivenessConfig()
         self.replays = 0  # sessions replayed onto a new chain since start
+        self._ending: set[asyncio.Future[Any]] = set()  # ends past end_wait_s
 
     def streams(self) -> Streams:
         return Streams(self.stages)
@@ -115,7 +130,11 @@ class Chain:
         await self._open_admitted(request, timeout)
 
     async def end(self, request: RequestState) -> None:
-        """End the request's session on every stage (a failed end is retried by the client)."""
+        """End the request's session on every stage (a failed end is retried by the client).
+
+        Waits at most `liveness.end_wait_s`: a worker that does not answer never holds
+        the caller; its end goes on in the background.
+        """
         await self._end(request.session_id)
 
     async def _open_admitted(self, request: RequestState, timeout: float | None) -> None:
@@ -133,7 +152,7 @@ class Chain:
                 failures += 1
                 if failures > MAX_RECOVERIES:
                     raise failure.cause from failure
-                await self.stages.replace(failure.index, failure.client)
+                await self.stages.replace(failure.index, failure.client, failure.cause)
 
     async def _open(self, request: RequestState) -> None:
         """Open a new session for `request` on every current stage (all or nothing)."""
@@ -162,11 +181,14 @@ class Chain:
     ) -> None:
         if clients is None:
             clients = [s.client for s in self.stages.stages]
-        await asyncio.gather(
+        ending = asyncio.gather(
             *(c.end_sessions([session_id]) for c in clients), return_exceptions=True
         )
-        if notify:
-            self.admission.notify()
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        if notify:  # once every stage has freed the room (or failed to: retried later)
+            ending.add_done_callback(lambda _: self.admission.notify())
+        await asyncio.wait([ending], timeout=self.liveness.end_wait_s)
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -239,12 +261,28 @@ class Chain:
         last_position_only: bool,
         timing: StepTiming | None = None,
     ) -> mx.array:
-        """One step on stage `index`; a loss a replay can repair raises StageFailed."""
+        """One step on stage `index`; a loss a replay can repair raises StageFailed.
+
+        A worker that does not answer within the hop's deadline is lost too.
+        """
         client, stream = streams[index]
+        decode = hidden.shape[1] == 1
+        bound = (
+            self.liveness.decode_hop_timeout_s if decode else self.liveness.prefill_hop_timeout_s
+        )
         try:
-            out, hop = await stream.step(session_ids, hidden, offsets, last_position_only)
+            async with asyncio.timeout(bound):
+                out, hop = await stream.step(session_ids, hidden, offsets, last_position_only)
         except RECOVERABLE as exc:
             raise StageFailed(index, client, exc) from exc
+        except TimeoutError as exc:  # the step's call was cancelled: the stream is not reused
+            setting = "decode_hop_timeout_s" if decode else "prefill_hop_timeout_s"
+            lost = WorkerUnavailable(
+                f"worker {client.name} did not answer a {hidden.shape[1]}-token step "
+                f"within {bound:g} s (liveness.{setting})"
+            )
+            lost.code = grpc.StatusCode.DEADLINE_EXCEEDED  # as a call past its deadline
+            raise StageFailed(index, client, lost) from exc
         if timing is not None:
             timing.hops += hop.encode + hop.round_trip + hop.decode
             timing.compute += hop.compute
@@ -311,7 +349,7 @@ class Chain:
                 len(rows),
             )
             try:
-                await self.stages.replace(failure.index, failure.client)
+                await self.stages.replace(failure.index, failure.client, failure.cause)
                 for row in rows:
                     await self._replay(streams, row)
                 return

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlx_cluster import tensor
 from mlx_cluster.contract.auth import TlsFiles, token_metadata
+from mlx_cluster.contract.config import LivenessConfig
 from mlx_cluster.contract.errors import (
     ClusterError,
     InvalidArgument,
@@ -55,6 +56,8 @@ END_RETRY_FIRST_S = 0.5
 END_RETRY_MAX_S = 30.0
 # Pause before calling Lease again after the call ended: well inside the worker's grace.
 LEASE_RETRY_S = 0.5
+# A closed Forward stream's worker has this long to end the call before it is cancelled.
+STREAM_CLOSE_WAIT_S = 1.0
 
 
 @dataclass
@@ -77,6 +80,8 @@ class WorkerClient:
 
     With `token`, every call carries the cluster token; with `tls`, the channel is
     TLS, verified against `tls.ca` (mutual TLS when `tls.cert` and `tls.key` are set).
+    `liveness` sets the keepalive pings that drop the connection to a worker that stopped
+    answering (failing its calls with WorkerUnavailable).
     """
 
     def __init__(
@@ -86,17 +91,23 @@ class WorkerClient:
         token: str | None = None,
         tls: TlsFiles | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        liveness: LivenessConfig | None = None,
     ) -> None:
         self.address = address
         self.name = name or address
         self._named = name is not None  # a configured name beats the worker's own
         self._auth = (token_metadata(token),) if token else ()
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(
-                address, options=client_channel_options(max_message_bytes)
+        liveness = liveness or LivenessConfig()
+        options: list[tuple[str, Any]] = list(
+            client_channel_options(
+                max_message_bytes,
+                keepalive_time_ms=round(liveness.ping_interval_s * 1000),
+                keepalive_timeout_ms=round(liveness.ping_timeout_s * 1000),
             )
+        )
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            options: list[tuple[str, Any]] = list(client_channel_options(max_message_bytes))
             if tls.server_name:  # the name the worker's certificate carries, if not its host
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)
@@ -362,7 +373,7 @@ class ForwardStream:
         """Half-close and let the worker end the call; cancels it if it does not."""
         try:
             await self._call.done_writing()
-            await asyncio.wait_for(self._drain(), 5.0)
+            await asyncio.wait_for(self._drain(), STREAM_CLOSE_WAIT_S)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
             self._call.cancel()
 

@@ -14,10 +14,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from mlx_cluster import tensor
+from mlx_cluster.contract.config import LivenessConfig
 from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable
 from mlx_cluster.contract.layers import LayerRange
-from mlx_cluster.contract.worker_info import LoadedSlice
+from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.health import (
     INFO_TIMEOUT_S,
@@ -49,11 +52,16 @@ class StageManager:
     """The stages in chain order, the standbys, and the supervisor that keeps them serving."""
 
     def __init__(
-        self, model_ref: str, stages: list[Stage], standbys: list[WorkerClient] | None = None
+        self,
+        model_ref: str,
+        stages: list[Stage],
+        standbys: list[WorkerClient] | None = None,
+        liveness: LivenessConfig | None = None,
     ) -> None:
         self.model_ref = model_ref  # what workers are told to load
         self.stages = stages
         self.standbys = list(standbys or [])
+        self.liveness = liveness or LivenessConfig()
         self.reloads = 0  # slices the supervisor re-sent since start
         self._failed_reloads = [0] * len(stages)
         self._replacing = asyncio.Lock()
@@ -96,8 +104,17 @@ class StageManager:
 
     # --- failover ------------------------------------------------------------------------
 
-    async def replace(self, index: int, failed: WorkerClient) -> None:
+    async def replace(
+        self, index: int, failed: WorkerClient, cause: ClusterError | None = None
+    ) -> None:
         """Give stage `index` a serving worker: the same one if it is back, else a standby.
+
+        The failed worker is asked first, briefly (`liveness.probe_timeout_s`), then each
+        standby; only then, if the failed worker refused the connection (it may be
+        restarting), is it waited for, up to `liveness.restart_wait_s`. A worker that
+        does not answer at all (frozen, or its link gone silent) is not waited for, and
+        one that failed by `cause` not answering in time (its compute stalled while it
+        still answers Info) is not asked again: only standbys may take its stage.
 
         Raises:
             WorkerUnavailable: neither the worker nor any standby can take the slice.
@@ -107,35 +124,58 @@ class StageManager:
             if stage.client is not failed:
                 return  # another request already replaced it
             candidates = [failed, *self.standbys]
-            for client in candidates:
-                if await self._takes(client, stage):
-                    self.standbys = [c for c in candidates if c is not client]
-                    self.stages[index] = Stage(
-                        client, stage.layers, stage.kv_budget_tokens, stage.session_ttl_s
-                    )
-                    if client is not failed:
-                        log.warning(
-                            "stage %s moved from %s to standby %s",
-                            stage.layers,
-                            failed.name,
-                            client.name,
-                        )
-                    return
+            stalled = cause is not None and _late(cause)
+            refusal = None
+            for client in candidates[1:] if stalled else candidates:
+                error = await self._takes(client, stage)
+                if error is None:
+                    return self._hand(index, client, failed, candidates)
+                if client is failed:
+                    refusal = error
+            restarting = refusal is not None and not _late(refusal)
+            wait_s = self.liveness.restart_wait_s
+            if restarting and wait_s > 0 and await self._takes(failed, stage, wait_s) is None:
+                return self._hand(index, failed, failed, candidates)
             raise WorkerUnavailable(
-                f"worker {failed.name} holding layers {stage.layers} is down and "
-                f"no standby could take its place ({len(self.standbys)} standbys)"
+                f"worker {failed.name} holding layers {stage.layers} is down"
+                + (f" (not back within {wait_s:g} s)" if restarting else "")
+                + (f" ({cause})" if stalled else "")
+                + f" and no standby could take its place ({len(self.standbys)} standbys)"
             )
 
-    async def _takes(self, client: WorkerClient, stage: Stage) -> bool:
-        """Whether `client` serves `stage` now, loading the slice if it must."""
+    def _hand(
+        self, index: int, client: WorkerClient, failed: WorkerClient, candidates: list[WorkerClient]
+    ) -> None:
+        """Stage `index` is `client`'s now; the other candidates are the standbys."""
+        stage = self.stages[index]
+        self.standbys = [c for c in candidates if c is not client]
+        self.stages[index] = Stage(
+            client, stage.layers, stage.kv_budget_tokens, stage.session_ttl_s
+        )
+        if client is not failed:
+            log.warning(
+                "stage %s moved from %s to standby %s", stage.layers, failed.name, client.name
+            )
+
+    async def _takes(
+        self, client: WorkerClient, stage: Stage, ready_wait_s: float = 0.0
+    ) -> ClusterError | None:
+        """Load the slice on `client` if it must; None if it serves `stage` now, else why not.
+
+        Asks its Info within `liveness.probe_timeout_s`, or, with `ready_wait_s`, first
+        waits that long for it to accept connections and report SERVING.
+        """
         try:
-            info = await client.info(timeout=INFO_TIMEOUT_S)
+            if ready_wait_s > 0:
+                info = await client.wait_ready(ready_wait_s)
+            else:
+                info = await client.info(timeout=self.liveness.probe_timeout_s)
             if not serves(info, self.model_ref, stage.layers):
                 await self._send_slice(client, stage)
-            return True
+            return None
         except ClusterError as exc:
             log.info("worker %s cannot take layers %s: %s", client.name, stage.layers, exc)
-            return False
+            return exc
 
     # --- the supervisor --------------------------------------------------------------------
 
@@ -162,13 +202,25 @@ class StageManager:
 
     async def _check(self, index: int) -> None:
         stage = self.stages[index]
+        if await self._lost_slice(stage, INFO_TIMEOUT_S) is None:
+            return
+        async with self._replacing:  # failover may have loaded it meanwhile: ask again
+            info = await self._lost_slice(stage, self.liveness.probe_timeout_s)
+            if info is None or self.stages[index] is not stage:
+                return
+            await self._reload(index, info)
+
+    async def _lost_slice(self, stage: Stage, timeout: float) -> WorkerInfo | None:
+        """The Info of a reachable worker that does not serve `stage`, else None."""
         try:
-            info = await stage.client.info(timeout=INFO_TIMEOUT_S)
+            info = await stage.client.info(timeout=timeout)
         except ClusterError as exc:
             log.debug("worker %s not reachable: %s", stage.client.name, exc)
-            return
-        if serves(info, self.model_ref, stage.layers):
-            return
+            return None
+        return None if serves(info, self.model_ref, stage.layers) else info
+
+    async def _reload(self, index: int, info: WorkerInfo) -> None:
+        stage = self.stages[index]
         log.warning(
             "worker %s holds %r [%d, %d), planned %s: loading its slice again",
             stage.client.name,
@@ -220,3 +272,8 @@ class StageManager:
     async def close(self) -> None:
         await self.stop()
         await asyncio.gather(*(c.close() for c in self.clients()), return_exceptions=True)
+
+
+def _late(error: ClusterError) -> bool:
+    """Whether `error` is a worker that did not answer in time (rather than one refusing)."""
+    return error.code == grpc.StatusCode.DEADLINE_EXCEEDED

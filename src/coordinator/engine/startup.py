@@ -127,13 +127,15 @@ async def start_from_config(
                 for client, wp in zip(clients, plan.workers, strict=True)
             ],
             standbys,
+            config.liveness,
         )
         await stages.load_all(edges)
         tokenizer = await asyncio.to_thread(
             load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
         )
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
-        engine = Engine(Chain(edges, stages, admission), config.batching)
+        chain = Chain(edges, stages, admission, liveness=config.liveness)
+        engine = Engine(chain, config.batching)
         return Cluster(model, engine, tokenizer, plan, config)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
@@ -145,5 +147,10 @@ def worker_client(entry: WorkerEntry, config: ClusterConfig) -> WorkerClient:
     token, tls = client_credentials(config.auth)
     max_bytes = config.limits.max_message_mb * MIB
     return WorkerClient(
-        entry.address, entry.name, token=token, tls=tls, max_message_bytes=max_bytes
+        entry.address,
+        entry.name,
+        token=token,
+        tls=tls,
+        max_message_bytes=max_bytes,
+        liveness=config.liveness,
     )
