@@ -85,19 +85,19 @@ async def test_bfloat16_model_matches(model_factory, start_workers):
 
 
 # (MLX's CPU gather_mm, which the MoE layers use, takes float32 only.)
+@pytest.mark.parametrize("eval_every", [0, 4])
 @pytest.mark.parametrize("model_type, dtype", [("gemma3_text", "bfloat16"), ("deepseek_v2", None)])
-async def test_computing_layer_by_layer_while_building_changes_nothing(
-    model_factory, start_workers, model_type, dtype
+async def test_computing_every_few_layers_or_at_the_end_changes_nothing(
+    model_factory, start_workers, model_type, dtype, eval_every
 ):
-    """Workers that start computing after every layer (eval_every=1) give the same results.
+    """Workers that start computing every 4 layers, or only at the end, give the same results.
 
-    (The default, every 4 layers, runs in every other test here: the one-worker split
-    has 8 layers.)
+    (This backend's default, after every layer on CPU and CUDA, runs in every other test.)
     """
     model = model_factory(model_type, dtype=dtype) if dtype else model_factory(model_type)
     params = SamplingParams(max_tokens=NEW_TOKENS)
     want = reference(model, PROMPT, params)
-    workers = await start_workers(2, eval_every=1)
+    workers = await start_workers(2, eval_every=eval_every)
     engine = await make_engine(model, workers, [5, 3])
     assert_same(await pipeline_run(engine, PROMPT, params), want)
 

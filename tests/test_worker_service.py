@@ -21,6 +21,7 @@ from mlx_cluster.contract.errors import (
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from mlx_cluster.worker.settings import WorkerSettings
 
 HIDDEN = 64  # the tiny models' hidden size
 
@@ -382,3 +383,11 @@ async def test_messages_over_the_configured_size_are_refused(start_workers, tiny
     with pytest.raises(MessageTooLarge, match="max_message_mb"):
         await stream.step(["t"], mx.ones((1, 32, HIDDEN)), [0])
     await stream.close()
+
+
+def test_eval_every_defaults_to_each_backends_measured_best():
+    """Every layer on CUDA and CPU, every 4 on Metal; a setting given wins everywhere."""
+    default = WorkerSettings(name="w")
+    assert (default.layer_eval_every(metal=False), default.layer_eval_every(metal=True)) == (1, 4)
+    chosen = WorkerSettings(name="w", eval_every=0)
+    assert (chosen.layer_eval_every(metal=False), chosen.layer_eval_every(metal=True)) == (0, 0)

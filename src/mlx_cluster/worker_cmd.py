@@ -85,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for setting in SETTING_FLAGS:
         default = WorkerSettings.model_fields[setting.field].default
         shown = default // setting.unit if setting.unit > 1 else default
+        shown = "by backend" if default is None else shown
         p.add_argument(
             setting.flag,
             dest=setting.field,

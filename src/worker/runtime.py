@@ -169,7 +169,7 @@ class WorkerRuntime:
 
     def _serve(self, model: str, layer_slice: LayerSlice, capacity: int, ttl: float) -> Loaded:
         """The slice with a new, empty session store."""
-        layer_slice.eval_every = self.settings.eval_every
+        layer_slice.eval_every = self.settings.layer_eval_every(metal=mx.metal.is_available())
         store = SessionStore(
             capacity, layer_slice.make_caches, ttl, max_sessions=self.settings.max_sessions
         )

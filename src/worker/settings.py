@@ -26,11 +26,22 @@ class WorkerSettings(BaseModel):
     # The largest gRPC message, in or out (the coordinator's limits.max_message_mb must match).
     max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=4096, le=2047 * MIB)
     # Start computing every this many layers of a step while the rest is built (0: at the
-    # end). Measured on an H100, 8B-shaped bf16, 2 workers: 4 cut a decode token's compute
-    # by about 2.5 ms (20%) and changed nothing for batches of 8 (benchmarks/RESULTS.md).
-    eval_every: int = Field(default=4, ge=0)
+    # end); None: this backend's measured best (`layer_eval_every`).
+    eval_every: int | None = Field(default=None, ge=0)
     lease_grace_s: float = Field(default=2.0, ge=0)  # a lease's sessions outlive its call this long
     lease_heartbeat_s: float = Field(default=5.0, gt=0)  # a Lease call gets an event this often
+
+    def layer_eval_every(self, metal: bool) -> int:
+        """`eval_every`, or this backend's best by measurement (benchmarks/RESULTS.md).
+
+        CUDA (one H200, 8B-shaped layers, batch 1): after every layer is fastest, 2.4-3.0 ms
+        for 16 layers against 3.0-4.3 every 4 and 3.7-3.9 at the end. CPU (the demo model's
+        layers): every layer, every 4 and at the end are within noise (121-127 ms). Metal
+        is not measured yet and keeps every 4 layers, the earlier default.
+        """
+        if self.eval_every is not None:
+            return self.eval_every
+        return 4 if metal else 1
 
     @property
     def limits(self) -> WorkerLimits:
