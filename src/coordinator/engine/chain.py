@@ -365,6 +365,5 @@ class Chain:
         for chunk in row.history:
             await self._through(streams, [row], chunk[None], [offset])
             offset += chunk.shape[0]
-        row.recoveries += 1
         self.replays += 1
         log.warning("session %s: replayed %d tokens onto the new chain", row.session_id, offset)

@@ -34,7 +34,6 @@ class RequestState:
     history: list[mx.array] = field(default_factory=list)  # chunks every stage has cached
     offset: int = 0  # tokens every stage has cached
     produced: int = 0
-    recoveries: int = 0
     out: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
     leaving: bool = False  # the caller let go: leave at the next token boundary
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once no lane carries it
