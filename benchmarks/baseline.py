@@ -30,7 +30,7 @@ from benchmarks.workload import (
     Workload,
     decode_rate,
 )
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.contract.sampling import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

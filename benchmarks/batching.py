@@ -34,6 +34,8 @@ from typing import Any
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
 from benchmarks.pipeline import eval_every_args, positive_ints
 from benchmarks.report import text_table
+from mlx_cluster.coordinator.engine.events import Event, StepEvent
+from mlx_cluster.coordinator.engine.lanes import StepProfile
 from mlx_cluster.local import gpu_list
 from mlx_cluster.models.random_model import DTYPES
 
@@ -59,7 +61,7 @@ class PipelineRun:
     busy_streams: int  # M
     mean_batch: float  # requests per decode step during the N-stream run
     largest_batch: int
-    step_ms: dict[str, float]  # a decode step of the N-stream run: wall, hops, compute, sample
+    step_ms: dict[str, float]  # a decode step of the N-stream run: wall, hops, compute, other
 
 
 def prompts_for(count: int, length: int, vocab: int) -> list[list[int]]:
@@ -138,10 +140,9 @@ async def run_pipeline(
     eval_every: int | None = None,
 ) -> PipelineRun:
     from mlx_cluster.contract.config import BatchingConfig
+    from mlx_cluster.contract.sampling import SamplingParams
     from mlx_cluster.coordinator.engine.cluster import Cluster
     from mlx_cluster.coordinator.engine.generation import Performance
-    from mlx_cluster.coordinator.engine.lanes import StepProfile
-    from mlx_cluster.coordinator.engine.sampling import SamplingParams
     from mlx_cluster.local import local_workers
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -176,13 +177,12 @@ async def run_pipeline(
             await one(probe)  # its prompt's shapes are new: kernels get built on first use
             idle = await one(probe)
 
-            engine = cluster.engine
-            for lane in engine.lanes:  # profile the N-stream run alone
-                lane.profile = StepProfile()
+            profile = StepProfile()  # the N-stream run's decode steps alone
+            unsubscribe = cluster.events.subscribe(lambda event: _add_step(profile, event))
             started = time.perf_counter()
             perfs = await asyncio.gather(*(one(p) for p in prompts))
             wall = time.perf_counter() - started
-            profile = engine.profile()
+            unsubscribe()
             total = sum(p.completion_tokens for p in perfs)
 
             others = prompts[:busy_streams]
@@ -196,7 +196,7 @@ async def run_pipeline(
             await asyncio.gather(*streaming)
             return PipelineRun(
                 workers=workers,
-                lanes=len(engine.lanes),
+                lanes=len(cluster.engine.lanes),
                 single_tokens_per_s=alone.tokens_per_second,
                 batch_tokens_per_s=total / wall,
                 idle_ttft_s=idle.ttft_s,
@@ -204,10 +204,31 @@ async def run_pipeline(
                 busy_streams=len(others),
                 mean_batch=profile.rows / profile.steps if profile.steps else 0.0,
                 largest_batch=profile.largest,
-                step_ms=profile.per_step_ms(),
+                step_ms=_step_ms(profile),
             )
         finally:
             await cluster.close()
+
+
+def _add_step(profile: StepProfile, event: Event) -> None:
+    """A subscriber to the cluster's events: every lane's decode steps, summed."""
+    if isinstance(event, StepEvent):
+        step = StepProfile(
+            steps=1,
+            rows=event.rows,
+            largest=event.rows,
+            wall=event.wall_s,
+            hops=event.hops_s,
+            compute=event.compute_s,
+        )
+        profile.add(step)
+
+
+def _step_ms(profile: StepProfile) -> dict[str, float]:
+    """A mean decode step (ms): wall (a lane's token interval), ring hops, workers' compute,
+    and the rest (the first worker's loop, event delivery, other lanes' turns)."""
+    ms = profile.per_step_ms()
+    return {**ms, "other": ms["wall"] - ms["hops"] - ms["compute"]}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -338,9 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(baseline, runs, args.streams, busy_streams))
     for r in runs:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r.step_ms.items())
-        print(
-            f"{r.workers} workers, one decode step of the {args.streams}-stream run (ms): {parts}"
-        )
+        workers = f"{r.workers} worker{'s' if r.workers > 1 else ''}"
+        print(f"{workers}, one decode step of the {args.streams}-stream run (ms): {parts}")
     doc: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),

@@ -2,9 +2,10 @@
 
 Workers are started by `mlx_cluster.local.local_workers` (TCP loopback or Unix
 domain sockets), the cluster by `Cluster.start` (even split), and tokens come
-from the engine's `generate_tokens`, as the HTTP API makes them. Every hop of
-every step is recorded from the cluster's events, so decode steps and prefill
-chunks are broken down separately.
+from the engine's `generate_tokens`, as the HTTP API makes them. Timings come
+from the cluster's events: prompt chunks go through the coordinator stage by
+stage (one HopEvent per worker per chunk); decode steps run as a ring on the
+workers, which report each step as a whole (one StepEvent per step).
 """
 
 from __future__ import annotations
@@ -28,18 +29,17 @@ from benchmarks.workload import (
     Workload,
     decode_rate,
 )
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.events import Event, HopEvent
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.coordinator.engine.events import Event, HopEvent, StepEvent
 from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]
-Hop = tuple[float, float, float, float]  # encode, network, compute, decode seconds of one hop
 
 
 @dataclass
 class HopBreakdown:
-    """Mean time of one worker's hop per step (seconds), as the coordinator saw it."""
+    """Mean time of one worker's hop per prefill chunk (seconds), as the coordinator saw it."""
 
     worker: str
     steps: int
@@ -54,42 +54,83 @@ class HopBreakdown:
 
 
 @dataclass
+class DecodeBreakdown:
+    """Mean time of one decode step on the ring (seconds), as the first worker reported it."""
+
+    steps: int
+    wall_s: float  # between two steps' arrival at the coordinator: the time a token takes
+    compute_s: float  # every worker's compute, the last one's head and sampling included
+    hops_s: float  # the ring's round trips between workers, beyond their compute
+    per_hop_s: float | None  # hops / (workers - 1): one relayed round trip; None for 1 worker
+    other_s: float  # wall - compute - hops: the first worker's loop, event delivery
+
+
+@dataclass
 class ClusterResult(EngineResult):
     """An EngineResult of the pipeline, with where a step's time went."""
 
     workers: int = 0
     layers: list[str] = field(default_factory=list)  # each worker's [start, end)
-    decode_hops: list[HopBreakdown] = field(default_factory=list)  # per decode step
+    decode: DecodeBreakdown | None = None  # mean per decode step 2..N
     prefill_hops: dict[int, list[HopBreakdown]] = field(default_factory=dict)  # per chunk
-    coordinator_step_s: float = 0.0  # decode step time outside the hops: embed, head, sampling
     recoveries: int = 0  # sessions replayed after a worker failed: timings are then invalid
 
 
-class HopRecorder:
-    """A subscriber to the cluster's events keeping every hop's timing, grouped into steps."""
+class EventRecorder:
+    """A subscriber to the cluster's events keeping prefill hops and decode steps."""
 
     def __init__(self, workers: list[str]) -> None:
         self.workers = workers
-        self.hops: list[Hop] = []
+        self.hops: list[HopEvent] = []  # prefill chunks: the engine times decode as steps
+        self.steps: list[StepEvent] = []
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, HopEvent):
-            self.hops.append((event.encode_s, event.network_s, event.compute_s, event.decode_s))
+            self.hops.append(event)
+        elif isinstance(event, StepEvent):
+            self.steps.append(event)
 
-    def steps(self) -> list[list[Hop]]:
-        """The recorded hops as steps: each step holds one hop per worker, in order."""
-        n = len(self.workers)
-        return [self.hops[i : i + n] for i in range(0, len(self.hops), n)]
+    def clear(self) -> None:
+        self.hops.clear()
+        self.steps.clear()
 
-    def breakdown(self, first: int, last: int | None = None) -> list[HopBreakdown]:
-        """Per-worker means over steps [first, last)."""
-        steps = self.steps()[first:last]
-        return [
-            HopBreakdown(
-                name, len(steps), *(statistics.fmean(h[i][k] for h in steps) for k in range(4))
+    def prefill(self) -> list[HopBreakdown]:
+        """Per-worker means over the recorded hops.
+
+        Grouped by worker, not by position: overlapped prefill interleaves the workers'
+        hops of successive chunks.
+        """
+        breakdowns = []
+        for name in self.workers:
+            hops = [h for h in self.hops if h.worker == name]
+            means = (
+                statistics.fmean(getattr(h, k) for h in hops)
+                for k in ("encode_s", "network_s", "compute_s", "decode_s")
             )
-            for i, name in enumerate(self.workers)
-        ]
+            breakdowns.append(HopBreakdown(name, len(hops), *means))
+        return breakdowns
+
+    def decode(self, first: int = 1) -> DecodeBreakdown:
+        """Means over the recorded steps from `first` on.
+
+        The first step's wall time runs from the rows' joining the ring, not from a
+        previous step, so it is left out by default, as the decode rate leaves it out.
+        """
+        steps = self.steps[first:]
+        if not steps:
+            raise ValueError(f"no decode step after the first {first}: {len(self.steps)} recorded")
+        wall = statistics.fmean(s.wall_s for s in steps)
+        compute = statistics.fmean(s.compute_s for s in steps)
+        hops = statistics.fmean(s.hops_s for s in steps)
+        relays = len(self.workers) - 1
+        return DecodeBreakdown(
+            steps=len(steps),
+            wall_s=wall,
+            compute_s=compute,
+            hops_s=hops,
+            per_hop_s=hops / relays if relays else None,
+            other_s=wall - compute - hops,
+        )
 
 
 async def _generate(
@@ -105,46 +146,44 @@ async def _generate(
     tokens: list[int] = []
     replays = cluster.engine.chain.replays
     started = time.perf_counter()
-    async for token, _ in cluster.engine.generate_tokens(prompt, params):
+    async for sampled in cluster.engine.generate_tokens(prompt, params):
         stamps.append(time.perf_counter())
-        tokens.append(token)
+        tokens.append(sampled.token)
     return started, stamps, tokens, cluster.engine.chain.replays - replays
 
 
 async def _run_workload(
-    cluster: Cluster, workload: Workload, recorder: HopRecorder
+    cluster: Cluster, workload: Workload, recorder: EventRecorder
 ) -> ClusterResult:
     await _generate(cluster, workload.warmup_prompt, WARMUP_NEW_TOKENS)
-    recorder.hops.clear()
+    recorder.clear()
     started, stamps, tokens, recoveries = await _generate(
         cluster, workload.decode_prompt, workload.decode_tokens
     )
-    # Steps 2..N are what the decode rate measures; step 1 ends the prefill.
-    decode_hops = recorder.breakdown(workload.prefill_chunks(len(workload.decode_prompt)) + 1)
-    step_s = 1 / decode_rate(stamps)
+    # Steps 2..N are what the decode rate measures; step 1 follows the prefill.
+    decode = recorder.decode(first=1)
     prefill: list[PrefillTiming] = []
     prefill_hops: dict[int, list[HopBreakdown]] = {}
     for length in workload.prompt_lengths:
         # As for the baseline: the first prompt of a length pays one-off costs; warm up on it.
         await _generate(cluster, workload.prompt(length), 1)
-        recorder.hops.clear()
+        recorder.clear()
         start, (first, *_), _, replays = await _generate(cluster, workload.prompt(length), 1)
         recoveries += replays
         prefill.append(PrefillTiming(length, first - start))
-        prefill_hops[length] = recorder.breakdown(0, workload.prefill_chunks(length))
+        prefill_hops[length] = recorder.prefill()
     n = len(cluster.stages)
     return ClusterResult(
         label=f"{n} worker" + ("s" if n > 1 else ""),
-        decode_tokens_per_s=1 / step_s,
+        decode_tokens_per_s=decode_rate(stamps),
         decode_ttft_s=stamps[0] - started,
         prefill=prefill,
         tokens=tokens,
         workers=n,
         layers=[str(s.layers) for s in cluster.stages],
-        decode_hops=decode_hops,
+        decode=decode,
         prefill_hops=prefill_hops,
         recoveries=recoveries,
-        coordinator_step_s=step_s - sum(h.overhead_s + h.compute_s for h in decode_hops),
     )
 
 
@@ -171,7 +210,7 @@ async def run_cluster(
                 batching={"prefill_chunk": workload.prefill_step_size},
             )
             try:
-                recorder = HopRecorder([s.client.name for s in cluster.stages])
+                recorder = EventRecorder([s.client.name for s in cluster.stages])
                 cluster.events.subscribe(recorder)
                 result = await _run_workload(cluster, workload, recorder)
                 infos = await asyncio.gather(*(s.client.info() for s in cluster.stages))

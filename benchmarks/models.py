@@ -98,6 +98,17 @@ SHAPES: dict[str, ModelShape] = {
         rope_theta=100000.0,
         max_position_embeddings=8192,
     ),
+    "small": ModelShape(  # 6 layers, 256 wide: fast enough on a CPU that fixed costs show
+        hidden_size=256,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=768,
+        vocab_size=8192,
+        tied=True,
+        rope_theta=10000.0,
+        max_position_embeddings=8192,
+    ),
     "tiny": ModelShape(  # a few MB, for smoke tests
         hidden_size=128,
         num_layers=4,

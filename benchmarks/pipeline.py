@@ -8,8 +8,9 @@ directory), measured four ways:
 3. the pipeline over 1, 2, 4... worker processes on this host, coordinator here;
 4. peak memory of every process.
 
-It prints tables (pipeline / baseline ratios, per-hop breakdown against the
-echo) and writes everything to a JSON file. See benchmarks/README.md.
+It prints tables (pipeline / baseline ratios, the decode step's breakdown on
+the ring and prefill's per-hop breakdown, both against the echo) and writes
+everything to a JSON file. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from benchmarks.baseline import run_in_subprocess
 from benchmarks.cluster import ClusterResult, run_cluster
 from benchmarks.host import BUSY_WARNING_CORES, OtherLoad
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model, parameter_count
-from benchmarks.report import echo_table, engine_table, hop_table, step_table
+from benchmarks.report import echo_table, engine_table, prefill_hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
@@ -148,7 +149,8 @@ def default_json_path() -> Path:
 
 
 def forward_request_bytes(tokens: int, hidden_size: int, dtype: mx.Dtype) -> int:
-    """Serialized size of a ForwardRequest carrying [1, tokens, hidden_size] hidden states."""
+    """Serialized size of a prefill chunk's ForwardRequest: [1, tokens, hidden_size] hidden
+    states from the coordinator."""
     request = pb.ForwardRequest(
         step_id=1, session_ids=[uuid.uuid4().hex], offsets=[4096], last_position_only=True
     )
@@ -156,9 +158,21 @@ def forward_request_bytes(tokens: int, hidden_size: int, dtype: mx.Dtype) -> int
     return request.ByteSize()
 
 
+def ring_request_bytes(hidden_size: int, dtype: mx.Dtype) -> int:
+    """Serialized size of the ForwardRequest one worker relays to the next in a decode step:
+    [1, 1, hidden_size] hidden states, with the row's token for the last worker's sampling."""
+    request = pb.ForwardRequest(
+        step_id=1, session_ids=[uuid.uuid4().hex], offsets=[4096], sample=True
+    )
+    tensor.encode(mx.zeros((1, 1), dtype=mx.uint32), out=request.token_ids)
+    tensor.encode(mx.zeros((1, 1, hidden_size), dtype=dtype), out=request.hidden)
+    return request.ByteSize()
+
+
 def message_sizes(workload: Workload, hidden_size: int, dtype: mx.Dtype) -> dict[str, int]:
-    """Bytes of a decode step's request and of each prompt length's (first) prefill chunk."""
-    sizes = {"decode": forward_request_bytes(1, hidden_size, dtype)}
+    """Bytes of a decode step's relayed request and of each prompt length's (first) prefill
+    chunk."""
+    sizes = {"decode": ring_request_bytes(hidden_size, dtype)}
     for length in workload.prompt_lengths:
         chunk = min(length - 1, workload.prefill_step_size)
         sizes[f"prefill@{length}"] = forward_request_bytes(chunk, hidden_size, dtype)
@@ -255,10 +269,9 @@ def summary(run: Run) -> list[dict[str, Any]]:
                 for p, q in zip(r.prefill, b.prefill, strict=True)
             }
             row["matching_tokens"] = matching_prefix(r.tokens, b.tokens)
-        if decode_echo:
-            row["decode_hop_overhead_over_echo"] = [
-                h.overhead_s / decode_echo for h in r.decode_hops
-            ]
+        per_hop = r.decode.per_hop_s if r.decode else None
+        if decode_echo and per_hop is not None:
+            row["decode_per_hop_over_echo"] = per_hop / decode_echo
         rows.append(row)
     return rows
 
@@ -294,10 +307,10 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
 
 def print_report(run: Run) -> None:
     print(engine_table(run.baseline, run.pipelines))
-    print("\nDecode step (mean over steps 2..N):")
-    print(step_table(run.baseline, run.pipelines))
-    print("\nPer hop, mean per decode step / prefill chunk:")
-    print(hop_table(run.pipelines, run.echo, run.message_bytes))
+    print("\nDecode step on the ring (mean over steps 2..N):")
+    print(step_table(run.baseline, run.pipelines, run.echo, run.message_bytes["decode"]))
+    print("\nPrefill, per worker's hop, mean per chunk:")
+    print(prefill_hop_table(run.pipelines, run.echo, run.message_bytes))
     if run.echo:
         print("\nBare gRPC echo round trips:")
         print(echo_table(run.echo))

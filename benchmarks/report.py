@@ -1,8 +1,10 @@
 """The tables `python -m benchmarks.pipeline` prints.
 
-Ratios are pipeline / baseline (higher is better for rates), and per-hop
+Ratios are pipeline / baseline (higher is better for rates), and a hop's
 overhead / bare echo round trip of a message of the same size (1.0 = the
-hop costs no more than the transport itself).
+hop costs no more than the transport itself): for decode, one round trip of
+the ring between two workers; for prefill, one worker's hop from the
+coordinator.
 """
 
 from __future__ import annotations
@@ -75,6 +77,56 @@ def _echo_for(echo: Sequence[EchoResult], size: int) -> EchoResult | None:
     return next((e for e in echo if e.message_bytes == size), None)
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def step_table(
+    baseline: EngineResult | None,
+    results: Sequence[ClusterResult],
+    echo: Sequence[EchoResult],
+    decode_bytes: int,
+) -> str:
+    """Where one decode step's time goes on the ring: compute, hops, the rest.
+
+    Args:
+        decode_bytes: size of the request a decode hop relays, for the echo lookup.
+    """
+    floor = _echo_for(echo, decode_bytes)
+    headers = [
+        "engine",
+        "step ms",
+        "workers compute ms",
+        "ring hops ms",
+        "per hop ms",
+        "echo RTT us",
+        "per hop/echo",
+        "other ms",
+    ]
+    rows = []
+    if baseline is not None:
+        step = 1e3 / baseline.decode_tokens_per_s
+        rows.append(["baseline", f"{step:.2f}", *["-"] * (len(headers) - 2)])
+    for r in results:
+        d = r.decode
+        assert d is not None, f"{r.label} has no decode breakdown"
+        per_hop = d.per_hop_s
+        ratio = f"{per_hop / floor.mean_s:.2f}" if floor and per_hop is not None else "-"
+        rows.append(
+            [
+                r.label,
+                _ms(d.wall_s),
+                _ms(d.compute_s),
+                _ms(d.hops_s),
+                _ms(per_hop),
+                f"{floor.mean_s * 1e6:.0f}" if floor else "-",
+                ratio,
+                _ms(d.other_s),
+            ]
+        )
+    return text_table(headers, rows)
+
+
 def _hop_row(label: str, hop: HopBreakdown, echo: EchoResult | None) -> list[str]:
     us = [f"{t * 1e6:.0f}" for t in (hop.compute_s, hop.encode_s, hop.network_s, hop.decode_s)]
     floor = echo.mean_s if echo else None
@@ -100,42 +152,21 @@ HOP_HEADERS = [
 ]
 
 
-def hop_table(
+def prefill_hop_table(
     results: Sequence[ClusterResult], echo: Sequence[EchoResult], sizes: dict[str, int]
 ) -> str:
-    """Per-hop means per decode step and per prefill chunk, next to the echo floor.
+    """Per-hop means per prefill chunk, per worker, next to the echo floor.
 
     Args:
-        sizes: message bytes by run label ("decode", "prefill@1024", ...), for the echo lookup.
+        sizes: message bytes by run label ("prefill@1024", ...), for the echo lookup.
     """
     rows = []
     for r in results:
-        for hop in r.decode_hops:
-            rows.append(_hop_row(f"{r.label} decode", hop, _echo_for(echo, sizes["decode"])))
         for length, hops in r.prefill_hops.items():
+            size = sizes[f"prefill@{length}"]
             for hop in hops:
-                size = sizes[f"prefill@{length}"]
                 rows.append(_hop_row(f"{r.label} prefill@{length}", hop, _echo_for(echo, size)))
     return text_table(HOP_HEADERS, rows)
-
-
-def step_table(baseline: EngineResult | None, results: Sequence[ClusterResult]) -> str:
-    """Where one decode step's time goes: coordinator vs each hop's compute and overhead."""
-    headers = ["engine", "step ms", "coordinator ms", "workers compute ms", "hops overhead ms"]
-    rows = []
-    if baseline is not None:
-        rows.append(["baseline", f"{1e3 / baseline.decode_tokens_per_s:.2f}", "-", "-", "-"])
-    rows += [
-        [
-            r.label,
-            f"{1e3 / r.decode_tokens_per_s:.2f}",
-            f"{r.coordinator_step_s * 1e3:.2f}",
-            f"{sum(h.compute_s for h in r.decode_hops) * 1e3:.2f}",
-            f"{sum(h.overhead_s for h in r.decode_hops) * 1e3:.2f}",
-        ]
-        for r in results
-    ]
-    return text_table(headers, rows)
 
 
 def echo_table(echo: Sequence[EchoResult]) -> str:

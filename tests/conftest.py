@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from mlx_lm.utils import load_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 
@@ -19,8 +20,8 @@ from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
+from mlx_cluster.coordinator.engine.startup import vocab_size
 from mlx_cluster.models.random_model import build_random_model
-from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import RunningWorker, create_server
 
@@ -107,12 +108,11 @@ async def make_engine(
 
     `batching` are BatchingConfig fields (e.g. prefill_chunk=16, micro_batches=1).
     """
-    edges = load_edges(model)
-    ranges = split_by_counts(list(counts), edges.num_layers)
-    for client, r in zip(clients, ranges, strict=True):
-        await client.load_layers(str(model), r.start, r.end)
+    config = load_config(model)
+    ranges = split_by_counts(list(counts), config["num_hidden_layers"])
     stages = StageManager(str(model), [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
-    return Engine(Chain(edges, stages), BatchingConfig(**batching))
+    await stages.load_all()
+    return Engine(Chain(vocab_size(config), stages), BatchingConfig(**batching))
 
 
 @pytest.fixture

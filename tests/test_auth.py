@@ -33,11 +33,11 @@ from mlx_cluster.contract.config_loader import load_config, render_config
 from mlx_cluster.contract.errors import Unauthenticated, WorkerUnavailable
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.startup import start_from_config
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import RunningWorker, create_server
@@ -65,7 +65,7 @@ class Pki:
 def _issue(
     cn: str,
     issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    usage: x509.ObjectIdentifier | None = None,
+    usage: list[x509.ObjectIdentifier] | None = None,
     sans: list[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate for `cn`: a self-signed CA when `issuer` is None."""
@@ -83,7 +83,7 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
     )
     if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(issuer[1] if issuer else key, hashes.SHA256()), key
@@ -111,10 +111,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         x509.DNSName("localhost"),
         x509.DNSName(SERVER_NAME),
     ]
-    server = _issue("worker", ca, ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    client = _issue("coordinator", ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    # A worker serves, and calls the next worker of the decode ring with the same certificate.
+    worker_usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    server = _issue("worker", ca, worker_usage, sans)
+    client = _issue("coordinator", ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
     rogue_ca = _issue("someone else's CA", None)
-    rogue = _issue("intruder", rogue_ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    rogue = _issue("intruder", rogue_ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
     ca_path, _ = _write(folder, "ca", *ca)
     return Pki(
         ca_path,

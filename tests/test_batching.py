@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 from mlx_cluster.contract.errors import KVCapacityExceeded
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.coordinator.engine.core import Engine
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.models.random_model import build_random_model
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.capabilities import detect
@@ -42,12 +43,13 @@ async def run(
     params: SamplingParams,
     start_after: asyncio.Event | None = None,
     stop_after: int | None = None,
-) -> list[tuple[int, mx.array]]:
+) -> list[SampledToken]:
     """One request through the engine; it may wait for an event and may stop early."""
     if start_after is not None:
         await start_after.wait()
-    got: list[tuple[int, mx.array]] = []
-    async with contextlib.aclosing(engine.generate_tokens(prompt, params)) as steps:
+    got: list[SampledToken] = []
+    full = dataclasses.replace(params, full_logprobs=True)
+    async with contextlib.aclosing(engine.generate_tokens(prompt, full)) as steps:
         async for step in steps:
             got.append(step)
             if stop_after is not None and len(got) == stop_after:
@@ -64,7 +66,8 @@ class Progress:
 
 async def run_signalling(engine: Engine, prompt, params, progress: Progress):
     got = []
-    async with contextlib.aclosing(engine.generate_tokens(prompt, params)) as steps:
+    full = dataclasses.replace(params, full_logprobs=True)
+    async with contextlib.aclosing(engine.generate_tokens(prompt, full)) as steps:
         async for step in steps:
             got.append(step)
             if len(got) == progress.after:
@@ -128,9 +131,10 @@ async def test_mixed_sampling_in_one_batch_equals_each_alone(model_factory, star
     finally:
         await engine.close()
     for t, a in zip(together, alone, strict=True):
-        assert [tok for tok, _ in t] == [tok for tok, _ in a]
-        for step, ((_, x), (_, y)) in enumerate(zip(t, a, strict=True)):
-            assert mx.allclose(x, y, atol=1e-4, rtol=1e-4), f"logprobs differ at step {step}"
+        assert [s.token for s in t] == [s.token for s in a]
+        for step, (x, y) in enumerate(zip(t, a, strict=True)):
+            assert x.logprobs is not None and y.logprobs is not None
+            assert mx.allclose(x.logprobs, y.logprobs, atol=1e-4, rtol=1e-4), f"step {step}"
     assert engine.profile().largest == 4
     await assert_workers_empty(engine)
 

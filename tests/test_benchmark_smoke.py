@@ -52,8 +52,14 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert all(p["tokens_per_s"] > 0 and p["ttft_s"] > 0 for p in engine["prefill"])
         assert engine["tokens"][:8] == baseline["tokens"][:8]
     for p in pipelines:
-        assert len(p["decode_hops"]) == p["workers"]
-        assert all(h["compute_s"] > 0 and h["overhead_s"] > 0 for h in p["decode_hops"])
+        decode = p["decode"]
+        assert decode["steps"] == 16 - 1  # --quick's decode tokens, the first step left out
+        assert decode["wall_s"] > decode["compute_s"] > 0
+        assert (decode["hops_s"] > 0) == (p["workers"] > 1)
+        assert (decode["per_hop_s"] is None) == (p["workers"] == 1)
+        for hops in p["prefill_hops"].values():
+            assert len(hops) == p["workers"]
+            assert all(h["compute_s"] > 0 and h["overhead_s"] > 0 for h in hops)
         assert all(b > 0 for b in p["memory"]["worker_peak_rss_bytes"])
         assert all(b > 0 for b in p["memory"]["worker_weight_bytes"])
     assert all(e["mean_s"] > 0 for e in results["echo"])

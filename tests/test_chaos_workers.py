@@ -27,10 +27,10 @@ from mlx_lm.utils import load_model
 from mlx_cluster.contract.config import LimitsConfig, LivenessConfig
 from mlx_cluster.contract.errors import WorkerUnavailable
 from mlx_cluster.contract.rpc import SESSION_DEADLINE_S
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.startup import start_from_config
 from tests import test_failover
 from tests.test_failover import PROMPTS, sessions_left, spec
@@ -179,7 +179,7 @@ async def test_requests_wait_for_a_restarted_worker_and_succeed(
 HOLDER = """
 import asyncio, sys
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.contract.sampling import SamplingParams
 
 async def main():
     cluster = await Cluster.start(sys.argv[1], sys.argv[2:])
@@ -244,15 +244,19 @@ def stall(start_workers, monkeypatch):
         released = threading.Event()
         releases.append(released)
         runtime = start_workers.servers[client.address].servicer.runtime
-        forward = runtime.forward
-
-        def stalled_forward(session_ids, hidden, *args, **kwargs):
-            if (hidden.shape[1] > 1) == prompt:
-                released.wait(30)
-            return forward(session_ids, hidden, *args, **kwargs)
-
-        monkeypatch.setattr(runtime, "forward", stalled_forward)
+        for name in ("forward", "forward_sample"):  # a step that ends here, or that samples
+            monkeypatch.setattr(runtime, name, stalling(getattr(runtime, name), prompt, released))
         return released
+
+    def stalling(step, prompt: bool, released: threading.Event):
+        def stalled_step(session_ids, hidden, *args, **kwargs):
+            token_ids = kwargs.get("token_ids", args[-1] if args else None)
+            length = (hidden if hidden is not None else token_ids).shape[1]
+            if (length > 1) == prompt:
+                released.wait(30)
+            return step(session_ids, hidden, *args, **kwargs)
+
+        return stalled_step
 
     yield arm
     for released in releases:

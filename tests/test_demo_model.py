@@ -12,7 +12,7 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
 
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.models.demo import find_demo_gguf
 from tests.conftest import make_engine
 
@@ -74,6 +74,6 @@ async def test_pipeline_equals_plain_mlx_lm_on_the_demo(demo_home, start_workers
     want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
     engine = await make_engine(model_dir, await start_workers(2), [11, 19])
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    got = [t async for t, _ in engine.generate_tokens(prompt, params)]
+    got = [s.token async for s in engine.generate_tokens(prompt, params)]
     assert got == want
     assert "Paris" in tokenizer.decode(got)

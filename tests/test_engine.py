@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from mlx_cluster.contract.errors import RECOVERABLE, KVCapacityExceeded, NotLoaded
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.errors import api_error
 from mlx_cluster.coordinator.engine.admission import Admission
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from tests.conftest import make_engine
 from tests.test_golden import PROMPT
 
@@ -52,7 +52,7 @@ async def test_a_stage_that_keeps_failing_ends_as_the_workers_error_not_stage_fa
     engine = await make_engine(tiny_llama, clients, [4, 4])
     calls = 0
 
-    async def never_loaded(session_id: str, reserve_tokens: int = 0) -> None:
+    async def never_loaded(session_id: str, reserve_tokens: int = 0, sampling=None) -> None:
         nonlocal calls
         calls += 1
         raise NotLoaded(f"worker {clients[1].name}: no layers loaded: call LoadLayers first")

@@ -26,12 +26,12 @@ from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.config import ClusterConfig, KVConfig, LimitsConfig, WorkerEntry
 from mlx_cluster.contract.errors import KVCapacityExceeded
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.events import Event, StepEvent
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.startup import start_from_config
 from mlx_cluster.models.slicing import load_edges
 

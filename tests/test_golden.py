@@ -8,6 +8,7 @@ logprob with mlx-lm's own generate_step on the same weights.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,8 +16,8 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.local import local_workers
 from tests.conftest import make_engine
 
@@ -40,16 +41,29 @@ def reference(
     return [(token, logprobs) for token, logprobs in steps]
 
 
-async def pipeline_run(
-    engine, prompt: list[int], params: SamplingParams
-) -> list[tuple[int, mx.array]]:
-    return [step async for step in engine.generate_tokens(prompt, params)]
+async def pipeline_run(engine, prompt: list[int], params: SamplingParams) -> list[SampledToken]:
+    """The engine's tokens, each with the whole logprob vector the last stage computed."""
+    full = dataclasses.replace(params, full_logprobs=True)
+    return [step async for step in engine.generate_tokens(prompt, full)]
 
 
-def assert_same(got: list[tuple[int, mx.array]], want: list[tuple[int, mx.array]]) -> None:
-    assert [t for t, _ in got] == [t for t, _ in want]
-    for step, ((_, a), (_, b)) in enumerate(zip(got, want, strict=True)):
+Steps = list[SampledToken] | list[tuple[int, mx.array]]
+
+
+def _pairs(steps: Steps) -> list[tuple[int, mx.array | None]]:
+    return [(s.token, s.logprobs) if isinstance(s, SampledToken) else s for s in steps]
+
+
+def assert_same(got: Steps, want: Steps) -> None:
+    """The same tokens, and allclose logprob vectors, step by step."""
+    got_pairs, want_pairs = _pairs(got), _pairs(want)
+    assert [t for t, _ in got_pairs] == [t for t, _ in want_pairs]
+    for step, ((_, a), (_, b)) in enumerate(zip(got_pairs, want_pairs, strict=True)):
+        assert a is not None and b is not None, "the request must ask for full_logprobs"
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5), f"logprobs differ at step {step}"
+    for step, s in enumerate(got):  # the token's own logprob, as reported with it
+        if isinstance(s, SampledToken) and s.logprobs is not None:
+            assert abs(s.logprob - s.logprobs[s.token].item()) < 1e-5, f"at step {step}"
 
 
 @pytest.mark.parametrize(
@@ -109,8 +123,7 @@ async def test_logits_processors_and_chunked_prefill_match(model_factory, start_
     params = SamplingParams(max_tokens=32, repetition_penalty=1.3, repetition_context_size=16)
     want = reference(model, prompt, params)
     engine = await make_engine(model, await start_workers(2), [2, 6], prefill_chunk=16)
-    got = await pipeline_run(engine, prompt, params)
-    assert [t for t, _ in got] == [t for t, _ in want]
+    assert_same(await pipeline_run(engine, prompt, params), want)
 
 
 async def test_concurrent_generations_match_alone(model_factory, start_workers):

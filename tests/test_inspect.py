@@ -16,6 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from mlx_cluster.models.inspect import model_facts, read_safetensors_header
+from mlx_cluster.models.slicing import load_edges
 
 CASES = [
     ("llama", {}),
@@ -54,9 +55,54 @@ def test_layer_bytes_match_the_loaded_model(model_factory: Callable[..., Path], 
     per_layer, total = _loaded_bytes(path)
     assert facts.num_layers == len(per_layer)
     assert facts.layer_weight_bytes == per_layer
-    assert facts.edge_weight_bytes == total - sum(per_layer)
+    assert facts.edge_bytes(first=True, last=True) == total - sum(per_layer)
     assert facts.kv_bytes_per_token_per_layer == _cache_bytes_per_token(path)
     assert facts.max_context == 2048
+
+
+EDGE_CASES = [
+    ("llama", {}),  # tied
+    ("qwen3", {}),  # untied
+    ("qwen2", {"quantize_bits": 4}),  # tied, the matrix with its scales and biases
+    ("deepseek_v2", {"num_layers": 3, "quantize_bits": 4}),  # untied, quantized head
+    ("qwen3_moe", {"num_layers": 3, "max_shard_bytes": 40_000}),  # untied, in shards
+]
+
+
+def _header_bytes(path: Path, part: str) -> int:
+    """Bytes of the tensors whose names hold `part`, over every weight file."""
+    total = 0
+    for file in path.glob("*.safetensors"):
+        for name, info in read_safetensors_header(file).items():
+            if part in name:
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+    return total
+
+
+@pytest.mark.parametrize(("model_type", "kwargs"), EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edges_split_into_embedding_and_head(model_factory, model_type, kwargs):
+    path = model_factory(model_type, **kwargs)
+    facts = model_facts(path)
+    tied = json.loads((path / "config.json").read_text())["tie_word_embeddings"]
+    matrix, norm = _header_bytes(path, "embed_tokens"), _header_bytes(path, "model.norm.")
+    assert facts.embedding_bytes == matrix
+    if tied:
+        assert facts.head_bytes == matrix + norm and facts.shared_edge_bytes == matrix
+    else:
+        assert facts.head_bytes == norm + _header_bytes(path, "lm_head") > norm
+        assert facts.shared_edge_bytes == 0
+    # what a worker holding each end loads, once each on a worker holding both
+    assert facts.embedding_bytes == load_edges(path, head=False).weight_bytes
+    assert facts.head_bytes == load_edges(path, embedding=False).weight_bytes
+    assert facts.edge_bytes(first=True, last=True) == load_edges(path).weight_bytes
+
+
+def test_a_head_absent_from_the_weights_is_tied(tiny_llama, tmp_path):
+    # gemma3's way: no tie flag, no lm_head tensor
+    path = _copy_with_config(
+        tiny_llama, tmp_path / "m", lambda c: {**c, "tie_word_embeddings": False}
+    )
+    assert model_facts(path) == model_facts(tiny_llama)
 
 
 def test_sharded_model_reads_every_shard(model_factory):

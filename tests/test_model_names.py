@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlx_cluster.contract.config_loader import load_config
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.startup import start_from_config
 from tests.test_sources import hf_cache, imported
 

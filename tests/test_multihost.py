@@ -4,10 +4,12 @@
     10.211.1.2 ---- veth ---- 10.211.1.1 | 10.211.2.1 ---- veth ---- 10.211.2.2
           1 ms, like Thunderbolt         |        5 ms, like Wi-Fi
 
-The workers reach only the coordinator (the star topology of the design). The delay is
-added once per round trip, on the coordinator's side of each link, as `tc netem` on its
-egress: every request to a worker waits that long, so a worker's round trip in /health
-is the configured delay plus the call itself. Netem on both ends would count it twice.
+The coordinator's host routes between its links, as a switch would: the workers reach
+each other through it, which the decode ring needs (the first worker sends hidden states
+to the second, which answers with the token). The delay is added once per round trip,
+on the coordinator's side of each link, as `tc netem` on its egress: every request to a
+worker waits that long, so a worker's round trip in /health is the configured delay plus
+the call itself. Netem on both ends would count it twice.
 Where the kernel has no netem (some VM kernels ship without sch_netem), a relay in the
 worker's namespace holds the coordinator's bytes for the same time instead.
 
@@ -220,6 +222,8 @@ class Hosts:
             ip(f"-n {ns} addr add 10.211.{subnet}.2/24 dev {far}")
             ip(f"-n {coord} link set {near} up")
             ip(f"-n {ns} link set {far} up")
+            ip(f"-n {ns} route add default via 10.211.{subnet}.1")
+        ip(f"netns exec {coord} sysctl -q -w net.ipv4.ip_forward=1")
         self._add_delays()
 
     def _add_delays(self) -> None:

@@ -29,13 +29,23 @@ from mlx_cluster.contract.plan import (
 from mlx_cluster.contract.plan_report import render_plan
 
 
-def uniform(layers: int, layer_gb: float = 1.0, kv_per_token: int = 0, context: int = 4096):
+def uniform(
+    layers: int,
+    layer_gb: float = 1.0,
+    kv_per_token: int = 0,
+    context: int = 4096,
+    embedding_gb: float = 0.0,
+    head_gb: float = 0.0,
+    shared_gb: float = 0.0,
+):
     return ModelFacts(
         num_layers=layers,
         layer_weight_bytes=[int(layer_gb * GB)] * layers,
-        edge_weight_bytes=GB // 2,
+        embedding_bytes=int(embedding_gb * GB),
+        head_bytes=int(head_gb * GB),
         kv_bytes_per_token_per_layer=[kv_per_token] * layers,
         max_context=context,
+        shared_edge_bytes=int(shared_gb * GB),
     )
 
 
@@ -105,20 +115,23 @@ def test_reserve_and_kv_count_against_memory():
 
 
 def test_model_that_fits_nowhere_lists_every_worker():
-    facts = uniform(8, layer_gb=1.5, kv_per_token=100_000)
+    facts = uniform(8, layer_gb=1.5, kv_per_token=100_000, embedding_gb=0.5, head_gb=0.5)
     with pytest.raises(PlanError) as info:
         plan(facts, workers([6, 4]), context_tokens=8192, reserve_bytes=GB)
     message = str(info.value)
     # context capped at the model's 4096; KV 8 layers * 0.1 MB * 4096 tokens
-    assert "model needs 12.0 GB of weights + 3.3 GB KV for 4096 tokens" in message
+    assert (
+        "model needs 12.0 GB of layer weights + 1.0 GB of edges (embedding, head) + "
+        "3.3 GB KV for 4096 tokens" in message
+    )
     assert "(+ 1.0 GB reserve per worker); the 2 workers have 10.0 GB usable in all" in message
-    # the 3:2 split: 5 * 1.5 + 5 * 0.4096 + 1 and 3 * 1.5 + 3 * 0.4096 + 1
-    assert "w0: layers [0, 5) need 10.5 GB, 6.0 GB usable" in message
-    assert "w1: layers [5, 8) need 6.7 GB, 4.0 GB usable" in message
+    # the 3:2 split: 5 * 1.5 + 5 * 0.4096 + 0.5 + 1 and 3 * 1.5 + 3 * 0.4096 + 0.5 + 1
+    assert "w0: layers [0, 5) + embedding 0.5 GB need 11.0 GB, 6.0 GB usable" in message
+    assert "w1: layers [5, 8) + head 0.5 GB need 7.2 GB, 4.0 GB usable" in message
 
 
 def test_a_layer_larger_than_any_worker():
-    facts = ModelFacts(3, [GB, 9 * GB, GB], 0, [0, 0, 0], 2048)
+    facts = ModelFacts(3, [GB, 9 * GB, GB], 0, 0, [0, 0, 0], 2048)
     with pytest.raises(PlanError, match="w1: layers"):
         plan(facts, workers([8, 8, 8]))
 
@@ -191,7 +204,7 @@ def test_context_is_capped_by_the_model():
 def test_sliding_window_layers_are_charged_their_window():
     # 4 layers of 1 GB; each full layer holds 1 MB a token, sliding ones at most 128 tokens
     windows = [128, None, 128, None]
-    facts = ModelFacts(4, [GB] * 4, 0, [1_000_000] * 4, 4096, kv_window=windows)
+    facts = ModelFacts(4, [GB] * 4, 0, 0, [1_000_000] * 4, 4096, kv_window=windows)
     caps = workers([3.2, 3.2], [1, 1])
     # per worker: 2 GB + 1 global layer * 1024 tokens + 128 tokens = 3.15 GB
     result = plan(facts, caps, context_tokens=1024)
@@ -232,12 +245,76 @@ def test_an_explicit_kv_budget_is_every_workers_and_must_hold_one_session():
         plan_for_config(facts, ClusterConfig.model_validate(spec), workers([8, 8]))
 
 
+# --- the edges: the embedding on the first worker, the final norm and head on the last ----------
+
+
+def test_the_first_and_last_workers_hold_the_edges():
+    facts = uniform(6, kv_per_token=1_000_000, embedding_gb=0.5, head_gb=0.25)
+    result = plan(facts, workers([10, 10, 10]), context_tokens=100, kv_fraction=0.5)
+    assert counts(result) == [2, 2, 2]  # memory does not bind: compute decides
+    assert [w.edge_weight_bytes for w in result.workers] == [GB // 2, 0, GB // 4]
+    assert [(w.holds_embedding, w.holds_head) for w in result.workers] == [
+        (True, False),
+        (False, False),
+        (False, True),
+    ]
+    # the edges come out of the KV share: (10 - 2 - edges) / 2 GB at 2 MB a token
+    assert [w.kv_tokens for w in result.workers] == [1875, 2000, 1937]
+    assert result.workers[0].memory_bytes_used == 2 * GB + GB // 2 + int(3.75 * GB)
+
+
+def test_edges_move_layers_off_the_first_worker_when_memory_binds():
+    caps = workers([4, 8], [1, 1])  # equal compute asks for [4, 4]
+    assert counts(plan(uniform(8), caps)) == [4, 4]
+    assert counts(plan(uniform(8, embedding_gb=1), caps)) == [3, 5]
+    assert counts(plan(uniform(8, head_gb=1), workers([8, 4], [1, 1]))) == [5, 3]
+
+
+def test_a_split_that_fits_only_without_the_edges_names_them():
+    caps = workers([4, 4])
+    assert counts(plan(uniform(8), caps)) == [4, 4]
+    with pytest.raises(PlanError) as info:
+        plan(uniform(8, embedding_gb=0.5, head_gb=0.5), caps)
+    message = str(info.value)
+    assert "w0: layers [0, 4) + embedding 0.5 GB need 4.5 GB, 4.0 GB usable" in message
+    assert "w1: layers [4, 8) + head 0.5 GB need 4.5 GB, 4.0 GB usable" in message
+    manual = manual_ranges([(0, 4), (4, 8)], 8)
+    with pytest.raises(PlanError, match=r"w0: layers \[0, 4\) \+ embedding 0.5 GB need 4.5 GB"):
+        plan(uniform(8, embedding_gb=0.5), caps, manual=manual)
+
+
+def test_tied_and_untied_heads():
+    # the head: a 1 GB matrix and a 1 MB final norm; a tied one is the embedding matrix
+    untied = uniform(6, embedding_gb=1, head_gb=1.001)
+    tied = uniform(6, embedding_gb=1, head_gb=1.001, shared_gb=1)
+    head = untied.head_bytes
+    for facts in (untied, tied):  # two workers: each end's worker has its own copy
+        result = plan(facts, workers([8, 8]))
+        assert [w.edge_weight_bytes for w in result.workers] == [GB, head]
+    # one worker holds both ends: a tied matrix once
+    assert untied.edge_bytes(first=True, last=True) == GB + head
+    (alone,) = plan(tied, workers([8])).workers
+    assert (alone.holds_embedding, alone.holds_head) == (True, True)
+    assert alone.edge_weight_bytes == head
+    assert counts(plan(tied, workers([7.5]))) == [6]  # 6 GB of layers + 1.001 GB
+    with pytest.raises(PlanError, match=r"\[0, 6\) \+ embedding and head 2.0 GB need 8.0 GB, 7.5"):
+        plan(untied, workers([7.5]))
+
+
+def test_shared_edge_bytes_must_be_in_both_ends():
+    with pytest.raises(ValueError, match="shared_edge_bytes 2 must be >= 0 and part of both"):
+        ModelFacts(1, [1], 1, 3, [0], 8, shared_edge_bytes=2)
+
+
 # --- property: every layer exactly once --------------------------------------------------------
 
 
 def _fits(facts: ModelFacts, caps: list[WorkerCapacity], bounds: tuple[int, ...]) -> bool:
-    for cap, (a, b) in zip(caps, itertools.pairwise(bounds), strict=True):
+    last = len(caps) - 1
+    for k, (cap, (a, b)) in enumerate(zip(caps, itertools.pairwise(bounds), strict=True)):
         need = sum(facts.layer_weight_bytes[a:b]) + sum(facts.kv_bytes_per_token_per_layer[a:b])
+        need += (facts.embedding_bytes if k == 0 else 0) + (facts.head_bytes if k == last else 0)
+        need -= facts.shared_edge_bytes if k == 0 == last else 0
         if need > cap.memory_bytes:
             return False
     return True
@@ -256,10 +333,15 @@ def _any_split_fits(facts: ModelFacts, caps: list[WorkerCapacity]) -> bool:
     st.lists(st.integers(1, 100), min_size=1, max_size=10),
     st.lists(st.tuples(st.integers(0, 600), st.floats(0.1, 20)), min_size=1, max_size=4),
     st.integers(0, 5),
+    st.tuples(st.integers(0, 60), st.integers(0, 60), st.booleans()),
 )
-def test_every_layer_is_assigned_exactly_once(layer_sizes, caps_spec, kv):
+def test_every_layer_is_assigned_exactly_once(layer_sizes, caps_spec, kv, edges):
     n = len(layer_sizes)
-    facts = ModelFacts(n, layer_sizes, 7, [kv] * n, 1)  # context 1: KV is kv bytes a layer
+    embedding, norm_and_head, tied = edges  # a tied head is the embedding matrix and a norm
+    head = embedding + norm_and_head if tied else norm_and_head
+    shared = embedding if tied else 0
+    # context 1: KV is kv bytes a layer
+    facts = ModelFacts(n, layer_sizes, embedding, head, [kv] * n, 1, shared_edge_bytes=shared)
     caps = [WorkerCapacity(f"w{i}", m, c) for i, (m, c) in enumerate(caps_spec)]
     try:
         result = plan(facts, caps, context_tokens=1)
@@ -269,6 +351,8 @@ def test_every_layer_is_assigned_exactly_once(layer_sizes, caps_spec, kv):
     ranges = [w.layers for w in result.workers]
     assert [r.start for r in ranges] == [0, *(r.end for r in ranges[:-1])]
     assert ranges[-1].end == n and all(r.count >= 1 for r in ranges)
+    assert result.workers[0].edge_weight_bytes >= embedding
+    assert result.workers[-1].edge_weight_bytes >= head - shared
     for cap, w in zip(caps, result.workers, strict=True):
         assert w.memory_bytes_used <= cap.memory_bytes
         assert w.kv_tokens >= result.context_tokens == 1
@@ -281,14 +365,24 @@ def test_every_layer_is_assigned_exactly_once(layer_sizes, caps_spec, kv):
 
 
 def test_render_plan_table_and_json():
-    result = plan(uniform(4, kv_per_token=1000), workers([8, 4]))
+    facts = uniform(4, kv_per_token=1000, embedding_gb=0.094, head_gb=1.5)
+    result = plan(facts, workers([8, 4]))
     table = render_plan(result)
-    assert table.splitlines()[0] == "worker  layers  weights GB  KV tokens  memory use"
-    assert "w0      [0, 3)  3.00" in table
-    assert "context: 1024 tokens" in table
+    lines = table.splitlines()
+    assert lines[0] == "worker  layers  weights GB  edges              KV tokens  memory use"
+    assert lines[1].startswith("w0      [0, 3)  3.00        + embedding 94 MB")
+    assert lines[2].startswith("w1      [3, 4)  1.00        + head 1.50 GB")
+    assert lines[3] == "context: 1024 tokens; the coordinator holds no weights"
     data = json.loads(render_plan(result, json=True))
     assert data["workers"][1]["layers"] == [3, 4]
+    assert data["workers"][1]["edge_weight_bytes"] == 1.5 * GB
+    assert [(w["holds_embedding"], w["holds_head"]) for w in data["workers"]] == [
+        (True, False),
+        (False, True),
+    ]
     assert data["context_tokens"] == 1024
+    alone = render_plan(plan(facts, workers([8])))
+    assert "+ embedding and head 1.59 GB" in alone
 
 
 def _run(argv: list[str]) -> int:
@@ -310,8 +404,12 @@ def test_plan_command_on_a_real_model(model_factory: Callable[..., Path], tmp_pa
     data = json.loads(capsys.readouterr().out)
     assert [w["layers"] for w in data["workers"]] == [[0, 5], [5, 8]]  # 2:1 memory
     assert data["context_tokens"] == 2048  # the model's max_position_embeddings
+    # tied: the first worker holds the embedding matrix, the last a copy and the final norm
+    edges = [w["edge_weight_bytes"] for w in data["workers"]]
+    assert 0 < edges[0] < edges[1]
     assert _run(["plan", "--config", str(config), "--set", "kv.max_session_tokens=512"]) == 0
-    assert "context: 512 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "context: 512 tokens" in out and "+ embedding " in out and "+ head " in out
 
 
 def test_plan_command_needs_memory_for_every_worker(model_factory, tmp_path, capsys):

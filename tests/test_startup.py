@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from mlx_cluster.contract.config_loader import load_config
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.stages import RELOAD_WARN_AFTER
 from mlx_cluster.coordinator.engine.startup import StartupError, start_from_config
 from mlx_cluster.worker.runtime import WorkerSettings

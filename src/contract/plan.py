@@ -4,9 +4,12 @@ Pure functions over numbers: no MLX, no I/O. The coordinator runs `plan_layers`
 at start-up; `mlx-cluster plan` prints its result without loading weights.
 
 Memory model of one worker holding layers [a, b):
-    weights(a, b) + kv(a, b, tokens) + reserve <= usable memory
-where kv charges each layer `kv_bytes_per_token_per_layer[i]` per token, up to
-its sliding window if it has one. Sizes are in bytes; GB in messages is 1e9 bytes.
+    weights(a, b) + edges + kv(a, b, tokens) + reserve <= usable memory
+where edges are the ends of the model it holds: the first worker holds the token
+embedding, the last the final norm and LM head (a tied model's head is the
+embedding matrix: the first and the last worker each hold it, a single one once).
+kv charges each layer `kv_bytes_per_token_per_layer[i]` per token, up to its
+sliding window if it has one. Sizes are in bytes; GB in messages is 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ class ModelFacts:
 
     num_layers: int
     layer_weight_bytes: list[int]  # bytes of each decoder layer's parameters
-    edge_weight_bytes: int  # embedding + final norm + LM head, held by the coordinator
+    embedding_bytes: int  # the token embedding: held by the first worker
+    head_bytes: int  # final norm + LM head (tied: + the embedding matrix): the last worker's
     kv_bytes_per_token_per_layer: list[int]  # K and V bytes one token adds to each layer
     max_context: int  # longest sequence the model supports (max_position_embeddings)
     kv_window: list[int | None] | None = None  # per layer: sliding window, None = global
+    shared_edge_bytes: int = 0  # in both of the above (a tied matrix): held once by one worker
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -47,9 +52,23 @@ class ModelFacts:
             lengths.append(len(self.kv_window))
         if n <= 0 or any(length != n for length in lengths):
             raise ValueError(f"model facts for {n} layers have per-layer lists of {lengths}")
+        if not 0 <= self.shared_edge_bytes <= min(self.embedding_bytes, self.head_bytes):
+            raise ValueError(
+                f"shared_edge_bytes {self.shared_edge_bytes} must be >= 0 and part of both "
+                f"embedding_bytes {self.embedding_bytes} and head_bytes {self.head_bytes}"
+            )
 
     def window(self, layer: int) -> int | None:
         return None if self.kv_window is None else self.kv_window[layer]
+
+    def edge_bytes(self, first: bool, last: bool) -> int:
+        """Bytes of the edges a worker holds besides its layers, if first and/or last."""
+        held = (self.embedding_bytes if first else 0) + (self.head_bytes if last else 0)
+        return held - self.shared_edge_bytes if first and last else held
+
+    def edge_loads(self, workers: int) -> list[int]:
+        """`edge_bytes` of each of `workers` workers in chain order."""
+        return [self.edge_bytes(k == 0, k == workers - 1) for k in range(workers)]
 
 
 @dataclass(frozen=True)
@@ -75,18 +94,33 @@ class WorkerPlan:
     name: str
     layers: LayerRange
     weight_bytes: int  # parameters of its layers
+    edge_weight_bytes: int  # parameters of the edges it holds too (see holds_*)
     kv_tokens: int  # tokens of KV cache its budget holds over all sessions
-    memory_bytes_used: int  # weights + KV budget + reserve
+    memory_bytes_used: int  # weights + edges + KV budget + reserve
     memory_fraction: float  # memory_bytes_used / usable memory
+
+    @property
+    def holds_embedding(self) -> bool:
+        """First in the chain: it holds the token embedding."""
+        return self.layers.start == 0
+
+    @property
+    def holds_head(self) -> bool:
+        """Last in the chain: it holds the final norm and LM head."""
+        return self.layers.end == self.layers.total
 
 
 @dataclass(frozen=True)
 class ClusterPlan:
-    """The whole assignment; workers in chain order."""
+    """The whole assignment; workers in chain order. The coordinator holds no weights."""
 
     workers: list[WorkerPlan]
     context_tokens: int  # longest sequence the cluster admits
-    edge_weight_bytes: int = 0  # held by the coordinator, outside the workers
+
+
+def edge_names(first: bool, last: bool) -> str:
+    """The edges a worker first and/or last holds: "embedding", "head", both or ""."""
+    return " and ".join(name for name, held in (("embedding", first), ("head", last)) if held)
 
 
 # --- arithmetic ------------------------------------------------------------------------
@@ -188,17 +222,22 @@ def _no_fit_error(
     reserve_bytes: int,
 ) -> PlanError:
     total = facts.num_layers
+    edges = facts.edge_loads(len(workers))
     lines = [
-        f"model needs {costs.weights(0, total) / GB:.1f} GB of weights + "
+        f"model needs {costs.weights(0, total) / GB:.1f} GB of layer weights + "
+        f"{sum(edges) / GB:.1f} GB of edges (embedding, head) + "
         f"{costs.kv(0, total) / GB:.1f} GB KV for {context_tokens} tokens "
         f"(+ {reserve_bytes / GB:.1f} GB reserve per worker); the {len(workers)} workers "
         f"have {sum(w.memory_bytes for w in workers) / GB:.1f} GB usable in all, and no "
         f"split of the {total} layers fits:"
     ]
-    for w, r in zip(workers, split_by_counts(counts, total), strict=True):
-        need = costs.need(r.start, r.end) + reserve_bytes
+    ranges = split_by_counts(counts, total)
+    for w, r, edge in zip(workers, ranges, edges, strict=True):
+        need = costs.need(r.start, r.end) + edge + reserve_bytes
+        held = f" + {edge_names(r.start == 0, r.end == total)} {edge / GB:.1f} GB" if edge else ""
         lines.append(
-            f"  {w.name}: layers {r} need {need / GB:.1f} GB, {w.memory_bytes / GB:.1f} GB usable"
+            f"  {w.name}: layers {r}{held} need {need / GB:.1f} GB, "
+            f"{w.memory_bytes / GB:.1f} GB usable"
         )
     return PlanError("\n".join(lines))
 
@@ -217,8 +256,8 @@ def plan_layers(
 
     Layers go in proportion to `compute` (largest remainder, at least one each); if
     that does not fit, the fitting split closest to it is taken. A worker fits when its
-    weights, the KV of one `context_tokens`-long sequence and `reserve_bytes` fit its
-    memory.
+    weights (the first worker's with the embedding, the last's with the head), the KV
+    of one `context_tokens`-long sequence and `reserve_bytes` fit its memory.
 
     Args:
         facts: The model's per-layer sizes.
@@ -241,18 +280,26 @@ def plan_layers(
     costs = _Costs(facts, context)
     if manual is not None:
         ranges = _check_manual(manual, workers, facts.num_layers)
-        limits = [w.memory_bytes - reserve_bytes for w in workers]
+        limits = _layer_limits(facts, workers, reserve_bytes)
         if any(costs.need(r.start, r.end) > lim for r, lim in zip(ranges, limits, strict=True)):
             counts = [r.count for r in ranges]
             raise _no_fit_error(facts, workers, counts, costs, context, reserve_bytes)
     else:
         ranges = _assign(facts, workers, costs, context, reserve_bytes)
     plans = [
-        _size_worker(w, r, costs, facts, context, reserve_bytes, kv_fraction, kv_budget_bytes)
-        for w, r in zip(workers, ranges, strict=True)
+        _size_worker(w, r, edge, costs, facts, context, reserve_bytes, kv_fraction, kv_budget_bytes)
+        for w, r, edge in zip(workers, ranges, facts.edge_loads(len(workers)), strict=True)
     ]
     cluster_context = min([context, *(p.kv_tokens for p in plans)])
-    return ClusterPlan(plans, cluster_context, facts.edge_weight_bytes)
+    return ClusterPlan(plans, cluster_context)
+
+
+def _layer_limits(
+    facts: ModelFacts, workers: list[WorkerCapacity], reserve_bytes: int
+) -> list[int]:
+    """Bytes each worker has for its layers and their KV: memory less reserve and edges."""
+    edges = facts.edge_loads(len(workers))
+    return [w.memory_bytes - reserve_bytes - e for w, e in zip(workers, edges, strict=True)]
 
 
 def _assign(
@@ -268,7 +315,7 @@ def _assign(
         raise PlanError(f"model has {total} layers, fewer than the {len(workers)} workers")
     counts = _at_least_one(split_proportional(total, [w.compute for w in workers]))
     targets = [sum(counts[: k + 1]) for k in range(len(counts))]
-    limits = [w.memory_bytes - reserve_bytes for w in workers]
+    limits = _layer_limits(facts, workers, reserve_bytes)
     bounds = _fitting_boundaries(costs, limits, targets, total)
     if bounds is None:
         raise _no_fit_error(facts, workers, counts, costs, context, reserve_bytes)
@@ -345,6 +392,7 @@ def plan_for_config(
 def _size_worker(
     worker: WorkerCapacity,
     layers: LayerRange,
+    edge_bytes: int,
     costs: _Costs,
     facts: ModelFacts,
     context: int,
@@ -358,17 +406,18 @@ def _size_worker(
     `kv_tokens` is exact for sessions of `context` tokens.
     """
     weights = costs.weights(layers.start, layers.end)
-    free = worker.memory_bytes - weights - reserve_bytes
+    free = worker.memory_bytes - weights - edge_bytes - reserve_bytes
     policy = kv_budget_bytes if kv_budget_bytes is not None else int(free * kv_fraction)
     full_context = costs.kv(layers.start, layers.end)
     budget = min(free, max(full_context, policy))
     # Layers without KV (linear attention, SSM: fixed-size state) are limited by the model only.
     kv_tokens = budget * context // full_context if full_context > 0 else facts.max_context
-    used = weights + budget + reserve_bytes
+    used = weights + edge_bytes + budget + reserve_bytes
     return WorkerPlan(
         name=worker.name,
         layers=layers,
         weight_bytes=weights,
+        edge_weight_bytes=edge_bytes,
         kv_tokens=kv_tokens,
         memory_bytes_used=used,
         memory_fraction=used / max(worker.memory_bytes, 1),

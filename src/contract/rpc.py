@@ -10,7 +10,8 @@ from __future__ import annotations
 
 # Bumped when a message changes incompatibly; workers report it in Info.
 # 2: Info reports the worker's limits; sessions belong to a coordinator's Lease.
-PROTOCOL_VERSION = 2
+# 3: the first stage embeds, the last samples; decoding runs as a ring (Decode).
+PROTOCOL_VERSION = 3
 
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
 MIB = 1024 * 1024
@@ -115,6 +116,38 @@ def unix_socket_path(address: str) -> str:
     """The file system path of a "unix:PATH" or "unix:///PATH" address."""
     path = address.removeprefix(UNIX_SCHEME)
     return path[2:] if path.startswith("//") else path
+
+
+# --- the ring ----------------------------------------------------------------------
+
+# Metadata of a Forward or Decode call: the addresses of the stages after the one called,
+# comma-separated, in order. The stage called relays every step to the first of them.
+ROUTE_KEY = "mlx-cluster-route"
+# Metadata of a Forward or Decode call that relays: how long a step may take per stage
+# after this one (seconds); a stage further down that is later is lost.
+STEP_TIMEOUT_KEY = "mlx-cluster-step-timeout"
+# Trailing metadata of a relayed call that failed further down: the failed stage's index,
+# counted from the stage called (0). Absent: the stage called failed itself.
+STAGE_KEY = "mlx-cluster-stage"
+
+
+def route_metadata(route: list[str], step_timeout_s: float) -> tuple[tuple[str, str], ...]:
+    """The metadata that makes a call relay along `route` (empty: no relay)."""
+    if not route:
+        return ()
+    return ((ROUTE_KEY, ",".join(route)), (STEP_TIMEOUT_KEY, f"{step_timeout_s:g}"))
+
+
+def failed_stage(metadata: object) -> int:
+    """The index of the stage a relayed call failed on, from its trailing metadata (0: the
+    stage called)."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == STAGE_KEY:
+            try:
+                return max(int(value), 0)
+            except ValueError:
+                return 0
+    return 0
 
 
 # The name the standard grpc.health.v1 service reports LayerService under.

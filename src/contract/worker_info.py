@@ -55,12 +55,14 @@ class WorkerInfo:
     layer_start: int = 0
     layer_end: int = 0  # == layer_start while nothing is loaded
     model_num_layers: int = 0
-    weight_bytes: int = 0  # bytes of the loaded slice's parameters
+    weight_bytes: int = 0  # bytes of the loaded slice's parameters, its edges' included
     kv_capacity_tokens: int = 0
     kv_used_tokens: int = 0
     sessions_open: int = 0
     dtype: str = ""  # dtype hidden states must arrive in
     hidden_size: int = 0
+    embedding: bool = False  # holds the token embedding: the first stage
+    head: bool = False  # holds the final norm and LM head, and samples: the last stage
 
     @property
     def layers(self) -> LayerRange | None:

@@ -2,8 +2,8 @@
 
 `plan` sizes the model from its config.json and safetensors headers and takes
 each worker's memory from the config's `memory_gb`, so it runs on any machine.
-The model is found as every command finds it (`resolve_model`), with the files the
-coordinator has (metadata, embedding, norm and head), so both make the same plan.
+The model is found as every command finds it (`resolve_model`), with the shards of
+its embedding, norm and head, whose sizes count against the first and last worker.
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def layer_counts(text: str) -> list[int]:
 
 
 async def _answer(args: argparse.Namespace, cluster: object) -> None:
+    from mlx_cluster.contract.sampling import SamplingParams
     from mlx_cluster.coordinator.engine.cluster import Cluster
-    from mlx_cluster.coordinator.engine.sampling import SamplingParams
 
     assert isinstance(cluster, Cluster)
     chat = not args.no_chat_template and cluster.tokenizer.chat_template is not None

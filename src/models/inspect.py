@@ -5,6 +5,10 @@ not fit on the machine running it. A safetensors file starts with a little-endia
 u64 header length and a JSON header giving each tensor's dtype, shape and byte
 offsets, which is all we need.
 
+Tensors outside the decoder layers are the model's edges: the token embedding
+(the first worker's) and the final norm and LM head (the last worker's; a tied
+model's head is the embedding matrix, so the last worker holds it too).
+
 KV bytes per token follow the caches mlx-lm builds (approximations noted inline):
 - attention with `num_key_value_heads` heads of `head_dim`: 2 * heads * head_dim;
 - deepseek_v2: mlx-lm caches full per-head keys (qk_nope + qk_rope) and values
@@ -92,19 +96,58 @@ def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _bytes_per_layer(table: dict[str, dict[str, Any]], num_layers: int) -> tuple[list[int], int]:
-    """(bytes of each layer, bytes of everything else) over the tensors a text model loads."""
-    layers, edges = [0] * num_layers, 0
+def _edge_part(name: str) -> str:
+    """Which part of the model's ends a tensor outside the decoder layers belongs to."""
+    if "embed_tokens" in name:
+        return "embedding"  # the token embedding matrix (and a quantized one's scales, biases)
+    if "lm_head" in name:
+        return "lm_head"
+    if "norm" in name:
+        return "norm"  # outside the layers: the final norm
+    return "other"
+
+
+def _bytes_per_part(
+    table: dict[str, dict[str, Any]], num_layers: int
+) -> tuple[list[int], dict[str, int]]:
+    """(bytes of each layer, bytes of each `_edge_part`) over the tensors a text model loads."""
+    layers = [0] * num_layers
+    parts = dict.fromkeys(("embedding", "lm_head", "norm", "other"), 0)
     for name, info in table.items():
         if any(part in name for part in _NOT_TEXT):
             continue
         start, end = info["data_offsets"]
         match = LAYER_KEY.search(name)
         if match is None:
-            edges += end - start
+            parts[_edge_part(name)] += end - start
         elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
             layers[int(match.group(1))] += end - start
-    return layers, edges
+    return layers, parts
+
+
+def _edge_bytes(parts: dict[str, int], tied: bool) -> tuple[int, int, int]:
+    """(embedding, head, shared) bytes, as in ModelFacts, from the bytes of each part.
+
+    A tied head is the embedding matrix. A worker loading either end keeps every
+    tensor outside the layers that belongs to neither (none in the supported
+    architectures), so both ends count those.
+    """
+    matrix, other = parts["embedding"], parts["other"]
+    head = parts["norm"] + (matrix if tied else parts["lm_head"])
+    return matrix + other, head + other, (matrix if tied else 0) + other
+
+
+def _is_tied(path: Path, table: dict[str, dict[str, Any]], config: dict[str, Any]) -> bool:
+    """Whether the LM head is the embedding matrix, as mlx-lm decides when loading.
+
+    mlx-lm ties on the config's flag, or (gemma3) when the weights have no lm_head;
+    the index names every tensor, also those in shards not on this host.
+    """
+    if config.get("tie_word_embeddings"):
+        return True
+    index = path / INDEX_FILE
+    names = json.loads(index.read_text())["weight_map"] if index.is_file() else table
+    return not any("lm_head" in name for name in names)
 
 
 def _fill_missing_layers(path: Path, layers: list[int], edges: int) -> list[int]:
@@ -190,8 +233,9 @@ def model_facts(path: Path, dtype_bytes: int | None = None) -> ModelFacts:
     config = _text_config(path)
     num_layers = int(config["num_hidden_layers"])
     table = _tensor_table(path)
-    layer_bytes, edge_bytes = _bytes_per_layer(table, num_layers)
-    layer_bytes = _fill_missing_layers(path, layer_bytes, edge_bytes)
+    layer_bytes, parts = _bytes_per_part(table, num_layers)
+    layer_bytes = _fill_missing_layers(path, layer_bytes, sum(parts.values()))
+    embedding, head, shared = _edge_bytes(parts, _is_tied(path, table, config))
     if not any(layer_bytes):
         raise ValueError(f"no tensors named like 'layers.N.' in the weights at {path}")
     value_bytes = dtype_bytes or _activation_bytes(table, config)
@@ -204,8 +248,10 @@ def model_facts(path: Path, dtype_bytes: int | None = None) -> ModelFacts:
     return ModelFacts(
         num_layers=num_layers,
         layer_weight_bytes=layer_bytes,
-        edge_weight_bytes=edge_bytes,
+        embedding_bytes=embedding,
+        head_bytes=head,
         kv_bytes_per_token_per_layer=[0 if k == "state" else per_token for k in kinds],
         max_context=int(config.get("max_position_embeddings") or DEFAULT_CONTEXT),
         kv_window=windows if any(w is not None for w in windows) else None,
+        shared_edge_bytes=shared,
     )

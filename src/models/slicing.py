@@ -1,4 +1,4 @@
-"""Load only part of a model: a worker's layer slice, or the coordinator's ends.
+"""Load only part of a model: a worker's layer slice and ends, or the coordinator's ends.
 
 mlx-lm's `load_model(lazy=True)` maps every tensor without reading it. We keep
 the modules this process needs, drop the rest before anything is evaluated, and
@@ -123,7 +123,11 @@ def load_layer_slice(
 
 @dataclass
 class ModelEdges:
-    """The coordinator's part of a model: embedding, final norm and LM head."""
+    """A model's ends: the embedding (first stage), the final norm and LM head (last stage).
+
+    `load_edges(path)` loads both; a worker loads the parts of its stage only
+    (`holds_embedding`, `holds_head`).
+    """
 
     path: Path
     architecture: Architecture
@@ -134,35 +138,109 @@ class ModelEdges:
     dtype: mx.Dtype  # of the hidden states the embedding produces
     config: dict[str, Any] = field(repr=False)
     weight_bytes: int = 0
+    holds_embedding: bool = True  # the token embedding was loaded
+    holds_head: bool = True  # the final norm and LM head were loaded
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """Token ids [B, L] -> hidden states [B, L, D]."""
+        """Token ids [B, L] -> hidden states [B, L, D].
+
+        Raises:
+            ValueError: the embedding was not loaded.
+        """
+        if not self.holds_embedding:
+            raise ValueError(f"the embedding of {self.path} is not loaded here")
         return embed(self.model, self.architecture, tokens)
 
     def head(self, hidden: mx.array) -> mx.array:
-        """Hidden states [B, L, D] after the last layer -> logits [B, L, vocab]."""
+        """Hidden states [B, L, D] after the last layer -> logits [B, L, vocab].
+
+        Raises:
+            ValueError: the final norm and LM head were not loaded.
+        """
+        if not self.holds_head:
+            raise ValueError(f"the final norm and LM head of {self.path} are not loaded here")
         return head(self.model, hidden)
 
 
-def load_edges(path: Path) -> ModelEdges:
-    """Load the embedding, final norm and LM head of the model at `path`; no layers."""
+def load_edges(
+    path: Path,
+    embedding: bool = True,
+    head: bool = True,
+    before_reading: Callable[[], None] | None = None,
+) -> ModelEdges:
+    """Load the embedding and/or the final norm and LM head of the model at `path`; no layers.
+
+    The parts not asked for are dropped before anything is read. A tied model's head
+    is its embedding matrix, which a head alone then keeps.
+
+    Args:
+        before_reading: called once the model is checked, before its weights are read.
+
+    Raises:
+        ValueError: neither part asked for, or the weights hold no edges.
+        UnsupportedArchitecture: if the model cannot be split by layers.
+        FileNotFoundError: if `path` holds no model.
+    """
+    if not (embedding or head):
+        raise ValueError("load_edges needs the embedding, the head or both")
     with shard_view(path, edges=True) as view:
         model, config = _lazy_load(view)
         check_weights_present(view, None, edges=True, model=path)
         arch = architecture_of(model)
         inner = inner_model(model)
         total = len(inner.layers)
+        vocab_size = int(config.get("vocab_size") or inner.embed_tokens.weight.shape[0])
+        # Shapes and dtypes are known without reading: the probe builds a graph only.
+        dtype = embed(model, arch, mx.zeros((1, 1), dtype=mx.uint32)).dtype
         inner.layers = []
+        tied = "lm_head" not in model
+        if not head:
+            del inner["norm"]
+            if not tied:
+                del model["lm_head"]
+        if not embedding and not tied:
+            del inner["embed_tokens"]
+        if before_reading is not None:
+            before_reading()
         mx.eval(model.parameters())
-    probe = embed(model, arch, mx.zeros((1, 1), dtype=mx.uint32))
     return ModelEdges(
         path=path,
         architecture=arch,
         model=model,
         num_layers=total,
         hidden_size=int(config["hidden_size"]),
-        vocab_size=int(config.get("vocab_size") or inner.embed_tokens.weight.shape[0]),
-        dtype=probe.dtype,
+        vocab_size=vocab_size,
+        dtype=dtype,
         config=config,
         weight_bytes=_parameter_bytes(model),
+        holds_embedding=embedding,
+        holds_head=head,
     )
+
+
+def load_stage(
+    path: Path,
+    start: int,
+    end: int,
+    embedding: bool = False,
+    head: bool = False,
+    before_reading: Callable[[], None] | None = None,
+) -> tuple[LayerSlice, ModelEdges | None]:
+    """Load a pipeline stage: layers [start, end) and the edges asked for (None if none).
+
+    Both parts are checked before `before_reading` is called and anything is read, so
+    a worker keeps the stage it holds until the new one is known to load.
+
+    Raises:
+        as load_layer_slice and load_edges.
+    """
+    if not (embedding or head):
+        return load_layer_slice(path, start, end, before_reading), None
+    edges: ModelEdges | None = None
+
+    def read_edges() -> None:  # once the layers are checked, before they are read
+        nonlocal edges
+        edges = load_edges(path, embedding, head, before_reading)
+
+    layer_slice = load_layer_slice(path, start, end, read_edges)
+    return layer_slice, edges

@@ -1,19 +1,22 @@
-"""One pipeline step on this worker's layers. Knows nothing of gRPC or sessions' ids.
+"""One pipeline step on this worker's stage. Knows nothing of gRPC or sessions' ids.
 
 Two ways to run a step of B sessions:
 - `forward_rows`: each row through the layers with its own caches, rows stacked
   afterwards. Any lengths and offsets; a lone session runs exactly as in mlx-lm.
 - `forward_batch`: one token per row through the layers at once, with batch
   caches whose rows sit at different offsets (continuous batching's decode step).
+The `check_*` functions refuse a step's malformed inputs before any of them runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.contract.sampling import check_token_ids as check_in_vocabulary
 from mlx_cluster.models.slicing import LayerSlice
 
 
@@ -68,3 +71,47 @@ def forward_batch(
         out = out[mx.array(list(rows))]
     mx.eval(out, [c.state for c in batch_caches])
     return out
+
+
+# --- a step's inputs -------------------------------------------------------------
+
+
+def check_rows(session_ids: list[str], offsets: list[int], max_batch: int) -> None:
+    if not session_ids:
+        raise InvalidArgument("a step needs at least one session id")
+    if len(session_ids) > max_batch:
+        raise InvalidArgument(f"{len(session_ids)} sessions in one step, at most {max_batch}")
+    if len(set(session_ids)) != len(session_ids):
+        raise InvalidArgument("a step names the same session twice")
+    if len(offsets) != len(session_ids):
+        raise InvalidArgument(f"{len(session_ids)} session ids but {len(offsets)} offsets")
+
+
+def check_hidden(hidden: mx.array, rows: int, hidden_size: int, dtype: mx.Dtype) -> None:
+    if hidden.ndim != 3 or hidden.shape[0] != rows or hidden.shape[1] < 1:
+        raise InvalidArgument(
+            f"hidden states must be [B, L, D] = {(rows, 'L>=1', hidden_size)}, got {hidden.shape}"
+        )
+    if hidden.shape[2] != hidden_size:
+        raise InvalidArgument(f"hidden size must be {hidden_size}, got {hidden.shape[2]}")
+    if hidden.dtype != dtype:
+        raise InvalidArgument(f"hidden states must be {dtype}, got {hidden.dtype}")
+
+
+def check_token_ids(
+    token_ids: mx.array, rows: int, length: int | None, vocab_size: int | None
+) -> None:
+    """token_ids must be [B, L] uint32 (L that of the step's hidden states if given), and
+    inside the vocabulary if its size is known here: MLX does not bounds-check gathers."""
+    expected = (rows, "L>=1" if length is None else length)
+    if (
+        token_ids.ndim != 2
+        or token_ids.shape[0] != rows
+        or token_ids.shape[1] < 1
+        or (length is not None and token_ids.shape[1] != length)
+    ):
+        raise InvalidArgument(f"token_ids must be [B, L] = {expected}, got {token_ids.shape}")
+    if token_ids.dtype != mx.uint32:
+        raise InvalidArgument(f"token_ids must be uint32, got {token_ids.dtype}")
+    if vocab_size is not None and cast(int, token_ids.max().item()) >= vocab_size:
+        check_in_vocabulary("token_ids", cast(list[int], token_ids.flatten().tolist()), vocab_size)

@@ -1,4 +1,7 @@
-"""A worker's state: its loaded slice and its sessions, with the checks every call makes.
+"""A worker's state: its loaded stage and its sessions, with the checks every call makes.
+
+A stage is a slice of layers, plus the token embedding on the first stage and the
+final norm, LM head and each session's sampling state on the last.
 
 Plain Python over MLX arrays; the servicer calls it from a single compute
 thread, so MLX work never runs concurrently and needs no locks. Only `info()`
@@ -13,22 +16,31 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import mlx.core as mx
 
 from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
-from mlx_cluster.models.slicing import LayerSlice, load_layer_slice
+from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
 from mlx_cluster.models.sources import resolve_model
 from mlx_cluster.worker.batching import batch_for, can_batch
-from mlx_cluster.worker.compute import forward_batch, forward_rows
+from mlx_cluster.worker.compute import (
+    check_hidden,
+    check_rows,
+    check_token_ids,
+    forward_batch,
+    forward_rows,
+)
+from mlx_cluster.worker.picking import check_history_kept, feed_pickers, pickers_of, sample_rows
 from mlx_cluster.worker.sessions import Session, SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 try:
     from importlib.metadata import version as _dist_version
@@ -40,15 +52,38 @@ except Exception:  # running from a source tree without an install
 
 @dataclass(frozen=True)
 class Loaded:
-    """The slice held and the sessions using it."""
+    """The stage held and the sessions using it."""
 
     model: str  # as LoadLayers named it
     layer_slice: LayerSlice
     sessions: SessionStore
     batch_decode: bool  # decode steps of several sessions run as one batch
+    edges: ModelEdges | None = None  # the embedding and/or the final norm and LM head
 
-    def holds(self, model: str, start: int, end: int) -> bool:
-        return (self.model, self.layer_slice.start, self.layer_slice.end) == (model, start, end)
+    @property
+    def embedding(self) -> bool:
+        """Holds the token embedding: the first stage."""
+        return self.edges is not None and self.edges.holds_embedding
+
+    @property
+    def head(self) -> bool:
+        """Holds the final norm and LM head, and samples: the last stage."""
+        return self.edges is not None and self.edges.holds_head
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.layer_slice.weight_bytes + (self.edges.weight_bytes if self.edges else 0)
+
+    def holds(self, model: str, start: int, end: int, embedding: bool, head: bool) -> bool:
+        held = (self.layer_slice.start, self.layer_slice.end, self.embedding, self.head)
+        return self.model == model and held == (start, end, embedding, head)
+
+    def describe(self) -> str:
+        """e.g. "layers [0, 4) with the embedding", for messages."""
+        s = self.layer_slice
+        parts = (("the embedding", self.embedding), ("the head", self.head))
+        held = [name for name, holds in parts if holds]
+        return f"layers [{s.start}, {s.end})" + (f" with {' and '.join(held)}" if held else "")
 
 
 class WorkerRuntime:
@@ -78,12 +113,14 @@ class WorkerRuntime:
                 "layer_start": s.start,
                 "layer_end": s.end,
                 "model_num_layers": s.num_layers,
-                "weight_bytes": s.weight_bytes,
+                "weight_bytes": loaded.weight_bytes,
                 "kv_capacity_tokens": totals.capacity,
                 "kv_used_tokens": totals.used,
                 "sessions_open": totals.sessions,
                 "dtype": tensor.dtype_name(s.dtype),
                 "hidden_size": s.hidden_size,
+                "embedding": loaded.embedding,
+                "head": loaded.head,
             }
         settings = self.settings
         return WorkerInfo(
@@ -100,81 +137,65 @@ class WorkerRuntime:
         kv_budget_tokens: int = 0,
         session_ttl_s: float = 0,
         on_unload: Callable[[], None] | None = None,
+        embedding: bool = False,
+        head: bool = False,
     ) -> LoadedSlice:
-        """Load layers [start, end) of `model` in place of the slice held; open sessions end.
+        """Load layers [start, end) of `model`, with the embedding and/or the head if asked,
+        in place of the stage held; open sessions end.
 
-        The request is checked in full (range, config, weights present) before the slice
+        The request is checked in full (range, config, weights present) before the stage
         held is dropped, so a rejected load leaves the worker as it was; `on_unload` is
-        called once it is dropped. The slice held already keeps its weights. A budget or
-        TTL of 0 keeps the worker's own default.
+        called once it is dropped. The same stage held already keeps its weights. A
+        budget or TTL of 0 keeps the worker's own default.
         """
         _check_load_request(model, start, end, session_ttl_s)
         capacity = kv_budget_tokens or self.settings.kv_budget_tokens
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.loaded
-        if current is not None and current.holds(model, start, end):
-            self.loaded = self._serve(model, current.layer_slice, capacity, ttl)
+        if current is not None and current.holds(model, start, end, embedding, head):
+            self.loaded = self._serve(model, current.layer_slice, current.edges, capacity, ttl)
             log.info(
-                "layers [%d, %d) of %s held already: weights kept, %d sessions ended",
-                start,
-                end,
+                "%s of %s held already: weights kept, %d sessions ended",
+                current.describe(),
                 model,
                 len(current.sessions),
             )
-            return LoadedSlice(self.info(), current.layer_slice.weight_bytes, reloaded=False)
-        return self._load_new(model, start, end, capacity, ttl, on_unload)
-
-    def _load_new(
-        self,
-        model: str,
-        start: int,
-        end: int,
-        capacity: int,
-        ttl: float,
-        on_unload: Callable[[], None] | None,
-    ) -> LoadedSlice:
+            return LoadedSlice(self.info(), current.weight_bytes, reloaded=False)
         before = 0
 
-        def drop_held_slice() -> None:
+        def drop_held_stage() -> None:
             nonlocal before
             self.unload()
             if on_unload is not None:
                 on_unload()
             before = mx.get_active_memory()
 
-        layer_slice = self._read_slice(model, start, end, drop_held_slice)
-        self.loaded = self._serve(model, layer_slice, capacity, ttl)
+        layer_slice, edges = _read_stage(model, start, end, embedding, head, drop_held_stage)
+        self.loaded = loaded = self._serve(model, layer_slice, edges, capacity, ttl)
         used = mx.get_active_memory() - before
         log.info(
-            "loaded layers [%d, %d) of %s: %.1f MB of weights",
-            start,
-            end,
+            "loaded %s of %s: %.1f MB of weights",
+            loaded.describe(),
             model,
-            layer_slice.weight_bytes / 1e6,
+            loaded.weight_bytes / 1e6,
         )
-        return LoadedSlice(self.info(), max(used, layer_slice.weight_bytes), reloaded=True)
+        return LoadedSlice(self.info(), max(used, loaded.weight_bytes), reloaded=True)
 
-    def _read_slice(
-        self, model: str, start: int, end: int, before_reading: Callable[[], None]
-    ) -> LayerSlice:
-        try:
-            path = resolve_model(model, layers=range(start, end))
-            return load_layer_slice(path, start, end, before_reading)
-        except (ValueError, OSError) as exc:  # bad range, missing files, unknown architecture
-            raise InvalidArgument(str(exc)) from exc
-        except (KeyError, TypeError, AttributeError) as exc:  # a config.json mlx-lm cannot read
-            raise InvalidArgument(
-                f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
-            ) from exc
-
-    def _serve(self, model: str, layer_slice: LayerSlice, capacity: int, ttl: float) -> Loaded:
-        """The slice with a new, empty session store."""
+    def _serve(
+        self,
+        model: str,
+        layer_slice: LayerSlice,
+        edges: ModelEdges | None,
+        capacity: int,
+        ttl: float,
+    ) -> Loaded:
+        """The stage with a new, empty session store."""
         layer_slice.eval_every = self.settings.layer_eval_every(metal=mx.metal.is_available())
         store = SessionStore(
             capacity, layer_slice.make_caches, ttl, max_sessions=self.settings.max_sessions
         )
         batch = self.settings.batch_decode and can_batch(layer_slice.cache_templates)
-        return Loaded(model, layer_slice, store, batch)
+        return Loaded(model, layer_slice, store, batch, edges)
 
     def unload(self) -> None:
         self.loaded = None
@@ -188,11 +209,29 @@ class WorkerRuntime:
 
     # --- sessions --------------------------------------------------------------
 
-    def open_session(self, session_id: str, reserve: int, lease_id: str = "") -> StoreTotals:
-        """Open a session (ended with `lease_id`, if given); returns the totals after."""
-        store = self.require_loaded().sessions
-        store.open(session_id, reserve, lease_id)
-        return store.totals()
+    def open_session(
+        self,
+        session_id: str,
+        reserve: int,
+        lease_id: str = "",
+        sampling: SamplingParams | None = None,
+    ) -> StoreTotals:
+        """Open a session (ended with `lease_id`, if given); returns the totals after.
+
+        The stage holding the head keeps the session's sampling state (`sampling`, or
+        greedy when None); other stages ignore `sampling`.
+
+        Raises:
+            InvalidParam: `sampling` does not fit the model (top_k, logit_bias ids).
+        """
+        loaded = self.require_loaded()
+        picker = None
+        if loaded.edges is not None and loaded.head:
+            params = sampling or SamplingParams()
+            params.check(loaded.edges.vocab_size)
+            picker = TokenPicker(params)
+        loaded.sessions.open(session_id, reserve, lease_id, picker)
+        return loaded.sessions.totals()
 
     def truncate(self, session_id: str, length: int) -> int:
         return self.require_loaded().sessions.truncate(session_id, length)
@@ -237,62 +276,144 @@ class WorkerRuntime:
     def forward(
         self,
         session_ids: list[str],
-        hidden: mx.array,
+        hidden: mx.array | None,
         offsets: list[int],
         last_position_only: bool,
         stream_id: int = 0,
+        token_ids: mx.array | None = None,
     ) -> mx.array:
         """One step for several sessions: hidden [B, L, D] -> [B, L or 1, D].
+
+        Args:
+            hidden: the previous stage's output; None on the first stage, which embeds
+                `token_ids` instead.
+            token_ids: [B, L] uint32, the tokens of the step's positions. The stage
+                holding the head keeps them for its sessions' logits processors.
 
         A step that fails inside the layers ends its sessions: their caches may hold
         more than the offsets recorded, and a replay must start them over.
         """
         loaded = self.require_loaded()
-        store = loaded.sessions
-        self._check_step_shape(loaded.layer_slice, session_ids, hidden, offsets)
-        new_tokens = hidden.shape[1]
-        sessions = [store.get(sid) for sid in session_ids]
-        store.check_step(sessions, offsets, new_tokens)
-        try:
-            out = _run_layers(loaded, sessions, hidden, last_position_only)
-        except Exception as exc:
-            store.end(session_ids)
-            s = loaded.layer_slice
-            log.error(
-                "step failed in layers [%d, %d), ended sessions %s", s.start, s.end, session_ids
-            )
-            raise ClusterError(
-                f"the step failed in layers [{s.start}, {s.end}): {exc!r:.300}; its "
-                f"{len(session_ids)} session(s) were ended (open them again and replay)"
-            ) from exc
+        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        if token_ids is None:
+            check_history_kept(sessions)
+        out = self._guarded(
+            loaded, session_ids, lambda: _run_layers(loaded, sessions, x, last_position_only)
+        )
+        if token_ids is not None:
+            feed_pickers(sessions, token_ids)
         for session in sessions:
-            store.advance(session, new_tokens, stream_id)
+            loaded.sessions.advance(session, x.shape[1], stream_id)
         return out
 
-    def _check_step_shape(
-        self, layer_slice: LayerSlice, session_ids: list[str], hidden: mx.array, offsets: list[int]
-    ) -> None:
-        if not session_ids:
-            raise InvalidArgument("a step needs at least one session id")
-        if len(session_ids) > self.settings.max_batch:
+    def forward_sample(
+        self,
+        session_ids: list[str],
+        hidden: mx.array | None,
+        offsets: list[int],
+        stream_id: int = 0,
+        token_ids: mx.array | None = None,
+    ) -> list[SampledToken]:
+        """One step for several sessions on the last stage, then each row's next token.
+
+        Row b feeds token_ids[b] at positions offsets[b] ... offsets[b] + L - 1, and its
+        session's picker draws the token of position offsets[b] + L from the last
+        position's logits (a seeded session is reseeded from that position).
+
+        Args:
+            hidden: as `forward`; None when this stage holds the embedding too.
+            token_ids: [B, L] uint32, required: the pickers' processors see them.
+
+        Raises:
+            InvalidArgument: this stage holds no head, or `token_ids` is missing.
+        """
+        loaded = self.require_loaded()
+        if loaded.edges is None or not loaded.head:
             raise InvalidArgument(
-                f"{len(session_ids)} sessions in one step, at most {self.settings.max_batch}"
+                f"this worker holds {loaded.describe()}, not the LM head: it cannot sample "
+                "(the last stage samples; load it with head=True)"
             )
-        if len(set(session_ids)) != len(session_ids):
-            raise InvalidArgument("a step names the same session twice")
-        if len(offsets) != len(session_ids):
-            raise InvalidArgument(f"{len(session_ids)} session ids but {len(offsets)} offsets")
-        expected = (len(session_ids), "L>=1", layer_slice.hidden_size)
-        if hidden.ndim != 3 or hidden.shape[0] != len(session_ids) or hidden.shape[1] < 1:
+        if token_ids is None:
+            raise InvalidArgument("a sampling step needs the token_ids of its positions")
+        edges = loaded.edges
+        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        pickers = pickers_of(sessions)
+        positions = [offset + token_ids.shape[1] for offset in offsets]
+
+        def step() -> list[SampledToken]:
+            out = _run_layers(loaded, sessions, x, last_position_only=True)
+            return sample_rows(edges, out, pickers, token_ids, positions)
+
+        picked = self._guarded(loaded, session_ids, step)
+        for session in sessions:
+            loaded.sessions.advance(session, token_ids.shape[1], stream_id)
+        return picked
+
+    def _begin_step(
+        self,
+        loaded: Loaded,
+        session_ids: list[str],
+        hidden: mx.array | None,
+        offsets: list[int],
+        token_ids: mx.array | None,
+    ) -> tuple[list[Session], mx.array]:
+        """Check a step's inputs and sessions; its sessions, and the hidden states to run
+        (the embedded `token_ids` when `hidden` is None)."""
+        s = loaded.layer_slice
+        check_rows(session_ids, offsets, self.settings.max_batch)
+        if hidden is not None:
+            check_hidden(hidden, len(session_ids), s.hidden_size, s.dtype)
+        elif token_ids is None:
+            raise InvalidArgument("a step needs hidden states or token_ids")
+        elif loaded.edges is None or not loaded.embedding:
             raise InvalidArgument(
-                f"hidden states must be [B, L, D] = {expected}, got {hidden.shape}"
+                f"this worker holds {loaded.describe()}, not the embedding: send hidden "
+                "states, or token_ids to the first stage (loaded with embedding=True)"
             )
-        if hidden.shape[2] != layer_slice.hidden_size:
-            raise InvalidArgument(
-                f"hidden size must be {layer_slice.hidden_size}, got {hidden.shape[2]}"
-            )
-        if hidden.dtype != layer_slice.dtype:
-            raise InvalidArgument(f"hidden states must be {layer_slice.dtype}, got {hidden.dtype}")
+        if token_ids is not None:
+            length = hidden.shape[1] if hidden is not None else None
+            # The ids index the embedding or, in the processors, the logits.
+            vocab = loaded.edges.vocab_size if loaded.edges is not None else None
+            check_token_ids(token_ids, len(session_ids), length, vocab)
+        store = loaded.sessions
+        sessions = [store.get(sid) for sid in session_ids]
+        if hidden is None:
+            hidden = cast(ModelEdges, loaded.edges).embed(cast(mx.array, token_ids))
+        store.check_step(sessions, offsets, hidden.shape[1])
+        return sessions, hidden
+
+    def _guarded(self, loaded: Loaded, session_ids: list[str], step: Callable[[], T]) -> T:
+        """Run a step's compute; if it fails, end its sessions (their caches may hold
+        more than their offsets say, and a replay must start them over)."""
+        try:
+            return step()
+        except Exception as exc:
+            loaded.sessions.end(session_ids)
+            where = loaded.describe()
+            log.error("step failed in %s, ended sessions %s", where, session_ids)
+            raise ClusterError(
+                f"the step failed in {where}: {exc!r:.300}; its "
+                f"{len(session_ids)} session(s) were ended (open them again and replay)"
+            ) from exc
+
+
+def _read_stage(
+    model: str,
+    start: int,
+    end: int,
+    embedding: bool,
+    head: bool,
+    before_reading: Callable[[], None],
+) -> tuple[LayerSlice, ModelEdges | None]:
+    try:
+        path = resolve_model(model, layers=range(start, end), edges=embedding or head)
+        return load_stage(path, start, end, embedding, head, before_reading)
+    except (ValueError, OSError) as exc:  # bad range, missing files, unknown architecture
+        raise InvalidArgument(str(exc)) from exc
+    except (KeyError, TypeError, AttributeError) as exc:  # a config.json mlx-lm cannot read
+        raise InvalidArgument(
+            f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
+        ) from exc
 
 
 def _check_load_request(model: str, start: int, end: int, session_ttl_s: float) -> None:

@@ -25,6 +25,7 @@ from mlx_cluster.contract.rpc import (
 )
 from mlx_cluster.worker.auth import TokenInterceptor
 from mlx_cluster.worker.capabilities import detect
+from mlx_cluster.worker.relay import Peers
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.servicer import LayerServicer
 from mlx_cluster.worker.settings import WorkerSettings
@@ -47,6 +48,7 @@ class RunningWorker:
         await self.health.enter_graceful_shutdown()
         self.servicer.stop_leases()  # Lease calls never end on their own
         await self.server.stop(grace)
+        await self.servicer.close_peers()
         self.servicer.close()
 
 
@@ -73,7 +75,9 @@ async def create_server(
     _check_unix_path(address)
     credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer()
-    servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer)
+    # The next stage of the ring is called with this worker's own token and TLS files.
+    peers = Peers(token, tls, settings.max_message_bytes)
+    servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer, peers)
     interceptors = [TokenInterceptor(token)] if token else []
     options = server_options(settings.max_message_bytes)
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -4,6 +4,9 @@ Every MLX call (loading, decoding, layers, encoding) runs on one ComputeThread
 so the event loop stays free for Info, EndSession, Lease and other streams.
 Ids are checked here, before anything is queued, so that no error echoes a
 huge id and no log line holds a raw one.
+
+A Forward or Decode call whose metadata names a route relays each step to the
+next stage (relay.py); Decode runs the first stage's decode loop (ring.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
+import mlx.core as mx
 from grpc_health.v1 import health, health_pb2
 
 from mlx_cluster import tensor
@@ -24,9 +28,12 @@ from mlx_cluster.contract.errors import ClusterError, InvalidArgument, error_met
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME
+from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
+from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed, route_of
+from mlx_cluster.worker.ring import DecodeLoop, StepResult
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.sessions import check_id
 
@@ -46,8 +53,12 @@ def _bind_request_id(context: grpc.aio.ServicerContext) -> None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
-    """End the call with `exc`'s status; its kind goes along so the client rebuilds its class."""
-    await context.abort(exc.code, str(exc), trailing_metadata=error_metadata(exc))
+    """End the call with `exc`'s status; its kind goes along so the client rebuilds its class,
+    and for a failure further down the ring, the failed stage's index."""
+    metadata = error_metadata(exc)
+    if isinstance(exc, RelayFailed):
+        metadata += ((STAGE_KEY, str(exc.stage)),)
+    await context.abort(exc.code, str(exc), trailing_metadata=metadata)
 
 
 def _check_ids(session_ids: Iterable[str]) -> list[str]:
@@ -63,9 +74,12 @@ def _how_it_ended(exc: BaseException) -> str:
 class LayerServicer(pb_grpc.LayerServiceServicer):
     """Thin gRPC front of a WorkerRuntime."""
 
-    def __init__(self, runtime: WorkerRuntime, health: health.aio.HealthServicer) -> None:
+    def __init__(
+        self, runtime: WorkerRuntime, health: health.aio.HealthServicer, peers: Peers | None = None
+    ) -> None:
         self.runtime = runtime
         self._health = health
+        self._peers = peers or Peers(max_message_bytes=runtime.settings.max_message_bytes)
         self._compute = ComputeThread()
         self._leases = Leases(runtime.settings.lease_grace_s, self._lease_lapsed)
         self._stream_ids = itertools.count(1)  # numbers Forward calls, for their sessions
@@ -109,6 +123,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         self._leases.close()
         self._compute.close()
 
+    async def close_peers(self) -> None:
+        await self._peers.close()
+
     # --- unary calls -------------------------------------------------------------
 
     async def Info(
@@ -134,6 +151,8 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                 request.kv_budget_tokens,
                 request.session_ttl_s,
                 not_serving,
+                request.embedding,
+                request.head,
             )
         finally:  # a rejected load leaves the slice held, and so the status, as they were
             await self._set_serving(self.runtime.loaded is not None)
@@ -155,12 +174,16 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         await self._check(context, check_id, request.session_id)
         if request.lease_id:
             await self._check(context, check_id, request.lease_id, "lease id")
+        sampling = None
+        if request.HasField("sampling"):
+            sampling = await self._check(context, SamplingParams.from_spec, request.sampling)
         totals = await self._run(
             context,
             self.runtime.open_session,
             request.session_id,
             request.reserve_tokens,
             request.lease_id,
+            sampling,
         )
         if request.lease_id:
             self._leases.opened_under(request.lease_id)
@@ -193,30 +216,84 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     # --- the streams -------------------------------------------------------------
 
+    def _inputs(self, request: pb.ForwardRequest) -> tuple[mx.array | None, mx.array | None]:
+        """A step's hidden states and token ids, decoded (either may be absent)."""
+        hidden = tensor.decode(request.hidden) if request.HasField("hidden") else None
+        tokens = tensor.decode(request.token_ids) if request.HasField("token_ids") else None
+        if hidden is None and tokens is None:
+            raise InvalidArgument("a ForwardRequest needs hidden states or token ids")
+        return hidden, tokens
+
     def _step(self, request: pb.ForwardRequest, stream_id: int) -> pb.ForwardResponse:
+        """One step that ends here: hidden states out, or each row's next token."""
         started = time.perf_counter()
-        if not request.HasField("hidden"):
-            raise InvalidArgument("ForwardRequest.hidden is missing")
-        hidden = tensor.decode(request.hidden)
-        out = self.runtime.forward(
-            list(request.session_ids),
-            hidden,
-            list(request.offsets),
-            request.last_position_only,
-            stream_id,
-        )
+        hidden, tokens = self._inputs(request)
+        ids, offsets = list(request.session_ids), list(request.offsets)
         response = pb.ForwardResponse(step_id=request.step_id)
-        tensor.encode(out, out=response.hidden)
+        if request.sample:
+            picked = self.runtime.forward_sample(ids, hidden, offsets, stream_id, tokens)
+            for token in picked:
+                token.to_proto(response.sampled.add())
+        else:
+            out = self.runtime.forward(
+                ids, hidden, offsets, request.last_position_only, stream_id, tokens
+            )
+            tensor.encode(out, out=response.hidden)
         response.compute_seconds = time.perf_counter() - started
         return response
+
+    def _step_onward(
+        self, request: pb.ForwardRequest, stream_id: int
+    ) -> tuple[pb.ForwardRequest, float]:
+        """This stage's part of a relayed step: the request for the next stage, and the
+        seconds it took. The next stages decide what the end returns."""
+        started = time.perf_counter()
+        hidden, tokens = self._inputs(request)
+        ids, offsets = list(request.session_ids), list(request.offsets)
+        out = self.runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
+        onward = pb.ForwardRequest(
+            session_ids=ids,
+            offsets=offsets,
+            last_position_only=request.last_position_only,
+            sample=request.sample,
+        )
+        if request.HasField("token_ids"):
+            onward.token_ids.CopyFrom(request.token_ids)
+        tensor.encode(out, out=onward.hidden)
+        return onward, time.perf_counter() - started
+
+    async def _relay(
+        self,
+        context: grpc.aio.ServicerContext,
+        next_stage: NextStage,
+        request: pb.ForwardRequest,
+        stream_id: int,
+    ) -> pb.ForwardResponse:
+        """This stage's part of a step, then the rest of the ring's; the end's answer."""
+        onward, compute_s = await self._answer(
+            context, self._compute.submit(self._step_onward, request, stream_id)
+        )
+        reply, relay_s = await self._answer(context, next_stage.step(onward))
+        reply.step_id = request.step_id
+        reply.relay_seconds = relay_s - reply.compute_seconds
+        reply.compute_seconds += compute_s
+        return reply
+
+    def _open_next(self, context: grpc.aio.ServicerContext) -> NextStage | None:
+        route, step_timeout_s = route_of(context.invocation_metadata())
+        if not route:
+            return None
+        return self._peers.next_stage(route, step_timeout_s, request_id.get())
 
     async def Forward(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ForwardResponse]:
-        """Steps in order. A call that ends other than by the client's half-close (cancelled,
-        failed, its connection lost) ends the sessions whose last step was on it."""
+        """Steps in order, each relayed on when the call names a route. A call that ends
+        other than by the client's half-close (cancelled, failed, its connection lost)
+        ends the sessions whose last step was on it, here and further down the ring."""
         _bind_request_id(context)  # once per stream, not per step
         stream_id = next(self._stream_ids)
+        next_stage = self._open_next(context)
         requests = aiter(request_iterator)
         try:
             while True:
@@ -224,16 +301,113 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     await asyncio.sleep(CANCEL_SETTLE_S)
-                    return
+                    break
                 except Exception as exc:  # bytes that are no ForwardRequest
                     log.warning("undecodable Forward message: %r", exc)
                     await _abort(context, InvalidArgument("malformed ForwardRequest"))
                 await self._check(context, _check_ids, request.session_ids)
-                pending = self._compute.submit(self._step, request, stream_id)
-                yield await self._answer(context, pending)
+                if next_stage is None:
+                    pending = self._compute.submit(self._step, request, stream_id)
+                    yield await self._answer(context, pending)
+                else:
+                    yield await self._relay(context, next_stage, request, stream_id)
         except BaseException as exc:
             self._compute.post(self.runtime.end_stream, stream_id, _how_it_ended(exc))
+            if next_stage is not None:
+                next_stage.cancel()
             raise
+        if next_stage is not None:
+            await next_stage.close()
+
+    # --- the decode loop ----------------------------------------------------------
+
+    def _ring_first(
+        self, ids: list[str], offsets: list[int], tokens: list[int], stream_id: int, sample: bool
+    ) -> tuple[pb.ForwardResponse | pb.ForwardRequest, float]:
+        """The first stage's part of a decode step: each row's next token when this stage is
+        also the last, else the request for the next stage."""
+        request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
+        tensor.encode(mx.array(tokens, dtype=mx.uint32)[:, None], out=request.token_ids)
+        if sample:
+            reply = self._step(request, stream_id)
+            return reply, reply.compute_seconds
+        return self._step_onward(request, stream_id)
+
+    async def _ring_step(
+        self,
+        context: grpc.aio.ServicerContext,
+        next_stage: NextStage | None,
+        stream_id: int,
+        ids: list[str],
+        offsets: list[int],
+        tokens: list[int],
+    ) -> StepResult:
+        job = self._compute.submit(
+            self._ring_first, ids, offsets, tokens, stream_id, next_stage is None
+        )
+        first, compute_s = await self._answer(context, job)
+        if next_stage is None:
+            assert isinstance(first, pb.ForwardResponse)
+            return StepResult(list(first.sampled), compute_s, 0.0)
+        assert isinstance(first, pb.ForwardRequest)
+        reply, relay_s = await self._answer(context, next_stage.step(first))
+        return StepResult(
+            list(reply.sampled), compute_s + reply.compute_seconds, relay_s - reply.compute_seconds
+        )
+
+    async def Decode(
+        self, request_iterator: AsyncIterator[pb.DecodeCommand], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeEvent]:
+        """The decode loop: an event per step until the client half-closes. A call that
+        ends otherwise ends its rows' sessions, here and further down the ring."""
+        _bind_request_id(context)
+        stream_id = next(self._stream_ids)
+        next_stage = self._open_next(context)
+
+        async def step(ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
+            return await self._ring_step(context, next_stage, stream_id, ids, offsets, tokens)
+
+        loop = DecodeLoop(step, self.runtime.settings.max_batch)
+        reader = asyncio.create_task(self._read_commands(request_iterator, loop))
+        failure: ClusterError | None = None
+        try:
+            async for event in loop.events():
+                yield event
+        except ClusterError as exc:  # a bad command: answered as the call's status below
+            failure = exc
+        except BaseException as exc:
+            self._end_ring(stream_id, next_stage, _how_it_ended(exc))
+            raise
+        finally:
+            reader.cancel()
+        if failure is not None:
+            self._end_ring(stream_id, next_stage, f"failed ({failure})")
+            await _abort(context, failure)
+        if next_stage is not None:
+            await next_stage.close()
+
+    def _end_ring(self, stream_id: int, next_stage: NextStage | None, why: str) -> None:
+        self._compute.post(self.runtime.end_stream, stream_id, why)
+        if next_stage is not None:
+            next_stage.cancel()
+
+    async def _read_commands(
+        self,
+        request_iterator: AsyncIterator[pb.DecodeCommand],
+        loop: DecodeLoop,
+    ) -> None:
+        try:
+            async for command in request_iterator:
+                for row in command.add:
+                    check_id(row.session_id)
+                _check_ids(command.drop)
+                loop.command(command)
+        except ClusterError as exc:  # the loop raises it between two steps
+            loop.fail(exc)
+            return
+        except Exception as exc:  # bytes that are no DecodeCommand, or the call ended
+            log.debug("Decode commands ended: %r", exc)
+        loop.close()
 
     async def Lease(
         self, request: pb.LeaseRequest, context: grpc.aio.ServicerContext

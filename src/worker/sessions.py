@@ -30,6 +30,7 @@ from mlx_cluster.contract.errors import (
     SessionNotFound,
     SessionTooLarge,
 )
+from mlx_cluster.contract.sampling import TokenPicker
 from mlx_cluster.worker.batching import BatchGroup
 
 MAX_ID_LENGTH = 128
@@ -71,6 +72,7 @@ class Session:
     group: BatchGroup | None = None  # the batch whose caches hold this session's rows
     lease_id: str = ""  # the session ends with this lease; "" = by the idle TTL only
     stream_id: int = 0  # the Forward call of its last step; 0 = none yet
+    picker: TokenPicker | None = None  # how it samples, on the worker holding the head
 
     def own_caches(self) -> list[Any]:
         """This session's caches, taken out of its batch first if it is in one."""
@@ -116,8 +118,17 @@ class SessionStore:
         with self._lock:
             return StoreTotals(len(self._sessions), self._used, self.capacity)
 
-    def open(self, session_id: str, reserve: int, lease_id: str = "") -> Session:
-        """Open a session with empty caches, reserving `reserve` tokens of the budget."""
+    def open(
+        self,
+        session_id: str,
+        reserve: int,
+        lease_id: str = "",
+        picker: TokenPicker | None = None,
+    ) -> Session:
+        """Open a session with empty caches, reserving `reserve` tokens of the budget.
+
+        `picker` samples its tokens, on the worker holding the LM head.
+        """
         check_id(session_id)
         if session_id in self._sessions:
             raise SessionExists(f"session {session_id!r} is already open")
@@ -127,7 +138,9 @@ class SessionStore:
             )
         self._check_fits(session_id, reserve)
         self._check_room(reserve, self.used)
-        session = Session(session_id, self._make_caches(), reserved=reserve, lease_id=lease_id)
+        session = Session(
+            session_id, self._make_caches(), reserved=reserve, lease_id=lease_id, picker=picker
+        )
         session.last_used = self._clock()
         with self._lock:
             self._sessions[session_id] = session
@@ -168,7 +181,11 @@ class SessionStore:
         session.stream_id = stream_id
 
     def truncate(self, session_id: str, length: int) -> int:
-        """Keep only the first `length` cached tokens of a session; returns the new length."""
+        """Keep only the first `length` cached tokens of a session; returns the new length.
+
+        Its picker's token history is cut to the same length, so the logits processors
+        see the tokens the cache holds.
+        """
         session = self.get(session_id)
         if length > session.offset:
             raise InvalidArgument(
@@ -184,6 +201,8 @@ class SessionStore:
             )
         if drop:
             trim_prompt_cache(caches, drop)
+        if session.picker is not None:
+            session.picker.truncate(length)
         self._set_offset(session, length)
         return length
 

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13layer_service.proto\x12\x0emlx_cluster.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xac\x01\n\x0c\x43\x61pabilities\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_kind\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\x12\x11\n\tcpu_cores\x18\x05 \x01(\r\x12\x11\n\tgpu_cores\x18\x06 \x01(\r\x12\x10\n\x08platform\x18\x07 \x01(\t\"\x83\x01\n\x0cWorkerLimits\x12\x11\n\tmax_batch\x18\x01 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x18\n\x10kv_budget_tokens\x18\x04 \x01(\x04\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\"\r\n\x0bInfoRequest\"\xff\x02\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x32\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1c.mlx_cluster.v1.Capabilities\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0blayer_start\x18\x06 \x01(\r\x12\x11\n\tlayer_end\x18\x07 \x01(\r\x12\x18\n\x10model_num_layers\x18\x08 \x01(\r\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\n \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x0b \x01(\x04\x12\x15\n\rsessions_open\x18\x0c \x01(\r\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x13\n\x0bhidden_size\x18\x0e \x01(\r\x12,\n\x06limits\x18\x0f \x01(\x0b\x32\x1c.mlx_cluster.v1.WorkerLimits\"o\n\x11LoadLayersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x18\n\x10kv_budget_tokens\x18\x04 \x01(\x04\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\"m\n\x12LoadLayersResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.mlx_cluster.v1.InfoResponse\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x10\n\x08reloaded\x18\x03 \x01(\x08\"R\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0ereserve_tokens\x18\x02 \x01(\x04\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"I\n\x13OpenSessionResponse\x12\x16\n\x0ekv_used_tokens\x18\x01 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x02 \x01(\x04\"\x8b\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12&\n\x06hidden\x18\x03 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x04\x12\x1a\n\x12last_position_only\x18\x05 \x01(\x08\"c\n\x0f\x46orwardResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\"(\n\x11\x45ndSessionRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\r\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\")\n\x17TruncateSessionResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\" \n\x0cLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0c\n\nLeaseEvent2\xcc\x04\n\x0cLayerService\x12\x41\n\x04Info\x12\x1b.mlx_cluster.v1.InfoRequest\x1a\x1c.mlx_cluster.v1.InfoResponse\x12S\n\nLoadLayers\x12!.mlx_cluster.v1.LoadLayersRequest\x1a\".mlx_cluster.v1.LoadLayersResponse\x12V\n\x0bOpenSession\x12\".mlx_cluster.v1.OpenSessionRequest\x1a#.mlx_cluster.v1.OpenSessionResponse\x12N\n\x07\x46orward\x12\x1e.mlx_cluster.v1.ForwardRequest\x1a\x1f.mlx_cluster.v1.ForwardResponse(\x01\x30\x01\x12S\n\nEndSession\x12!.mlx_cluster.v1.EndSessionRequest\x1a\".mlx_cluster.v1.EndSessionResponse\x12\x62\n\x0fTruncateSession\x12&.mlx_cluster.v1.TruncateSessionRequest\x1a\'.mlx_cluster.v1.TruncateSessionResponse\x12\x43\n\x05Lease\x12\x1c.mlx_cluster.v1.LeaseRequest\x1a\x1a.mlx_cluster.v1.LeaseEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13layer_service.proto\x12\x0emlx_cluster.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xac\x01\n\x0c\x43\x61pabilities\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_kind\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\x12\x11\n\tcpu_cores\x18\x05 \x01(\r\x12\x11\n\tgpu_cores\x18\x06 \x01(\r\x12\x10\n\x08platform\x18\x07 \x01(\t\"\x83\x01\n\x0cWorkerLimits\x12\x11\n\tmax_batch\x18\x01 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x18\n\x10kv_budget_tokens\x18\x04 \x01(\x04\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\"\r\n\x0bInfoRequest\"\xa0\x03\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x32\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1c.mlx_cluster.v1.Capabilities\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0blayer_start\x18\x06 \x01(\r\x12\x11\n\tlayer_end\x18\x07 \x01(\r\x12\x18\n\x10model_num_layers\x18\x08 \x01(\r\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\n \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x0b \x01(\x04\x12\x15\n\rsessions_open\x18\x0c \x01(\r\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x13\n\x0bhidden_size\x18\x0e \x01(\r\x12,\n\x06limits\x18\x0f \x01(\x0b\x32\x1c.mlx_cluster.v1.WorkerLimits\x12\x11\n\tembedding\x18\x10 \x01(\x08\x12\x0c\n\x04head\x18\x11 \x01(\x08\"\x90\x01\n\x11LoadLayersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x18\n\x10kv_budget_tokens\x18\x04 \x01(\x04\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\x12\x11\n\tembedding\x18\x06 \x01(\x08\x12\x0c\n\x04head\x18\x07 \x01(\x08\"m\n\x12LoadLayersResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.mlx_cluster.v1.InfoResponse\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x10\n\x08reloaded\x18\x03 \x01(\x08\"\xfe\x02\n\x0cSamplingSpec\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x1f\n\x17repetition_context_size\x18\x06 \x01(\r\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12?\n\nlogit_bias\x18\n \x03(\x0b\x32+.mlx_cluster.v1.SamplingSpec.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x15\n\rfull_logprobs\x18\x0c \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x82\x01\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0ereserve_tokens\x18\x02 \x01(\x04\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.mlx_cluster.v1.SamplingSpec\"I\n\x13OpenSessionResponse\x12\x16\n\x0ekv_used_tokens\x18\x01 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x02 \x01(\x04\"\xc6\x01\n\x0e\x46orwardRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12&\n\x06hidden\x18\x03 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\x12\x0f\n\x07offsets\x18\x04 \x03(\x04\x12\x1a\n\x12last_position_only\x18\x05 \x01(\x08\x12)\n\ttoken_ids\x18\x06 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\x12\x0e\n\x06sample\x18\x07 \x01(\x08\"}\n\x07Sampled\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\ntop_tokens\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12(\n\x08logprobs\x18\x05 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\"\xa4\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.mlx_cluster.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12(\n\x07sampled\x18\x04 \x03(\x0b\x32\x17.mlx_cluster.v1.Sampled\x12\x15\n\rrelay_seconds\x18\x05 \x01(\x01\"g\n\tDecodeRow\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05token\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0bstop_tokens\x18\x05 \x03(\r\"E\n\rDecodeCommand\x12&\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x19.mlx_cluster.v1.DecodeRow\x12\x0c\n\x04\x64rop\x18\x02 \x03(\t\"\x8a\x01\n\x0b\x44\x65\x63odeEvent\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12(\n\x07sampled\x18\x02 \x03(\x0b\x32\x17.mlx_cluster.v1.Sampled\x12\x0c\n\x04left\x18\x03 \x03(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x15\n\rrelay_seconds\x18\x05 \x01(\x01\"(\n\x11\x45ndSessionRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\r\"<\n\x16TruncateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\")\n\x17TruncateSessionResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\" \n\x0cLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0c\n\nLeaseEvent2\x96\x05\n\x0cLayerService\x12\x41\n\x04Info\x12\x1b.mlx_cluster.v1.InfoRequest\x1a\x1c.mlx_cluster.v1.InfoResponse\x12S\n\nLoadLayers\x12!.mlx_cluster.v1.LoadLayersRequest\x1a\".mlx_cluster.v1.LoadLayersResponse\x12V\n\x0bOpenSession\x12\".mlx_cluster.v1.OpenSessionRequest\x1a#.mlx_cluster.v1.OpenSessionResponse\x12N\n\x07\x46orward\x12\x1e.mlx_cluster.v1.ForwardRequest\x1a\x1f.mlx_cluster.v1.ForwardResponse(\x01\x30\x01\x12H\n\x06\x44\x65\x63ode\x12\x1d.mlx_cluster.v1.DecodeCommand\x1a\x1b.mlx_cluster.v1.DecodeEvent(\x01\x30\x01\x12S\n\nEndSession\x12!.mlx_cluster.v1.EndSessionRequest\x1a\".mlx_cluster.v1.EndSessionResponse\x12\x62\n\x0fTruncateSession\x12&.mlx_cluster.v1.TruncateSessionRequest\x1a\'.mlx_cluster.v1.TruncateSessionResponse\x12\x43\n\x05Lease\x12\x1c.mlx_cluster.v1.LeaseRequest\x1a\x1a.mlx_cluster.v1.LeaseEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGSPEC_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGSPEC_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=91
   _globals['_CAPABILITIES']._serialized_start=94
@@ -40,31 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=402
   _globals['_INFOREQUEST']._serialized_end=415
   _globals['_INFORESPONSE']._serialized_start=418
-  _globals['_INFORESPONSE']._serialized_end=801
-  _globals['_LOADLAYERSREQUEST']._serialized_start=803
-  _globals['_LOADLAYERSREQUEST']._serialized_end=914
-  _globals['_LOADLAYERSRESPONSE']._serialized_start=916
-  _globals['_LOADLAYERSRESPONSE']._serialized_end=1025
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1027
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1109
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1111
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1184
-  _globals['_FORWARDREQUEST']._serialized_start=1187
-  _globals['_FORWARDREQUEST']._serialized_end=1326
-  _globals['_FORWARDRESPONSE']._serialized_start=1328
-  _globals['_FORWARDRESPONSE']._serialized_end=1427
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1429
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1469
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1471
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1506
-  _globals['_TRUNCATESESSIONREQUEST']._serialized_start=1508
-  _globals['_TRUNCATESESSIONREQUEST']._serialized_end=1568
-  _globals['_TRUNCATESESSIONRESPONSE']._serialized_start=1570
-  _globals['_TRUNCATESESSIONRESPONSE']._serialized_end=1611
-  _globals['_LEASEREQUEST']._serialized_start=1613
-  _globals['_LEASEREQUEST']._serialized_end=1645
-  _globals['_LEASEEVENT']._serialized_start=1647
-  _globals['_LEASEEVENT']._serialized_end=1659
-  _globals['_LAYERSERVICE']._serialized_start=1662
-  _globals['_LAYERSERVICE']._serialized_end=2250
+  _globals['_INFORESPONSE']._serialized_end=834
+  _globals['_LOADLAYERSREQUEST']._serialized_start=837
+  _globals['_LOADLAYERSREQUEST']._serialized_end=981
+  _globals['_LOADLAYERSRESPONSE']._serialized_start=983
+  _globals['_LOADLAYERSRESPONSE']._serialized_end=1092
+  _globals['_SAMPLINGSPEC']._serialized_start=1095
+  _globals['_SAMPLINGSPEC']._serialized_end=1477
+  _globals['_SAMPLINGSPEC_LOGITBIASENTRY']._serialized_start=1420
+  _globals['_SAMPLINGSPEC_LOGITBIASENTRY']._serialized_end=1468
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1480
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1610
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1612
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1685
+  _globals['_FORWARDREQUEST']._serialized_start=1688
+  _globals['_FORWARDREQUEST']._serialized_end=1886
+  _globals['_SAMPLED']._serialized_start=1888
+  _globals['_SAMPLED']._serialized_end=2013
+  _globals['_FORWARDRESPONSE']._serialized_start=2016
+  _globals['_FORWARDRESPONSE']._serialized_end=2180
+  _globals['_DECODEROW']._serialized_start=2182
+  _globals['_DECODEROW']._serialized_end=2285
+  _globals['_DECODECOMMAND']._serialized_start=2287
+  _globals['_DECODECOMMAND']._serialized_end=2356
+  _globals['_DECODEEVENT']._serialized_start=2359
+  _globals['_DECODEEVENT']._serialized_end=2497
+  _globals['_ENDSESSIONREQUEST']._serialized_start=2499
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2539
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=2541
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2576
+  _globals['_TRUNCATESESSIONREQUEST']._serialized_start=2578
+  _globals['_TRUNCATESESSIONREQUEST']._serialized_end=2638
+  _globals['_TRUNCATESESSIONRESPONSE']._serialized_start=2640
+  _globals['_TRUNCATESESSIONRESPONSE']._serialized_end=2681
+  _globals['_LEASEREQUEST']._serialized_start=2683
+  _globals['_LEASEREQUEST']._serialized_end=2715
+  _globals['_LEASEEVENT']._serialized_start=2717
+  _globals['_LEASEEVENT']._serialized_end=2729
+  _globals['_LAYERSERVICE']._serialized_start=2732
+  _globals['_LAYERSERVICE']._serialized_end=3394
 # @@protoc_insertion_point(module_scope)

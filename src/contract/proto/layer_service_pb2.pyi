@@ -53,7 +53,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits")
+    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits", "embedding", "head")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -84,21 +86,27 @@ class InfoResponse(_message.Message):
     dtype: str
     hidden_size: int
     limits: WorkerLimits
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ...) -> None: ...
+    embedding: bool
+    head: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s")
+    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
     kv_budget_tokens: int
     session_ttl_s: float
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
+    embedding: bool
+    head: bool
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class LoadLayersResponse(_message.Message):
     __slots__ = ("info", "memory_used_bytes", "reloaded")
@@ -110,15 +118,52 @@ class LoadLayersResponse(_message.Message):
     reloaded: bool
     def __init__(self, info: _Optional[_Union[InfoResponse, _Mapping]] = ..., memory_used_bytes: _Optional[int] = ..., reloaded: _Optional[bool] = ...) -> None: ...
 
+class SamplingSpec(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_penalty", "frequency_penalty", "seed", "logit_bias", "top_logprobs", "full_logprobs")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FULL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    repetition_context_size: int
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    logit_bias: _containers.ScalarMap[int, float]
+    top_logprobs: int
+    full_logprobs: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., top_logprobs: _Optional[int] = ..., full_logprobs: _Optional[bool] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "reserve_tokens", "lease_id")
+    __slots__ = ("session_id", "reserve_tokens", "lease_id", "sampling")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reserve_tokens: int
     lease_id: str
-    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    sampling: SamplingSpec
+    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingSpec, _Mapping]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("kv_used_tokens", "kv_capacity_tokens")
@@ -129,28 +174,86 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step_id", "session_ids", "hidden", "offsets", "last_position_only")
+    __slots__ = ("step_id", "session_ids", "hidden", "offsets", "last_position_only", "token_ids", "sample")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     LAST_POSITION_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     hidden: Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
     last_position_only: bool
-    def __init__(self, step_id: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., last_position_only: _Optional[bool] = ...) -> None: ...
+    token_ids: Tensor
+    sample: bool
+    def __init__(self, step_id: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., last_position_only: _Optional[bool] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class Sampled(_message.Message):
+    __slots__ = ("token", "logprob", "top_tokens", "top_logprobs", "logprobs")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    top_tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    logprobs: Tensor
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step_id", "hidden", "compute_seconds")
+    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     compute_seconds: float
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
+    relay_seconds: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ...) -> None: ...
+
+class DecodeRow(_message.Message):
+    __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    offset: int
+    token: int
+    max_tokens: int
+    stop_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., token: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecodeCommand(_message.Message):
+    __slots__ = ("add", "drop")
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    add: _containers.RepeatedCompositeFieldContainer[DecodeRow]
+    drop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, add: _Optional[_Iterable[_Union[DecodeRow, _Mapping]]] = ..., drop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DecodeEvent(_message.Message):
+    __slots__ = ("session_ids", "sampled", "left", "compute_seconds", "relay_seconds")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
+    left: _containers.RepeatedScalarFieldContainer[str]
+    compute_seconds: float
+    relay_seconds: float
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_ids",)

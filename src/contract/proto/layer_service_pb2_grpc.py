@@ -54,6 +54,11 @@ class LayerServiceStub:
                 request_serializer=layer__service__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=layer__service__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Decode = channel.stream_stream(
+                '/mlx_cluster.v1.LayerService/Decode',
+                request_serializer=layer__service__pb2.DecodeCommand.SerializeToString,
+                response_deserializer=layer__service__pb2.DecodeEvent.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/mlx_cluster.v1.LayerService/EndSession',
                 request_serializer=layer__service__pb2.EndSessionRequest.SerializeToString,
@@ -105,6 +110,15 @@ class LayerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decode(self, request_iterator, context):
+        """The decode loop, on the first stage: rows join and leave by command, and
+        every step's tokens come back as an event until the client half-closes. A
+        call that ends otherwise ends the sessions of its rows, on every stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EndSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +162,11 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=layer__service__pb2.ForwardRequest.FromString,
                     response_serializer=layer__service__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Decode': grpc.stream_stream_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=layer__service__pb2.DecodeCommand.FromString,
+                    response_serializer=layer__service__pb2.DecodeEvent.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -273,6 +292,33 @@ class LayerService:
             '/mlx_cluster.v1.LayerService/Forward',
             layer__service__pb2.ForwardRequest.SerializeToString,
             layer__service__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mlx_cluster.v1.LayerService/Decode',
+            layer__service__pb2.DecodeCommand.SerializeToString,
+            layer__service__pb2.DecodeEvent.FromString,
             options,
             channel_credentials,
             insecure,

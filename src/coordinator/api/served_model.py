@@ -12,10 +12,10 @@ from typing import Protocol
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.plan import ClusterPlan
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk
 from mlx_cluster.coordinator.engine.health import ClusterHealth
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 
 
 class ServedModel(Protocol):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.contract.sampling import InvalidParam, SamplingParams
 from mlx_cluster.coordinator.api.errors import ApiError
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
@@ -24,7 +25,6 @@ from mlx_cluster.coordinator.api.schemas import (
 )
 from mlx_cluster.coordinator.api.served_model import ServedModel
 from mlx_cluster.coordinator.engine.generation import check_request
-from mlx_cluster.coordinator.engine.sampling import InvalidParam, SamplingParams
 
 
 @dataclass(frozen=True)

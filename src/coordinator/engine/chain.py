@@ -1,10 +1,10 @@
-"""The chain: hidden states through the stages in layer order, and recovery when one fails.
+"""The chain: prompts through the stages in layer order, the decode ring, and recovery.
 
-Topology: a star. The coordinator sends each worker's output to the next worker
-itself (coordinator -> w1 -> coordinator -> w2 -> ...). That costs one extra
-transfer per hop compared with workers forwarding to each other, but keeps
-workers independent of each other's addresses, lets the coordinator time every
-hop, and keeps failure handling here, once.
+Prompts go as a star: the coordinator sends token ids to the first stage (which
+embeds them) and each worker's output to the next worker itself (coordinator ->
+w1 -> coordinator -> w2 -> ...), so it can overlap a long prompt's chunks across
+the stages and time every hop. Decoding runs as a ring on the workers
+(ring.py): the coordinator opens it here and is out of the per-token path.
 
 A step carries a set of rows (requests), each extending its own session by the
 same number of tokens. The chain times every hop (a HopEvent for subscribers),
@@ -41,8 +41,8 @@ from mlx_cluster.coordinator.engine.admission import Admission
 from mlx_cluster.coordinator.engine.client import ForwardStream, WorkerClient
 from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
 from mlx_cluster.coordinator.engine.request import RequestState
+from mlx_cluster.coordinator.engine.ring import Ring
 from mlx_cluster.coordinator.engine.stages import StageManager
-from mlx_cluster.models.slicing import ModelEdges
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,17 @@ class Streams:
 
 
 class Chain:
-    """The model's edges and the stages between them; sessions and steps for requests."""
+    """The stages in layer order; sessions, prompt steps and decode rings for requests."""
 
     def __init__(
         self,
-        edges: ModelEdges,
+        vocab_size: int,
         stages: StageManager,
         admission: Admission | None = None,
         events: EventBus | None = None,
         liveness: LivenessConfig | None = None,
     ) -> None:
-        self.edges = edges
+        self.vocab_size = vocab_size
         self.stages = stages
         self.admission = admission or Admission()
         self.events = events or EventBus()
@@ -119,6 +119,11 @@ class Chain:
 
     def streams(self) -> Streams:
         return Streams(self.stages)
+
+    def ring(self) -> Ring:
+        """A decode ring over the current stages (the first stage runs the loop)."""
+        clients = [s.client for s in self.stages.stages]
+        return Ring(clients, self.liveness.decode_hop_timeout_s)
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -159,9 +164,15 @@ class Chain:
         session_id = request.new_session()
         stages = list(self.stages.stages)
         clients = [s.client for s in stages]
-        try:
+        last = len(clients) - 1
+        try:  # the last stage samples: it alone needs the sampling parameters
             results = await asyncio.gather(
-                *(c.open_session(session_id, request.reserve_tokens) for c in clients),
+                *(
+                    c.open_session(
+                        session_id, request.reserve_tokens, request.params if i == last else None
+                    )
+                    for i, c in enumerate(clients)
+                ),
                 return_exceptions=True,
             )
         except asyncio.CancelledError:  # some stages may have opened it: end it there
@@ -194,16 +205,16 @@ class Chain:
 
     async def step(
         self, streams: Streams, rows: list[RequestState], tokens: mx.array
-    ) -> tuple[mx.array, StepTiming]:
-        """Run tokens [B, L] (row b for rows[b]) through every stage; advance every row.
+    ) -> StepTiming:
+        """Run tokens [B, L] (row b for rows[b]) into every stage's caches; advance every row.
 
-        Returns the last position's hidden states [B, 1, D] and where the time went.
-        A lost worker is replaced and the rows replayed, up to MAX_RECOVERIES times.
+        Returns where the time went. A lost worker is replaced and the rows replayed, up
+        to MAX_RECOVERIES times.
         """
         for attempt in range(MAX_RECOVERIES + 1):
             try:
                 offsets = [row.offset for row in rows]
-                hidden, timing = await self._through(streams, rows, tokens, offsets)
+                timing = await self._through(streams, rows, tokens, offsets)
                 break
             except StageFailed as failure:
                 if attempt == MAX_RECOVERIES:
@@ -211,7 +222,7 @@ class Chain:
                 await self._recover(streams, rows, failure)
         for row, chunk in zip(rows, tokens, strict=True):
             row.advance(chunk)
-        return hidden, timing
+        return timing
 
     async def prefill(self, streams: Streams, row: RequestState, chunks: list[mx.array]) -> None:
         """Run prompt chunks [L_k] of one request through every stage, overlapped.
@@ -234,51 +245,49 @@ class Chain:
         for chunk in chunks[len(row.history) - done_before :]:
             await self.step(streams, [row], chunk[None])
 
-    def logits(self, hidden: mx.array) -> mx.array:
-        """The LM head on the last position: hidden [B, L, D] -> logits [B, vocab]."""
-        return self.edges.head(hidden)[:, -1, :]
-
     # --- one pass ------------------------------------------------------------------------
 
     async def _through(
         self, streams: Streams, rows: list[RequestState], tokens: mx.array, offsets: list[int]
-    ) -> tuple[mx.array, StepTiming]:
-        hidden = self.edges.embed(tokens)
+    ) -> StepTiming:
         ids = [row.session_id for row in rows]
         timing = StepTiming()
-        last = len(self.stages) - 1
+        hidden = None
         for i in range(len(self.stages)):
-            hidden = await self._hop(streams, i, ids, hidden, offsets, i == last, timing)
-        return hidden, timing
+            hidden = await self._hop(streams, i, ids, tokens, hidden, offsets, timing)
+        return timing
 
     async def _hop(
         self,
         streams: Streams,
         index: int,
         session_ids: list[str],
-        hidden: mx.array,
+        tokens: mx.array,
+        hidden: mx.array | None,
         offsets: list[int],
-        last_position_only: bool,
         timing: StepTiming | None = None,
     ) -> mx.array:
-        """One step on stage `index`; a loss a replay can repair raises StageFailed.
-
-        A worker that does not answer within the hop's deadline is lost too.
+        """One step of `tokens` [B, L] on stage `index`: the first stage gets the tokens, the
+        others the previous stage's hidden states, the last the tokens too (its sessions
+        sample: their logits processors see every token). A loss a replay can repair
+        raises StageFailed; so does a worker that does not answer within the hop's deadline.
         """
         client, stream = streams[index]
-        decode = hidden.shape[1] == 1
+        last = index == len(self.stages) - 1
+        decode = tokens.shape[1] == 1
         bound = (
             self.liveness.decode_hop_timeout_s if decode else self.liveness.prefill_hop_timeout_s
         )
+        token_ids = tokens if index == 0 or last else None
         try:
             async with asyncio.timeout(bound):
-                out, hop = await stream.step(session_ids, hidden, offsets, last_position_only)
+                out, hop = await stream.step(session_ids, hidden, offsets, last, token_ids)
         except RECOVERABLE as exc:
             raise StageFailed(index, client, exc) from exc
         except TimeoutError as exc:  # the step's call was cancelled: the stream is not reused
             setting = "decode_hop_timeout_s" if decode else "prefill_hop_timeout_s"
             lost = WorkerUnavailable(
-                f"worker {client.name} did not answer a {hidden.shape[1]}-token step "
+                f"worker {client.name} did not answer a {tokens.shape[1]}-token step "
                 f"within {bound:g} s (liveness.{setting})"
             )
             lost.code = grpc.StatusCode.DEADLINE_EXCEEDED  # as a call past its deadline
@@ -290,7 +299,7 @@ class Chain:
             HopEvent(
                 client.name,
                 len(session_ids),
-                hidden.shape[1],
+                tokens.shape[1],
                 hop.encode,
                 hop.network,
                 hop.compute,
@@ -306,16 +315,17 @@ class Chain:
         starts = [row.offset]
         for chunk in chunks[:-1]:
             starts.append(starts[-1] + chunk.shape[0])
-        inboxes: list[asyncio.Queue[tuple[int, mx.array]]] = [
+        inboxes: list[asyncio.Queue[tuple[int, mx.array | None]]] = [
             asyncio.Queue() for _ in range(len(self.stages))
         ]
-        for k, chunk in enumerate(chunks):
-            inboxes[0].put_nowait((k, self.edges.embed(chunk[None])))
+        for k in range(len(chunks)):
+            inboxes[0].put_nowait((k, None))  # the first stage embeds the chunk's tokens
 
         async def stage(i: int) -> None:
             for _ in chunks:
                 k, hidden = await inboxes[i].get()
-                out = await self._hop(streams, i, [row.session_id], hidden, [starts[k]], i == last)
+                tokens = chunks[k][None]
+                out = await self._hop(streams, i, [row.session_id], tokens, hidden, [starts[k]])
                 if i < last:
                     inboxes[i + 1].put_nowait((k, out))
                 else:
@@ -329,6 +339,18 @@ class Chain:
             raise failures.exceptions[0] from None
 
     # --- recovery ------------------------------------------------------------------------
+
+    async def recover(
+        self,
+        streams: Streams,
+        rows: list[RequestState],
+        index: int,
+        client: WorkerClient,
+        cause: ClusterError,
+    ) -> None:
+        """Stage `index` failed (its worker `client`, by `cause`): replace it and replay
+        `rows` onto the new chain (the decode ring's recovery)."""
+        await self._recover(streams, rows, StageFailed(index, client, cause))
 
     async def _recover(
         self, streams: Streams, rows: list[RequestState], failure: StageFailed

@@ -45,7 +45,9 @@ from mlx_cluster.contract.rpc import (
     PROTOCOL_VERSION,
     SESSION_DEADLINE_S,
     client_channel_options,
+    route_metadata,
 )
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -179,15 +181,25 @@ class WorkerClient:
         return await self.info()
 
     async def load_layers(
-        self, model: str, start: int, end: int, kv_budget_tokens: int = 0, session_ttl_s: float = 0
+        self,
+        model: str,
+        start: int,
+        end: int,
+        kv_budget_tokens: int = 0,
+        session_ttl_s: float = 0,
+        embedding: bool = False,
+        head: bool = False,
     ) -> LoadedSlice:
-        """Load layers [start, end) of `model`; the worker ends every session it had open."""
+        """Load layers [start, end) of `model` (and the embedding, the head: the first and last
+        stage's); the worker ends every session it had open."""
         request = pb.LoadLayersRequest(
             model=model,
             start=start,
             end=end,
             kv_budget_tokens=kv_budget_tokens,
             session_ttl_s=session_ttl_s,
+            embedding=embedding,
+            head=head,
         )
         reply = await self._call(
             lambda: self._stub.LoadLayers(
@@ -198,12 +210,17 @@ class WorkerClient:
         self._checked(loaded.info)
         return loaded
 
-    async def open_session(self, session_id: str, reserve_tokens: int = 0) -> None:
-        """Open a session under this client's lease (held from the first session on)."""
+    async def open_session(
+        self, session_id: str, reserve_tokens: int = 0, sampling: SamplingParams | None = None
+    ) -> None:
+        """Open a session under this client's lease (held from the first session on); the
+        stage that holds the head samples its tokens by `sampling` (None: greedy)."""
         self._hold_lease()
         request = pb.OpenSessionRequest(
             session_id=session_id, reserve_tokens=reserve_tokens, lease_id=self.lease_id
         )
+        if sampling is not None:
+            request.sampling.CopyFrom(sampling.to_spec())
         await self._call(
             lambda: self._stub.OpenSession(
                 request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
@@ -287,6 +304,11 @@ class WorkerClient:
         """A Forward stream for one generation; steps on it are answered in order."""
         return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=self._metadata()))
 
+    def decode_call(self, route: list[str], step_timeout_s: float) -> grpc.aio.StreamStreamCall:
+        """A Decode call: this worker's decode loop, relaying along `route` (engine/ring.py)."""
+        metadata = (*self._metadata(), *route_metadata(route, step_timeout_s))
+        return self._stub.Decode(metadata=metadata)
+
 
 class ForwardStream:
     """One persistent bidirectional Forward stream: write a step, read its answer.
@@ -309,11 +331,13 @@ class ForwardStream:
     async def step(
         self,
         session_ids: list[str],
-        hidden: mx.array,
+        hidden: mx.array | None,
         offsets: list[int],
         last_position_only: bool = False,
+        token_ids: mx.array | None = None,
     ) -> tuple[mx.array, HopTiming]:
-        """Send hidden states [B, L, D] through the worker's layers.
+        """Send hidden states [B, L, D] through the worker's layers, or token ids [B, L] to
+        the first stage (which embeds them); the stage that samples keeps the token ids.
 
         Returns:
             The worker's output and where this step's time went.
@@ -322,7 +346,10 @@ class ForwardStream:
         request = pb.ForwardRequest(
             session_ids=session_ids, offsets=offsets, last_position_only=last_position_only
         )
-        tensor.encode(hidden, out=request.hidden)
+        if hidden is not None:
+            tensor.encode(hidden, out=request.hidden)
+        if token_ids is not None:
+            tensor.encode(token_ids, out=request.token_ids)
         t1 = time.perf_counter()
         async with self._turn:
             self._step_id += 1

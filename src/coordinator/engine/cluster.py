@@ -22,11 +22,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.config import ClusterConfig
 from mlx_cluster.contract.plan import ClusterPlan
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk, generate_text
 from mlx_cluster.coordinator.engine.health import ClusterHealth
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 
 READY_TIMEOUT_S = 120.0  # for every worker to answer its health check at start
@@ -107,7 +107,7 @@ class Cluster:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.chain.edges.vocab_size
+        return self.engine.chain.vocab_size
 
     async def health(self) -> ClusterHealth:
         """Every stage's worker asked now (concurrently, with a short deadline)."""

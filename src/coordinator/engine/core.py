@@ -1,9 +1,10 @@
 """The engine: requests in, tokens out, through the chain's decode lanes.
 
 `Engine.generate_tokens` mirrors mlx-lm's `generate_step`: prefill of all but
-the last prompt token in chunks, then one step per token, logits processors on
-the running token history, logprobs = logits - logsumexp. So the cluster gives
-the tokens and logprobs single-process mlx-lm gives (tests/test_golden.py).
+the last prompt token in chunks, then one step per token on the decode ring,
+where the last stage runs the logits processors on the running token history,
+logprobs = logits - logsumexp, and the sampler. So the cluster gives the tokens
+and logprobs single-process mlx-lm gives (tests/test_golden.py).
 
 With batching on there is a fixed set of lanes (one per stage by default) and
 at most `max_batch` requests decode at once, first come first served; with it
@@ -16,14 +17,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-import mlx.core as mx
-
 from mlx_cluster.contract.config import BatchingConfig
 from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.lanes import Lane, StepProfile
 from mlx_cluster.coordinator.engine.request import RequestState
-from mlx_cluster.coordinator.engine.sampling import SamplingParams
 
 STEP_TIMEOUT_S = 300.0  # one step through every worker; a worker that hangs fails it
 
@@ -63,9 +62,14 @@ class Engine:
         return sum(len(lane) for lane in self.lanes)
 
     async def generate_tokens(
-        self, prompt: Sequence[int], params: SamplingParams, timeout: float | None = None
-    ) -> AsyncGenerator[tuple[int, mx.array], None]:
-        """Yield (token, logprobs [vocab]) for up to params.max_tokens new tokens; no stop logic.
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        timeout: float | None = None,
+        stop_tokens: Sequence[int] = (),
+    ) -> AsyncGenerator[SampledToken, None]:
+        """Yield up to params.max_tokens new tokens, each with its logprob (and what else
+        `params` asks for); after one of `stop_tokens`, no more. No stop strings.
 
         Callers check the request first (generation.check_request). `timeout` bounds
         the wait for KV room; the caller's own deadline bounds the rest.
@@ -74,7 +78,7 @@ class Engine:
             raise InvalidArgument("prompt must hold at least one token")
         if params.max_tokens <= 0:
             return
-        request = RequestState.new(prompt, params, self.batching.prefill_chunk)
+        request = RequestState.new(prompt, params, self.batching.prefill_chunk, stop_tokens)
         await self.chain.open(request, timeout)
         lane: Lane | None = None
         try:

@@ -29,14 +29,13 @@ class HopEvent:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """One decode step of a lane through every stage, sampling included (seconds)."""
+    """One decode step of a lane's ring through every stage, sampling included (seconds)."""
 
     lane: int
     rows: int  # requests the step carried
-    wall_s: float  # embedding to delivery
-    hops_s: float  # every stage's encode + round trip + decode
-    compute_s: float  # the workers' own compute, summed over stages
-    sample_s: float  # LM head, processors, samplers
+    wall_s: float  # since the lane's previous step arrived (or its rows were sent)
+    hops_s: float  # the step's time on the ring beyond the stages' compute
+    compute_s: float  # the workers' own compute (the last stage's sampling too), summed
 
 
 Event = HopEvent | StepEvent

@@ -11,13 +11,11 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
-import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_cluster.contract.sampling import InvalidParam, SamplingParams, check_token_ids
 from mlx_cluster.coordinator.engine.core import Engine
-from mlx_cluster.coordinator.engine.sampling import InvalidParam, SamplingParams, check_token_ids
 
 
 def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int) -> None:
@@ -110,15 +108,17 @@ async def generate_text(
         InvalidParam: from `check_request`, on the first iteration, before any
             worker holds a session for the request.
     """
-    check_request(prompt, params, engine.chain.edges.vocab_size)
+    check_request(prompt, params, engine.chain.vocab_size)
     started = time.perf_counter()
     perf = Performance(prompt_tokens=len(prompt))
     detokenizer = tokenizer.detokenizer
     stops = StopMatcher(params.stop)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     finish, stopped = "length", False
-    async with contextlib.aclosing(engine.generate_tokens(prompt, params, timeout)) as steps:
-        async for token, logprobs in steps:
+    tokens = engine.generate_tokens(prompt, params, timeout, sorted(eos))
+    async with contextlib.aclosing(tokens) as steps:
+        async for sampled in steps:
+            token = sampled.token
             if not perf.ttft_s:
                 perf.ttft_s = time.perf_counter() - started
             if token in eos:
@@ -128,9 +128,9 @@ async def generate_text(
             detokenizer.add_token(token)
             text, stopped = stops.feed(detokenizer.last_segment)
             chunk = TextChunk(text, token)
-            if params.top_logprobs:  # what logprobs=true asks for; otherwise no read per token
-                chunk.logprob = cast(float, logprobs[token].item())
-                chunk.top_logprobs = _top(logprobs, params.top_logprobs)
+            if params.top_logprobs:  # what logprobs=true asks for
+                chunk.logprob = sampled.logprob
+                chunk.top_logprobs = list(sampled.top)
             yield chunk
             if stopped:
                 finish = "stop"
@@ -143,11 +143,3 @@ async def generate_text(
         finish = "stop" if stopped else finish
     perf.total_s = time.perf_counter() - started
     yield TextChunk(tail, finish_reason=finish, performance=perf)
-
-
-def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
-    ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-    ids = ids[mx.argsort(-logprobs[ids])]
-    id_list = cast(list[int], ids.tolist())
-    value_list = cast(list[float], logprobs[ids].tolist())
-    return list(zip(id_list, value_list, strict=True))

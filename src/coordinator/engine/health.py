@@ -20,8 +20,11 @@ ClusterStatus = Literal["ok", "degraded", "unavailable"]
 
 
 def serves(info: WorkerInfo, model_ref: str, layers: LayerRange) -> bool:
-    """Whether a worker whose Info is `info` serves `layers` of `model_ref`."""
-    return (info.model, info.layer_start, info.layer_end) == (model_ref, layers.start, layers.end)
+    """Whether a worker whose Info is `info` serves `layers` of `model_ref` (with the
+    embedding on the first stage and the head on the last)."""
+    held = (info.model, info.layer_start, info.layer_end, info.embedding, info.head)
+    first, last = layers.start == 0, layers.end == layers.total
+    return held == (model_ref, layers.start, layers.end, first, last)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """One request's state in the cluster: its session, what the caches hold, how it samples.
 
 The chain advances a request (`advance`) once every stage has cached a chunk
-of its tokens; nothing else changes `history` or `offset`. The lane that
-carries the request samples its tokens (`take`) and delivers them (`out`).
+of its tokens; nothing else changes `history` or `offset`. The last stage
+samples its tokens with `params`; the lane that carries the request delivers
+them (`take`).
 """
 
 from __future__ import annotations
@@ -11,35 +12,43 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import mlx.core as mx
 
-from mlx_cluster.coordinator.engine.sampling import SamplingParams, TokenPicker
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 
-# What a request's queue carries: a token and its logprobs [vocab], an error, or the end.
-Item = tuple[int, mx.array] | BaseException | None
+# What a request's queue carries: a token, an error, or the end.
+Item = SampledToken | BaseException | None
 
 
 @dataclass(eq=False)
 class RequestState:
     """A request from its session's opening to its last token."""
 
-    picker: TokenPicker
+    params: SamplingParams
     max_tokens: int  # tokens to produce at most
     reserve_tokens: int  # KV each worker reserves for it: prompt + max_tokens
     to_prefill: list[mx.array]  # prompt chunks not yet sent, in order
-    pending: mx.array  # the token to feed next [1]: the prompt's last, then each new one
+    pending: int  # the token to feed next: the prompt's last, then each new one
+    stop_tokens: tuple[int, ...] = ()  # the last stage stops the request after one of these
     session_id: str = ""
     history: list[mx.array] = field(default_factory=list)  # chunks every stage has cached
     offset: int = 0  # tokens every stage has cached
     produced: int = 0
     out: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
     leaving: bool = False  # the caller let go: leave at the next token boundary
+    ended: bool = False  # its last item (the end, or an error) is queued
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once no lane carries it
 
     @classmethod
-    def new(cls, prompt: Sequence[int], params: SamplingParams, chunk: int) -> RequestState:
+    def new(
+        cls,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        chunk: int,
+        stop_tokens: Sequence[int] = (),
+    ) -> RequestState:
         """A request for `prompt`: all but its last token prefilled in `chunk`-token steps.
 
         (mlx-lm's generate_step does the same: the last prompt token makes the first
@@ -47,14 +56,13 @@ class RequestState:
         """
         tokens = mx.array(list(prompt), dtype=mx.uint32)
         size, head = max(chunk, 1), len(prompt) - 1
-        picker = TokenPicker(params)
-        picker.feed(tokens[:head])
         return cls(
-            picker=picker,
+            params=params,
             max_tokens=params.max_tokens,
             reserve_tokens=len(prompt) + params.max_tokens,
             to_prefill=[tokens[i : min(i + size, head)] for i in range(0, head, size)],
-            pending=tokens[head:],
+            pending=int(prompt[-1]),
+            stop_tokens=tuple(stop_tokens),
         )
 
     @property
@@ -71,24 +79,39 @@ class RequestState:
         self.history.append(chunk)
         self.offset += chunk.shape[0]
 
-    def take(self, token: mx.array, token_id: int, logprobs: mx.array) -> None:
+    def decode_row(self) -> pb.DecodeRow:
+        """This request as a row of the decode loop, from where its caches are."""
+        return pb.DecodeRow(
+            session_id=self.session_id,
+            offset=self.offset,
+            token=self.pending,
+            max_tokens=self.remaining,
+            stop_tokens=self.stop_tokens,
+        )
+
+    def stepped(self, sampled: SampledToken) -> None:
+        """A decode step fed `pending` on every stage and the last stage sampled `sampled`."""
+        self.advance(mx.array([self.pending], dtype=mx.uint32))
+        self.take(sampled)
+
+    def take(self, sampled: SampledToken) -> None:
         """Deliver a sampled token; it is the next one to feed."""
-        self.pending = token
+        if self.ended:
+            return
+        self.pending = sampled.token
         self.produced += 1
-        self.out.put_nowait((token_id, logprobs))
+        self.out.put_nowait(sampled)
         if self.remaining <= 0:
+            self.finish()
+
+    def finish(self) -> None:
+        """No more tokens: the end of the request's stream."""
+        if not self.ended:
+            self.ended = True
             self.out.put_nowait(None)
 
     def fail(self, error: BaseException) -> None:
-        self.out.put_nowait(error)
+        if not self.ended:
+            self.ended = True
+            self.out.put_nowait(error)
         self.gone.set()
-
-
-def pick_rows(rows: list[RequestState], logits: mx.array) -> None:
-    """Sample one token for each row from its logits row [B, vocab], with one host read."""
-    picked = [r.picker.pick(r.pending, logits[i : i + 1]) for i, r in enumerate(rows)]
-    tokens = mx.concatenate([token.reshape(1) for token, _ in picked]).astype(mx.uint32)
-    mx.eval(tokens, [logprobs for _, logprobs in picked])
-    ids = cast(list[int], tokens.tolist())
-    for i, (row, (_, logprobs)) in enumerate(zip(rows, picked, strict=True)):
-        row.take(tokens[i : i + 1], ids[i], logprobs.squeeze(0))

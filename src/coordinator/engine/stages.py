@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from mlx_cluster import tensor
 from mlx_cluster.contract.config import LivenessConfig
 from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable
 from mlx_cluster.contract.layers import LayerRange
@@ -30,7 +29,6 @@ from mlx_cluster.coordinator.engine.health import (
     cluster_status,
     serves,
 )
-from mlx_cluster.models.slicing import ModelEdges
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +73,42 @@ class StageManager:
 
     # --- loading -------------------------------------------------------------------------
 
-    async def load_all(self, edges: ModelEdges) -> None:
-        """Give every stage's worker its slice; check that each chains onto the edges."""
-        await asyncio.gather(*(self._load(stage, edges) for stage in self.stages))
+    async def load_all(self) -> None:
+        """Give every stage's worker its slice; check that each chains onto the one before."""
+        infos = await asyncio.gather(*(self._load(stage) for stage in self.stages))
+        first = infos[0]
+        for stage, info in zip(self.stages, infos, strict=True):
+            if (info.hidden_size, info.dtype) != (first.hidden_size, first.dtype):
+                raise ClusterError(
+                    f"worker {stage.client.name} loaded hidden size {info.hidden_size} "
+                    f"{info.dtype}, the first stage's embedding gives {first.hidden_size} "
+                    f"{first.dtype}"
+                )
 
-    async def _load(self, stage: Stage, edges: ModelEdges) -> None:
+    async def _load(self, stage: Stage) -> WorkerInfo:
         loaded = await self._send_slice(stage.client, stage)
         info = loaded.info
-        expected_dtype = tensor.dtype_name(edges.dtype)
-        if info.hidden_size != edges.hidden_size or info.dtype != expected_dtype:
-            raise ClusterError(
-                f"worker {stage.client.name} loaded hidden size {info.hidden_size} {info.dtype}, "
-                f"the model's embedding gives {edges.hidden_size} {expected_dtype}"
-            )
+        parts = [p for p, held in (("embedding", info.embedding), ("head", info.head)) if held]
         log.info(
-            "worker %s at %s holds layers %s (%.1f MB)",
+            "worker %s at %s holds layers %s%s (%.1f MB)",
             stage.client.name,
             stage.client.address,
             stage.layers,
+            f" and the {' and '.join(parts)}" if parts else "",
             info.weight_bytes / 1e6,
         )
+        return info
 
     async def _send_slice(self, client: WorkerClient, stage: Stage) -> LoadedSlice:
         r = stage.layers
         return await client.load_layers(
-            self.model_ref, r.start, r.end, stage.kv_budget_tokens, stage.session_ttl_s
+            self.model_ref,
+            r.start,
+            r.end,
+            stage.kv_budget_tokens,
+            stage.session_ttl_s,
+            embedding=r.start == 0,  # the first stage embeds, the last samples
+            head=r.end == r.total,
         )
 
     # --- failover ------------------------------------------------------------------------

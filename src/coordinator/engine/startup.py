@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.utils import load_tokenizer
+from mlx_lm.utils import load_config, load_tokenizer
 
 from mlx_cluster.contract.auth import client_credentials
 from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
@@ -33,7 +33,6 @@ from mlx_cluster.coordinator.engine.cluster import READY_TIMEOUT_S, Cluster
 from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.models.inspect import model_facts
-from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.models.sources import resolve_model
 
 log = logging.getLogger(__name__)
@@ -114,12 +113,14 @@ async def start_from_config(
     config: ClusterConfig, ready_timeout: float = READY_TIMEOUT_S
 ) -> Cluster:
     """Connect to the spec's workers, plan, check, load every slice; returns the Cluster."""
+    # The coordinator needs only config and tokenizer; the planner reads the sizes of the
+    # edges (the first and last stage's) from their shards' headers.
     model = resolve_model(config.model, edges=True)
     clients = [worker_client(w, config) for w in config.workers]
     standbys = [worker_client(w, config) for w in config.standby]
     try:
         plan = await plan_cluster(config, model, clients, ready_timeout)
-        edges = load_edges(model)  # on this thread: MLX keeps per-thread streams
+        model_config = load_config(model)
         stages = StageManager(
             config.model,
             [
@@ -129,17 +130,25 @@ async def start_from_config(
             standbys,
             config.liveness,
         )
-        await stages.load_all(edges)
+        await stages.load_all()
         tokenizer = await asyncio.to_thread(
-            load_tokenizer, model, eos_token_ids=edges.config.get("eos_token_id")
+            load_tokenizer, model, eos_token_ids=model_config.get("eos_token_id")
         )
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
-        chain = Chain(edges, stages, admission, liveness=config.liveness)
+        chain = Chain(vocab_size(model_config), stages, admission, liveness=config.liveness)
         engine = Engine(chain, config.batching)
         return Cluster(model, engine, tokenizer, plan, config)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
         raise
+
+
+def vocab_size(model_config: dict[str, Any]) -> int:
+    """The vocabulary size a model's config.json gives (at its top or in its text part)."""
+    size = model_config.get("vocab_size") or model_config.get("text_config", {}).get("vocab_size")
+    if not size:
+        raise StartupError("the model's config.json gives no vocab_size")
+    return int(size)
 
 
 def worker_client(entry: WorkerEntry, config: ClusterConfig) -> WorkerClient:

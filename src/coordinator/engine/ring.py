@@ -1,0 +1,111 @@
+"""The coordinator's end of the decode ring: one Decode call to the first stage.
+
+The first stage runs the decode loop (the worker's ring.py): it feeds each row's
+token through the stages, the last samples, and the token goes straight into
+the next step; the coordinator only adds rows, drops them, and reads one event
+per step. So a token costs the stages' compute and one hop per stage, and none
+of the coordinator's time.
+
+A failure anywhere on the ring ends the call; `RingFailed` says which stage
+failed (the first stage relays what the others sent) so that the chain can
+replace it and replay the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable, error_from_status
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.rpc import failed_stage
+from mlx_cluster.coordinator.engine.client import WorkerClient
+
+# A closed ring's first stage has this long to end the call before it is cancelled.
+CLOSE_WAIT_S = 1.0
+
+
+class RingFailed(ClusterError):
+    """The ring broke: `cause` as the failed stage sent it, `index` the stage that failed,
+    `client` the worker that held it then."""
+
+    def __init__(self, index: int, client: WorkerClient, cause: ClusterError) -> None:
+        super().__init__(str(cause))
+        self.index, self.client, self.cause = index, client, cause
+        self.code = cause.code
+
+
+class Ring:
+    """A Decode call to the first of `clients`, relaying along the others in order."""
+
+    def __init__(self, clients: Sequence[WorkerClient], step_timeout_s: float) -> None:
+        self.clients = list(clients)  # the stages when the ring was opened
+        route = [c.address for c in self.clients[1:]]
+        self._call = self.clients[0].decode_call(route, step_timeout_s)
+        # no event for this long while rows decode: the first stage is lost (the others are
+        # timed by the first stage, which reports them)
+        self.event_timeout_s = step_timeout_s * len(self.clients) + step_timeout_s
+
+    @property
+    def done(self) -> bool:
+        return self._call.done()
+
+    async def send(self, add: Sequence[pb.DecodeRow] = (), drop: Sequence[str] = ()) -> None:
+        """Rows in, rows out; the first stage applies them before its next step."""
+        try:
+            await self._call.write(pb.DecodeCommand(add=add, drop=drop))
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed(exc.code(), exc.details(), exc.trailing_metadata()) from exc
+        except asyncio.InvalidStateError:  # the call ended already: say why
+            raise await self._ended() from None
+
+    async def next_event(self) -> pb.DecodeEvent:
+        """The next step's event.
+
+        Raises:
+            RingFailed: the ring broke, or its first stage sent nothing in time.
+        """
+        try:
+            async with asyncio.timeout(self.event_timeout_s):
+                event = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed(exc.code(), exc.details(), exc.trailing_metadata()) from exc
+        except TimeoutError as exc:
+            self._call.cancel()
+            lost = WorkerUnavailable(
+                f"worker {self.clients[0].name} sent no decode step within "
+                f"{self.event_timeout_s:g} s"
+            )
+            lost.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise RingFailed(0, self.clients[0], lost) from exc
+        except BaseException:
+            self._call.cancel()
+            raise
+        if event is grpc.aio.EOF:
+            raise await self._ended()
+        return event
+
+    async def _ended(self) -> RingFailed:
+        code = await self._call.code()
+        details = await self._call.details()
+        return self._failed(code, details, await self._call.trailing_metadata())
+
+    def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RingFailed:
+        index = min(failed_stage(metadata), len(self.clients) - 1)
+        client = self.clients[index]
+        cause = error_from_status(code, details or "stream closed", client.name, metadata)  # type: ignore[arg-type]
+        return RingFailed(index, client, cause)
+
+    async def close(self) -> None:
+        """Half-close and let the first stage end the call; cancel it if it does not."""
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(self._drain(), CLOSE_WAIT_S)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            self._call.cancel()
+
+    async def _drain(self) -> None:
+        while await self._call.read() is not grpc.aio.EOF:
+            pass

@@ -1,0 +1,188 @@
+"""A worker's calls to the next stage of the ring: the only place a worker is a client.
+
+A Forward or Decode call whose metadata names a route makes this worker relay:
+each step's output goes to the first stage of the route on a Forward stream of
+its own, which carries the rest of the route, and that stage's answer comes back
+as this step's answer. Channels to other workers are kept per address and
+reused; the cluster token and TLS files are this worker's own (one cluster CA
+signs every worker's certificate).
+
+A failure further down comes back as `RelayFailed`: the error the failed stage
+sent (or the loss of it) and that stage's index counted from this worker, so the
+coordinator knows which stage to replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+
+from mlx_cluster.contract.auth import TlsFiles, token_metadata
+from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable, error_from_status
+from mlx_cluster.contract.logs import REQUEST_ID_HEADER
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
+from mlx_cluster.contract.rpc import (
+    MAX_MESSAGE_BYTES,
+    ROUTE_KEY,
+    STEP_TIMEOUT_KEY,
+    client_channel_options,
+    failed_stage,
+    route_metadata,
+)
+
+# A relayed step with no deadline from the caller: a stage further down that takes
+# longer is lost (a prompt chunk on a slow CPU stays well inside it).
+DEFAULT_STEP_TIMEOUT_S = 600.0
+# A closed stream's next stage has this long to end the call before it is cancelled.
+CLOSE_WAIT_S = 1.0
+
+
+class RelayFailed(ClusterError):
+    """A step failed further down the ring: `cause` as the failed stage sent it, and
+    `stage`, its index counted from this worker (1 = the next stage)."""
+
+    def __init__(self, cause: ClusterError, stage: int) -> None:
+        super().__init__(str(cause))
+        self.cause, self.stage = cause, stage
+        self.code, self.kind = cause.code, cause.kind
+
+
+def route_of(metadata: object) -> tuple[list[str], float]:
+    """The route and step timeout a call's invocation metadata names (no route: [])."""
+    route: list[str] = []
+    timeout = DEFAULT_STEP_TIMEOUT_S
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == ROUTE_KEY:
+            route = [a for a in str(value).split(",") if a]
+        elif key == STEP_TIMEOUT_KEY:
+            with contextlib.suppress(ValueError):  # a bad value keeps the default
+                timeout = max(float(value), 0.001)
+    return route, timeout
+
+
+class Peers:
+    """Channels from this worker to the others, one per address."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._auth = (token_metadata(token),) if token else ()
+        self._tls = tls
+        self._options = client_channel_options(max_message_bytes)
+        self._stubs: dict[str, pb_grpc.LayerServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def _stub(self, address: str) -> pb_grpc.LayerServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            if self._tls is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                credentials = self._tls.channel_credentials()
+                channel = grpc.aio.secure_channel(address, credentials, options=self._options)
+            self._channels.append(channel)
+            stub = self._stubs[address] = pb_grpc.LayerServiceStub(channel)
+        return stub
+
+    def next_stage(self, route: list[str], step_timeout_s: float, request_id: str) -> NextStage:
+        """A Forward stream to route[0] that relays on along route[1:].
+
+        `step_timeout_s` is per stage: a step may take that long for each stage of the
+        route, so the stage nearest to one that stalls notices first and names it.
+        """
+        metadata = (
+            *self._auth,
+            (REQUEST_ID_HEADER, request_id),
+            *route_metadata(route[1:], step_timeout_s),
+        )
+        call = self._stub(route[0]).Forward(metadata=metadata)
+        return NextStage(route[0], call, step_timeout_s * len(route))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels), return_exceptions=True)
+        self._channels, self._stubs = [], {}
+
+
+class NextStage:
+    """One Forward stream to the next stage: a step is written, then its answer read."""
+
+    def __init__(self, address: str, call: grpc.aio.StreamStreamCall, timeout_s: float) -> None:
+        self.address = address
+        self._call = call
+        self._timeout_s = timeout_s
+        self._step_id = 0
+
+    async def step(self, request: pb.ForwardRequest) -> tuple[pb.ForwardResponse, float]:
+        """Send one step on; returns the answer and the seconds it took.
+
+        Raises:
+            RelayFailed: the next stage, or one after it, failed or did not answer in time.
+        """
+        self._step_id += 1
+        request.step_id = self._step_id
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._call.write(request)
+                reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._failed(exc.code(), exc.details(), exc.trailing_metadata()) from exc
+        except asyncio.InvalidStateError:  # the call ended before this write
+            raise await self._ended() from None
+        except TimeoutError as exc:
+            self._call.cancel()
+            tensor = request.token_ids if request.HasField("token_ids") else request.hidden
+            length = tensor.shape[1] if len(tensor.shape) > 1 else 0
+            lost = WorkerUnavailable(
+                f"worker at {self.address} did not answer a {length}-token step "
+                f"within {self._timeout_s:g} s (liveness.decode_hop_timeout_s per stage)"
+            )
+            lost.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise RelayFailed(lost, 1) from exc
+        except BaseException:
+            self._call.cancel()  # a step cut short: its answer must never be read as the next
+            raise
+        if reply is grpc.aio.EOF:
+            raise await self._ended()
+        if reply.step_id != request.step_id:
+            self._call.cancel()
+            raise RelayFailed(
+                ClusterError(
+                    f"worker at {self.address}: answer to step {reply.step_id}, "
+                    f"expected {request.step_id}"
+                ),
+                1,
+            )
+        return reply, time.perf_counter() - started
+
+    async def _ended(self) -> RelayFailed:
+        code = await self._call.code()
+        details = await self._call.details()
+        return self._failed(code, details, await self._call.trailing_metadata())
+
+    def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RelayFailed:
+        cause = error_from_status(code, details or "stream closed", self.address, metadata)  # type: ignore[arg-type]
+        return RelayFailed(cause, 1 + failed_stage(metadata))
+
+    async def close(self) -> None:
+        """Half-close and let the next stage end the call; cancel it if it does not."""
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(self._drain(), CLOSE_WAIT_S)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """End the call at once: the next stage ends the sessions last stepped on it."""
+        self._call.cancel()
+
+    async def _drain(self) -> None:
+        while await self._call.read() is not grpc.aio.EOF:
+            pass

@@ -1,0 +1,150 @@
+"""The decode loop of the first stage: token in, token out, with no coordinator in between.
+
+Each step feeds every row's token through the ring (this stage's layers, then
+the stages after it, the last of which samples) and the sampled tokens are fed
+into the next step at once. Rows join and leave by command between two steps;
+a row also leaves on its own after its `max_tokens` tokens or a stop token.
+Every step is reported as one event, which names the rows that left since the
+previous one, so the caller knows when no step carries a session any more.
+
+The loop knows nothing of gRPC or MLX: `step` runs one step through the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from mlx_cluster.contract.errors import ClusterError, InvalidArgument
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step through the ring: row b's sampled token, and where the time went."""
+
+    sampled: list[pb.Sampled]
+    compute_s: float  # every stage's compute, summed
+    relay_s: float  # the rest of the time after this stage's compute
+
+
+# (session ids, offsets, tokens to feed) -> the step's result
+RingStep = Callable[[list[str], list[int], list[int]], Awaitable[StepResult]]
+
+
+@dataclass
+class Row:
+    """A session in the loop: what its cache holds and what it feeds next."""
+
+    session_id: str
+    offset: int
+    token: int
+    remaining: int
+    stop_tokens: frozenset[int]
+
+    @classmethod
+    def from_proto(cls, row: pb.DecodeRow) -> Row:
+        if row.max_tokens < 1:
+            raise InvalidArgument(
+                f"a decode row needs max_tokens >= 1, got {row.max_tokens} for a session"
+            )
+        return cls(
+            row.session_id, row.offset, row.token, row.max_tokens, frozenset(row.stop_tokens)
+        )
+
+
+class DecodeLoop:
+    """Rows stepping together through the ring until they leave; commands between steps."""
+
+    def __init__(self, step: RingStep, max_rows: int) -> None:
+        self._step = step
+        self._max_rows = max_rows
+        self.rows: dict[str, Row] = {}
+        # a command, a failure to raise between two steps, or None: the caller is done
+        self._commands: asyncio.Queue[pb.DecodeCommand | ClusterError | None] = asyncio.Queue()
+        self._left: list[str] = []  # since the last event
+
+    def command(self, command: pb.DecodeCommand) -> None:
+        """Queue a command; it is applied before the next step."""
+        self._commands.put_nowait(command)
+
+    def close(self) -> None:
+        """The caller is done: stop after the step in progress."""
+        self._commands.put_nowait(None)
+
+    def fail(self, error: ClusterError) -> None:
+        """Raise `error` from `events` after the step in progress (a bad command)."""
+        self._commands.put_nowait(error)
+
+    async def events(self) -> AsyncIterator[pb.DecodeEvent]:
+        """One event per step until `close`; an event without a step reports rows that
+        left while none was running."""
+        while True:
+            if not await self._apply_commands():
+                if self._left:
+                    yield pb.DecodeEvent(left=self._take_left())
+                return
+            if not self.rows:
+                yield pb.DecodeEvent(left=self._take_left())
+                continue
+            rows = list(self.rows.values())
+            result = await self._step(
+                [r.session_id for r in rows], [r.offset for r in rows], [r.token for r in rows]
+            )
+            if len(result.sampled) != len(rows):
+                raise InvalidArgument(
+                    f"the last stage answered {len(result.sampled)} tokens for {len(rows)} rows"
+                )
+            for row, sampled in zip(rows, result.sampled, strict=True):
+                self._advance(row, sampled.token)
+            yield pb.DecodeEvent(
+                session_ids=[r.session_id for r in rows],
+                sampled=result.sampled,
+                left=self._take_left(),
+                compute_seconds=result.compute_s,
+                relay_seconds=result.relay_s,
+            )
+
+    def _advance(self, row: Row, token: int) -> None:
+        row.offset += 1
+        row.token = token
+        row.remaining -= 1
+        if row.remaining <= 0 or token in row.stop_tokens:
+            self._leave(row.session_id)
+
+    def _leave(self, session_id: str) -> None:
+        if self.rows.pop(session_id, None) is not None:
+            self._left.append(session_id)
+
+    def _take_left(self) -> list[str]:
+        left, self._left = self._left, []
+        return left
+
+    async def _apply_commands(self) -> bool:
+        """Apply every queued command, waiting for one while no row is left and nothing
+        is to be reported. Returns False once the caller is done."""
+        while self._commands.empty() and not self.rows and not self._left:
+            if not self._apply(await self._commands.get()):
+                return False
+        while not self._commands.empty():
+            if not self._apply(self._commands.get_nowait()):
+                return False
+        return True
+
+    def _apply(self, command: pb.DecodeCommand | ClusterError | None) -> bool:
+        if command is None:
+            return False
+        if isinstance(command, ClusterError):
+            raise command
+        for session_id in command.drop:
+            self._leave(session_id)
+        for added in command.add:
+            if added.session_id in self.rows:
+                raise InvalidArgument("a decode row names a session already in the loop")
+            if len(self.rows) >= self._max_rows:
+                raise InvalidArgument(
+                    f"the decode loop holds {len(self.rows)} rows, at most {self._max_rows}"
+                )
+            self.rows[added.session_id] = Row.from_proto(added)
+        return True
