@@ -225,23 +225,26 @@ class TokenPicker:
         if self.history is not None:
             self.history = self.history[:length]
 
-    def pick(self, inputs: mx.array, logits: mx.array, position: int) -> tuple[mx.array, mx.array]:
-        """The next token [1] and the logprobs [1, vocab] after feeding `inputs` [L].
+    def process(self, inputs: mx.array, logits: mx.array) -> mx.array:
+        """Feed `inputs` [L] (the step's tokens) and apply the processors to `logits`
+        [1, vocab], the last position's: what mlx-lm's generate_step does before it draws."""
+        if not self.processors:
+            return logits
+        self.feed(inputs)
+        history = cast(mx.array, self.history)
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits
 
-        Args:
-            inputs: the tokens of the step whose last position gave `logits`.
-            logits: [1, vocab], from the last position.
-            position: the absolute position of the token drawn (the cache offset
-                after feeding `inputs`); a seeded session is reseeded from it.
-        """
-        if self.processors:
-            self.feed(inputs)
-            history = cast(mx.array, self.history)
-            for processor in self.processors:
-                logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    def draw(self, logprobs: mx.array, position: int) -> mx.array:
+        """The token [1] drawn from `logprobs` [1, vocab] for `position` (the absolute
+        position of the token drawn); a seeded session is reseeded from it."""
         self.params.reseed(position)
-        return self.sampler(logprobs), logprobs
+        return self.sampler(logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
 
 
 @dataclass(frozen=True)
@@ -291,46 +294,78 @@ def pick_rows(
 ) -> list[SampledToken]:
     """One token for each row of `logits` [B, vocab], drawn by that row's picker.
 
-    Everything is evaluated at once, then read back in two host reads (the ids,
-    then the logprobs), however many rows and alternatives there are.
+    The whole step is one batched operation: processors run on the rows of sessions
+    that have them, then logprobs, greedy draws, the drawn tokens' logprobs and the
+    alternatives for every row at once; only sessions that sample at a temperature
+    draw on their own (each with its sampler, seeded by position). Everything is
+    evaluated at once and read back in one host read.
 
     Args:
         pickers: row b's sampling state.
         inputs: row b's tokens of this step [L], fed to its picker.
-        positions: row b's position of the token drawn (see TokenPicker.pick).
+        positions: row b's position of the token drawn (see TokenPicker.draw).
     """
-    picked = [
-        picker.pick(tokens, logits[b : b + 1], position)
-        for b, (picker, tokens, position) in enumerate(zip(pickers, inputs, positions, strict=True))
-    ]
-    tokens = mx.concatenate([token.reshape(1) for token, _ in picked]).astype(mx.uint32)
-    rows = [logprobs.squeeze(0) for _, logprobs in picked]
-    chosen = mx.concatenate([row[tokens[b : b + 1]] for b, row in enumerate(rows)])
-    tops = [
-        _top(row, picker.params.top_logprobs) for row, picker in zip(rows, pickers, strict=True)
-    ]
-    ids = mx.concatenate([tokens, *(top_ids for top_ids, _ in tops)])
-    values = mx.concatenate([chosen.astype(mx.float32), *(v for _, v in tops)])
+    if any(p.processors for p in pickers):
+        logits = mx.concatenate(
+            [p.process(inputs[b], logits[b : b + 1]) for b, p in enumerate(pickers)]
+        )
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tokens = _draw(pickers, logprobs, positions)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    k = max(p.params.top_logprobs for p in pickers)
+    top_ids, top_values = _top(logprobs, k)
     full = [
-        row.astype(mx.float32) if picker.params.full_logprobs else None
-        for row, picker in zip(rows, pickers, strict=True)
+        logprobs[b].astype(mx.float32) if p.params.full_logprobs else None
+        for b, p in enumerate(pickers)
     ]
-    mx.eval(ids, values, [f for f in full if f is not None])
-    id_list, value_list = cast(list[int], ids.tolist()), cast(list[float], values.tolist())
-    result, at = [], len(pickers)
-    for b, (top_ids, _) in enumerate(tops):
-        k = top_ids.shape[0]
-        top = tuple(zip(id_list[at : at + k], value_list[at : at + k], strict=True))
-        result.append(SampledToken(id_list[b], value_list[b], top, full[b]))
-        at += k
+    # Token ids are below 2**24, exact in float32: one array, one read.
+    packed = mx.concatenate(
+        [
+            tokens.astype(mx.float32),
+            chosen.astype(mx.float32),
+            top_ids.astype(mx.float32).flatten(),
+            top_values.flatten(),
+        ]
+    )
+    mx.eval(packed, [f for f in full if f is not None])
+    values = cast(list[float], packed.tolist())
+    rows = len(pickers)
+    ids, logprob = values[:rows], values[rows : 2 * rows]
+    top = values[2 * rows :]
+    result = []
+    for b, picker in enumerate(pickers):
+        kb = picker.params.top_logprobs
+        at_ids, at_values = b * k, rows * k + b * k
+        alternatives = tuple((int(top[at_ids + i]), top[at_values + i]) for i in range(min(kb, k)))
+        result.append(SampledToken(int(ids[b]), logprob[b], alternatives, full[b]))
     return result
 
 
+def _draw(pickers: Sequence[TokenPicker], logprobs: mx.array, positions: Sequence[int]) -> mx.array:
+    """Each row's token [B] (uint32): one argmax for the greedy rows, each sampler for
+    the others."""
+    greedy = mx.argmax(logprobs, axis=-1).astype(mx.uint32)
+    if all(p.greedy for p in pickers):
+        return greedy
+    return mx.concatenate(
+        [
+            greedy[b : b + 1]
+            if p.greedy
+            else p.draw(logprobs[b : b + 1], positions[b]).reshape(1).astype(mx.uint32)
+            for b, p in enumerate(pickers)
+        ]
+    )
+
+
 def _top(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k most likely token ids [k] (uint32) of logprobs [vocab], and their logprobs."""
-    k = min(k, logprobs.shape[0])
+    """The k most likely token ids [B, k] of logprobs [B, vocab], most likely first, and
+    their logprobs [B, k] (float32); [B, 0] for k = 0."""
+    rows, vocab = logprobs.shape
+    k = min(k, vocab)
     if k == 0:
-        return mx.array([], dtype=mx.uint32), mx.array([], dtype=mx.float32)
-    ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-    ids = ids[mx.argsort(-logprobs[ids])]
-    return ids.astype(mx.uint32), logprobs[ids].astype(mx.float32)
+        return mx.zeros((rows, 0), dtype=mx.uint32), mx.zeros((rows, 0), dtype=mx.float32)
+    ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(logprobs, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids = mx.take_along_axis(ids, order, axis=-1)
+    return ids.astype(mx.uint32), mx.take_along_axis(values, order, axis=-1).astype(mx.float32)

@@ -25,6 +25,7 @@ def forward_rows(
     hidden: mx.array,
     caches_per_row: Sequence[list[Any]],
     last_position_only: bool,
+    evaluate: bool = True,
 ) -> mx.array:
     """Run hidden states [B, L, D] through the slice, extending each row's caches.
 
@@ -33,21 +34,32 @@ def forward_rows(
         hidden: the previous stage's output, one row per session.
         caches_per_row: caches_per_row[b] are row b's caches for these layers.
         last_position_only: return [B, 1, D] (all the LM head needs).
+        evaluate: evaluate the output (and the caches) before returning; False leaves
+            that to the caller, who builds more on it (the head and the sampling).
 
     Returns:
-        The evaluated hidden states after the slice's last layer.
+        The hidden states after the slice's last layer.
     """
-    outputs = []
-    for row, caches in enumerate(caches_per_row):
-        h = layer_slice(hidden[row : row + 1], caches)
-        outputs.append(h[:, -1:, :] if last_position_only else h)
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
-    mx.eval(out, [c.state for caches in caches_per_row for c in caches])
+    if len(caches_per_row) == 1:  # a lone session: no slicing or stacking
+        out = layer_slice(hidden, caches_per_row[0])
+        out = out[:, -1:, :] if last_position_only else out
+    else:
+        outputs = []
+        for row, caches in enumerate(caches_per_row):
+            h = layer_slice(hidden[row : row + 1], caches)
+            outputs.append(h[:, -1:, :] if last_position_only else h)
+        out = mx.concatenate(outputs, axis=0)
+    if evaluate:
+        mx.eval(out, [c.state for caches in caches_per_row for c in caches])
     return out
 
 
 def forward_batch(
-    layer_slice: LayerSlice, hidden: mx.array, batch_caches: list[Any], rows: Sequence[int]
+    layer_slice: LayerSlice,
+    hidden: mx.array,
+    batch_caches: list[Any],
+    rows: Sequence[int],
+    evaluate: bool = True,
 ) -> mx.array:
     """Run hidden states [B, 1, D] through the slice as one batch.
 
@@ -56,9 +68,10 @@ def forward_batch(
         hidden: one new position per session, in the order the caller sent them.
         batch_caches: the batch's caches, one per layer (mlx-lm batch caches).
         rows: rows[i] is the batch row of the caller's row i.
+        evaluate: as for `forward_rows`.
 
     Returns:
-        The evaluated hidden states [B, 1, D], in the caller's order.
+        The hidden states [B, 1, D], in the caller's order.
     """
     in_order = list(rows) == list(range(len(rows)))
     if not in_order:
@@ -69,7 +82,8 @@ def forward_batch(
     out = layer_slice(hidden, batch_caches)
     if not in_order:
         out = out[mx.array(list(rows))]
-    mx.eval(out, [c.state for c in batch_caches])
+    if evaluate:
+        mx.eval(out, [c.state for c in batch_caches])
     return out
 
 
@@ -113,5 +127,5 @@ def check_token_ids(
         raise InvalidArgument(f"token_ids must be [B, L] = {expected}, got {token_ids.shape}")
     if token_ids.dtype != mx.uint32:
         raise InvalidArgument(f"token_ids must be uint32, got {token_ids.dtype}")
-    if vocab_size is not None and cast(int, token_ids.max().item()) >= vocab_size:
+    if vocab_size is not None:  # read from the host: the ids arrived as bytes, no kernel
         check_in_vocabulary("token_ids", cast(list[int], token_ids.flatten().tolist()), vocab_size)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -28,11 +30,14 @@ from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import (
     MAX_MESSAGE_BYTES,
     ROUTE_KEY,
+    SESSION_DEADLINE_S,
     STEP_TIMEOUT_KEY,
     client_channel_options,
     failed_stage,
     route_metadata,
 )
+
+log = logging.getLogger(__name__)
 
 # A relayed step with no deadline from the caller: a stage further down that takes
 # longer is lost (a prompt chunk on a slow CPU stays well inside it).
@@ -78,6 +83,7 @@ class Peers:
         self._options = client_channel_options(max_message_bytes)
         self._stubs: dict[str, pb_grpc.LayerServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._ending: set[asyncio.Task[None]] = set()  # EndSession calls in flight
 
     def _stub(self, address: str) -> pb_grpc.LayerServiceStub:
         stub = self._stubs.get(address)
@@ -103,9 +109,36 @@ class Peers:
             *route_metadata(route[1:], step_timeout_s),
         )
         call = self._stub(route[0]).Forward(metadata=metadata)
-        return NextStage(route[0], call, step_timeout_s * len(route))
+        return NextStage(route[0], call, step_timeout_s * len(route), self._forget)
+
+    def _forget(self, address: str) -> None:
+        """The next stage at `address` could not be reached: the next call gets a new
+        channel, which connects at once (a channel that failed waits out its backoff,
+        failing calls meanwhile, even once a restarted worker listens again)."""
+        self._stubs.pop(address, None)
+
+    def end_sessions(self, addresses: list[str], session_ids: list[str], request_id: str) -> None:
+        """End sessions on other stages, in the background; a stage that does not answer
+        (gone, or the link down) is left to its lease and idle TTL."""
+        metadata = (*self._auth, (REQUEST_ID_HEADER, request_id))
+        request = pb.EndSessionRequest(session_ids=session_ids)
+
+        async def end(address: str) -> None:
+            try:
+                await self._stub(address).EndSession(
+                    request, timeout=SESSION_DEADLINE_S, metadata=metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.info("could not end sessions on %s: %s", address, exc.details())
+
+        for address in addresses:
+            task = asyncio.create_task(end(address))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
 
     async def close(self) -> None:
+        for task in list(self._ending):
+            task.cancel()
         await asyncio.gather(*(c.close() for c in self._channels), return_exceptions=True)
         self._channels, self._stubs = [], {}
 
@@ -113,10 +146,17 @@ class Peers:
 class NextStage:
     """One Forward stream to the next stage: a step is written, then its answer read."""
 
-    def __init__(self, address: str, call: grpc.aio.StreamStreamCall, timeout_s: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        call: grpc.aio.StreamStreamCall,
+        timeout_s: float,
+        unreachable: Callable[[str], None] | None = None,
+    ) -> None:
         self.address = address
         self._call = call
         self._timeout_s = timeout_s
+        self._unreachable = unreachable  # told when the next stage cannot be reached
         self._step_id = 0
 
     async def step(self, request: pb.ForwardRequest) -> tuple[pb.ForwardResponse, float]:
@@ -168,8 +208,11 @@ class NextStage:
         return self._failed(code, details, await self._call.trailing_metadata())
 
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RelayFailed:
+        stage = failed_stage(metadata)
+        if stage == 0 and code == grpc.StatusCode.UNAVAILABLE and self._unreachable is not None:
+            self._unreachable(self.address)
         cause = error_from_status(code, details or "stream closed", self.address, metadata)  # type: ignore[arg-type]
-        return RelayFailed(cause, 1 + failed_stage(metadata))
+        return RelayFailed(cause, 1 + stage)
 
     async def close(self) -> None:
         """Half-close and let the next stage end the call; cancel it if it does not."""

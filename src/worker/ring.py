@@ -61,6 +61,7 @@ class DecodeLoop:
         self._step = step
         self._max_rows = max_rows
         self.rows: dict[str, Row] = {}
+        self.seen: set[str] = set()  # every session ever added (ended if the call breaks)
         # a command, a failure to raise between two steps, or None: the caller is done
         self._commands: asyncio.Queue[pb.DecodeCommand | ClusterError | None] = asyncio.Queue()
         self._left: list[str] = []  # since the last event
@@ -85,8 +86,9 @@ class DecodeLoop:
                 if self._left:
                     yield pb.DecodeEvent(left=self._take_left())
                 return
-            if not self.rows:
-                yield pb.DecodeEvent(left=self._take_left())
+            if not self.rows:  # nothing to step: report who left, if anyone did
+                if self._left:
+                    yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
             result = await self._step(
@@ -147,4 +149,5 @@ class DecodeLoop:
                     f"the decode loop holds {len(self.rows)} rows, at most {self._max_rows}"
                 )
             self.rows[added.session_id] = Row.from_proto(added)
+            self.seen.add(added.session_id)
         return True

@@ -341,7 +341,9 @@ class WorkerRuntime:
         positions = [offset + token_ids.shape[1] for offset in offsets]
 
         def step() -> list[SampledToken]:
-            out = _run_layers(loaded, sessions, x, last_position_only=True)
+            # The head and the draw are built on the layers' lazy output: one evaluation
+            # for the whole step (the caches' updates are part of what the draw needs).
+            out = _run_layers(loaded, sessions, x, last_position_only=True, evaluate=False)
             return sample_rows(edges, out, pickers, token_ids, positions)
 
         picked = self._guarded(loaded, session_ids, step)
@@ -426,11 +428,15 @@ def _check_load_request(model: str, start: int, end: int, session_ttl_s: float) 
 
 
 def _run_layers(
-    loaded: Loaded, sessions: list[Session], hidden: mx.array, last_position_only: bool
+    loaded: Loaded,
+    sessions: list[Session],
+    hidden: mx.array,
+    last_position_only: bool,
+    evaluate: bool = True,
 ) -> mx.array:
     """The step through the slice: decode steps of several sessions as one batch if allowed."""
     if hidden.shape[1] == 1 and len(sessions) > 1 and loaded.batch_decode:
         group, rows = batch_for(sessions)
-        return forward_batch(loaded.layer_slice, hidden, group.caches, rows)
+        return forward_batch(loaded.layer_slice, hidden, group.caches, rows, evaluate)
     caches = [s.own_caches() for s in sessions]
-    return forward_rows(loaded.layer_slice, hidden, caches, last_position_only)
+    return forward_rows(loaded.layer_slice, hidden, caches, last_position_only, evaluate)

@@ -362,6 +362,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         ends otherwise ends its rows' sessions, here and further down the ring."""
         _bind_request_id(context)
         stream_id = next(self._stream_ids)
+        route, _ = route_of(context.invocation_metadata())
         next_stage = self._open_next(context)
 
         async def step(ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
@@ -376,20 +377,37 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         except ClusterError as exc:  # a bad command: answered as the call's status below
             failure = exc
         except BaseException as exc:
-            self._end_ring(stream_id, next_stage, _how_it_ended(exc))
+            self._end_ring(stream_id, next_stage, loop, route, _how_it_ended(exc))
             raise
         finally:
             reader.cancel()
         if failure is not None:
-            self._end_ring(stream_id, next_stage, f"failed ({failure})")
+            self._end_ring(stream_id, next_stage, loop, route, f"failed ({failure})")
             await _abort(context, failure)
         if next_stage is not None:
             await next_stage.close()
 
-    def _end_ring(self, stream_id: int, next_stage: NextStage | None, why: str) -> None:
+    def _end_ring(
+        self,
+        stream_id: int,
+        next_stage: NextStage | None,
+        loop: DecodeLoop,
+        route: list[str],
+        why: str,
+    ) -> None:
+        """A Decode call ended badly: end its rows' sessions here and on every later stage.
+
+        Each stage ends the sessions last stepped on the call that broke, but a step that
+        never reached a stage (it failed before, or a row had not stepped yet) leaves
+        them open there: they are ended by id too (a stage that is gone ends nothing).
+        """
         self._compute.post(self.runtime.end_stream, stream_id, why)
         if next_stage is not None:
             next_stage.cancel()
+        if loop.seen:
+            ids = sorted(loop.seen)
+            self._compute.post(self.runtime.end_sessions, ids)
+            self._peers.end_sessions(route, ids, request_id.get())
 
     async def _read_commands(
         self,
