@@ -1,18 +1,23 @@
-"""`python -m benchmarks.worker_step`: a worker's decode compute against mlx-lm's, in one process.
+"""`python -m benchmarks.worker_step`: a ring stage's decode step against mlx-lm's, in one process.
 
-Where does a pipeline's decode step lose time against single-process mlx-lm?
-This takes the network and the other processes away: the same weights, in
-this process, one decode step of B sessions at a time:
+The yardstick of a pipeline's decode: a stage's whole step, bytes in to bytes
+out, should cost its share of mlx-lm's overlapped step. This takes the network
+and the other processes away: the same weights, in this process, one decode
+step of B sessions at a time (the worker batches them itself), greedy:
 
-- mlx-lm, each step waited for (`mx.eval` of the logits), and mlx-lm
+- mlx-lm, each step waited for (its greedy token read to the host), and mlx-lm
   overlapped as its generate loop runs it (the next step is built and queued
   while the current one computes; only possible when the next input is known
   in this process, which a pipeline stage never has);
-- the worker's own step (`WorkerRuntime.forward`: batch caches, per-session
-  offsets) over all layers, and over the layers split in two runtimes, one
-  after the other, as two stages would run them.
+- one worker stage holding everything: token ids in, the embedding, every
+  layer, the head and the sampling, tokens out (`WorkerRuntime.forward_sample`);
+- two worker stages in turn, split at the middle layer, as the ring runs them:
+  stage 0 embeds the token ids and runs its layers, its output goes on as a
+  serialized `ForwardRequest` (the hidden states and token ids as wire
+  `Tensor`s), which stage 1 parses and decodes before its layers, the head and
+  the sampling. Each part is reported as well as the whole.
 
-Embedding and LM head are outside the worker's figures, inside mlx-lm's.
+Every step waits for its result: a worker reads its sampled tokens to the host.
 """
 
 from __future__ import annotations
@@ -31,10 +36,18 @@ from mlx_lm.utils import load_model
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
 from benchmarks.pipeline import int_list, positive_ints
 from benchmarks.report import text_table
+from mlx_cluster import tensor
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
+from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
-from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.capabilities import detect
 from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
+
+
+def prompt_tokens(batch: int, length: int) -> mx.array:
+    """Row b's prompt [B, length] (uint32): distinct rows, ids every vocabulary has."""
+    return mx.arange(batch * length, dtype=mx.uint32).reshape(batch, length) % 1000 + 5
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
@@ -47,22 +60,27 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
+# --- mlx-lm ----------------------------------------------------------------------
+
+
 def mlx_lm_steps(path: Path, batch: int, prompt: int, warmup: int, steps: int) -> dict[str, float]:
     model, _ = load_model(path)
-    tokens = mx.arange(batch * prompt, dtype=mx.uint32).reshape(batch, prompt) % 1000 + 5
+    tokens = prompt_tokens(batch, prompt)
     if batch == 1:
         cache = make_prompt_cache(model)
     else:
         cache = [BatchKVCache([0] * batch) for _ in model.layers]
     mx.eval(model(tokens, cache=cache))
-    next_tokens = tokens[:, -1:]
+    y = tokens[:, -1:]
 
     def synced() -> None:
-        mx.eval(model(next_tokens, cache=cache))
+        nonlocal y
+        y = mx.argmax(model(y, cache=cache)[:, -1, :], axis=-1)[:, None]
+        y.tolist()
 
     sync_s = timed(synced, warmup, steps)
     # mlx-lm's generate loop: queue step n+1 (fed by step n's lazy argmax) before waiting on n
-    y = mx.argmax(model(next_tokens, cache=cache)[:, -1, :], axis=-1)[:, None]
+    y = mx.argmax(model(y, cache=cache)[:, -1, :], axis=-1)[:, None]
     mx.async_eval(y)
     started = time.perf_counter()
     for _ in range(warmup + steps):
@@ -76,46 +94,114 @@ def mlx_lm_steps(path: Path, batch: int, prompt: int, warmup: int, steps: int) -
     return {"mlx-lm, each step waited for": sync_s, "mlx-lm, overlapped": overlapped_s}
 
 
-def worker_steps(
+# --- the worker's stages -----------------------------------------------------------
+
+
+class Laps:
+    """Seconds between consecutive marks, by the name of the part each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
+def send_on(ids: list[str], offsets: list[int], token_ids: mx.array, hidden: mx.array) -> bytes:
+    """What a stage sends the next one, as the worker's relay builds it: a serialized
+    ForwardRequest with the stage's output and the step's token ids."""
+    request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
+    tensor.encode(token_ids, out=request.token_ids)
+    tensor.encode(hidden, out=request.hidden)
+    return request.SerializeToString()
+
+
+def receive(wire: bytes) -> tuple[list[str], list[int], mx.array, mx.array]:
+    """A stage's inputs from the bytes the previous one sent: ids, offsets, hidden, token ids."""
+    request = pb.ForwardRequest.FromString(wire)
+    hidden, token_ids = tensor.decode(request.hidden), tensor.decode(request.token_ids)
+    return list(request.session_ids), list(request.offsets), hidden, token_ids
+
+
+class Ring:
+    """Worker stages of one model in this process, stepped in turn as a ring steps them,
+    with B sessions open, prefilled and stepped together."""
+
+    def __init__(
+        self, path: Path, splits: list[tuple[int, int]], eval_every: int, batch: int, prompt: int
+    ) -> None:
+        layers = splits[-1][1]
+        self.stages = []
+        for start, end in splits:
+            settings = WorkerSettings(name=f"stage{len(self.stages)}", eval_every=eval_every)
+            stage = WorkerRuntime(settings, detect())
+            stage.load(str(path), start, end, embedding=start == 0, head=end == layers)
+            self.stages.append(stage)
+        self.names = [stage.require_loaded().describe() for stage in self.stages]
+        self.session_ids = [f"s{row}" for row in range(batch)]
+        self.message_bytes = 0  # the last step's message from stage 0 to stage 1
+        self.tokens: list[int] = []  # each session's next input
+        prompts = prompt_tokens(batch, prompt)
+        for row, sid in enumerate(self.session_ids):
+            for stage in self.stages:
+                stage.open_session(sid, 0, sampling=SamplingParams())
+            picked, _ = self.run([sid], [0], prompts[row : row + 1])
+            self.tokens.append(picked[0].token)
+        self.offsets = [prompt] * batch
+
+    def run(
+        self, ids: list[str], offsets: list[int], token_ids: mx.array
+    ) -> tuple[list[SampledToken], dict[str, float]]:
+        """Token ids [B, L] through every stage; each row's next token and each part's seconds."""
+        laps = Laps()
+        hidden: mx.array | None = None
+        for k, stage in enumerate(self.stages[:-1]):
+            hidden = stage.forward(ids, hidden, offsets, False, token_ids=token_ids)
+            laps.mark(f"stage {k}: {self.names[k]}")
+            wire = send_on(ids, offsets, token_ids, hidden)
+            self.message_bytes = len(wire)
+            laps.mark(f"stage {k} -> {k + 1}: encode, serialize")
+            ids, offsets, hidden, token_ids = receive(wire)
+            laps.mark(f"stage {k} -> {k + 1}: parse, decode")
+        picked = self.stages[-1].forward_sample(ids, hidden, offsets, token_ids=token_ids)
+        laps.mark(f"stage {len(self.stages) - 1}: {self.names[-1]}, sampling")
+        return picked, laps.seconds
+
+    def step(self) -> dict[str, float]:
+        """One decode step of every session, fed the tokens it sampled; seconds per part."""
+        token_ids = mx.array(self.tokens, dtype=mx.uint32)[:, None]
+        picked, parts = self.run(self.session_ids, self.offsets, token_ids)
+        self.tokens = [p.token for p in picked]
+        self.offsets = [offset + 1 for offset in self.offsets]
+        return parts
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.unload()
+
+
+def ring_steps(
     path: Path,
+    splits: list[tuple[int, int]],
+    eval_every: int,
     batch: int,
     prompt: int,
     warmup: int,
     steps: int,
-    splits: list[tuple[int, int]],
-    eval_every: int,
-) -> float:
-    edges = load_edges(path)
-    runtimes = []
-    for start, end in splits:
-        runtime = WorkerRuntime(WorkerSettings(name=f"w{start}"), detect())
-        runtime.load(str(path), start, end, 0, 0)
-        assert runtime.layer_slice is not None
-        runtime.layer_slice.eval_every = eval_every
-        runtimes.append(runtime)
-    ids = [f"s{i}" for i in range(batch)]
-    for runtime in runtimes:
-        for sid in ids:
-            runtime.sessions.open(sid, 0)
-    for i, sid in enumerate(ids):
-        hidden = edges.embed(mx.arange(prompt, dtype=mx.uint32)[None] + i)
-        for runtime in runtimes:
-            hidden = runtime.forward([sid], hidden, [0], False)
-    offsets = [prompt] * batch
-    step_input = edges.embed(mx.full((batch, 1), 7, dtype=mx.uint32))
-    mx.eval(step_input)
-
-    def step() -> None:
-        hidden = step_input
-        for runtime in runtimes:
-            hidden = runtime.forward(ids, hidden, offsets, True)
-        for i in range(batch):
-            offsets[i] += 1
-
-    seconds = timed(step, warmup, steps)
-    for runtime in runtimes:
-        runtime.unload()
-    return seconds
+) -> tuple[float, dict[str, float], int]:
+    """Mean seconds of a step through `splits` and of each of its parts, and the bytes
+    stage 0 sends stage 1 (0 for one stage)."""
+    ring = Ring(path, splits, eval_every, batch, prompt)
+    for _ in range(warmup):
+        ring.step()
+    laps: list[dict[str, float]] = []
+    total = timed(lambda: laps.append(ring.step()), 0, steps)
+    ring.close()
+    parts = {name: sum(lap[name] for lap in laps) / steps for name in laps[0]}
+    return total, parts, ring.message_bytes
 
 
 def released() -> None:
@@ -124,52 +210,95 @@ def released() -> None:
     mx.clear_cache()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.worker_step", description=__doc__)
+# --- the command -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.worker_step", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="the bundled demo model itself (not --model-shape)"
+    )
     p.add_argument("--model-shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--batches", type=positive_ints, default=(1, 16))
+    p.add_argument("--batches", type=positive_ints, default=(1, 16), help="sessions per step")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument(
         "--eval-every",
         type=int_list(0),
-        default=(0,),
-        help="worker variants: start computing every N layers (0: once, at the end)",
+        default=None,
+        help="the workers' --eval-every values, e.g. 0,1,4 (default: the workers' default)",
     )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    path = ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
-    layers = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    return p
+
+
+def measure_batch(
+    path: Path, layers: int, batch: int, eval_every: tuple[int, ...], args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, str], int]:
+    """One column of the table: seconds by row, the rows' labels, the message's bytes."""
+    row = mlx_lm_steps(path, batch, args.prompt_tokens, args.warmup, args.steps)
+    labels = {name: name for name in row}
+    released()
+    message_bytes = 0
     half = layers // 2
+    for every in eval_every:
+        for name, splits in (
+            ("one stage", [(0, layers)]),
+            ("two stages in turn", [(0, half), (half, layers)]),
+        ):
+            key = f"worker, {name}, eval every {every}"
+            total, parts, sent = ring_steps(
+                path, splits, every, batch, args.prompt_tokens, args.warmup, args.steps
+            )
+            row[key], labels[key] = total, key
+            if len(parts) > 1:
+                row |= {f"{key}: {part}": s for part, s in parts.items()}
+                labels |= {f"{key}: {part}": f"  {part}" for part in parts}
+                message_bytes = sent
+            released()
+    return row, labels, message_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.demo:  # the demo's activations are DEMO_DTYPE whatever --dtype says
+        args.dtype, args.bits = DEMO_DTYPE, None
+        path = ensure_demo_model()
+    else:
+        path = ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
+    layers = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    eval_every = args.eval_every or (
+        WorkerSettings(name="default").layer_eval_every(metal=mx.metal.is_available()),
+    )
     results: dict[int, dict[str, float]] = {}
+    message_bytes: dict[int, int] = {}
+    labels: dict[str, str] = {}
     for batch in args.batches:
-        row = mlx_lm_steps(path, batch, args.prompt_tokens, args.warmup, args.steps)
-        released()
-        for every in args.eval_every:
-            label = f", eval every {every}" if every else ""
-            for name, splits in (
-                ("all layers", [(0, layers)]),
-                ("two halves in turn", [(0, half), (half, layers)]),
-            ):
-                row[f"worker, {name}{label}"] = worker_steps(
-                    path, batch, args.prompt_tokens, args.warmup, args.steps, splits, every
-                )
-                released()
-        results[batch] = row
-    names = list(next(iter(results.values())))
+        results[batch], labels, message_bytes[batch] = measure_batch(
+            path, layers, batch, eval_every, args
+        )
+    width = max(len(label) for label in labels.values())  # left-aligned: parts stay indented
     print(
         text_table(
-            ["decode step ms", *(f"B={b}" for b in results)],
-            [[name, *(f"{results[b][name] * 1e3:.2f}" for b in results)] for name in names],
+            ["decode step ms".ljust(width), *(f"B={b}" for b in results)],
+            [
+                [label.ljust(width), *(f"{results[b][key] * 1e3:.2f}" for b in results)]
+                for key, label in labels.items()
+            ],
         )
     )
+    sizes = ", ".join(f"B={b}: {n} bytes" for b, n in message_bytes.items())
+    print(f"stage 0 -> stage 1 message (ForwardRequest): {sizes}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": str(path), "seconds": results}, indent=2))
+        report = {"model": str(path), "seconds": results, "message_bytes": message_bytes}
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

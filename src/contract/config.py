@@ -167,7 +167,7 @@ class LivenessConfig(_Strict):
 
     ping_interval_s: float = Field(default=KEEPALIVE_TIME_MS / 1000, ge=1)  # keepalive pings
     ping_timeout_s: float = Field(default=KEEPALIVE_TIMEOUT_MS / 1000, gt=0)  # then link dropped
-    decode_hop_timeout_s: float = Field(default=10.0, gt=0)  # one decode step on one worker
+    decode_hop_timeout_s: float = Field(default=10.0, gt=0)  # a decode step, per ring stage
     prefill_hop_timeout_s: float = Field(default=120.0, gt=0)  # one prompt chunk on one worker
     probe_timeout_s: float = Field(default=1.0, gt=0)  # Info asked of a failed worker or standby
     restart_wait_s: float = Field(default=5.0, ge=0)  # wait for a refusing worker to come back

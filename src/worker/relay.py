@@ -36,6 +36,7 @@ from mlx_cluster.contract.rpc import (
     failed_stage,
     route_metadata,
 )
+from mlx_cluster.contract.streams import close_call, ended_status
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ class Peers:
     ) -> None:
         self._auth = (token_metadata(token),) if token else ()
         self._tls = tls
-        self._options = client_channel_options(max_message_bytes)
+        # Each channel its own connection: a channel made after a failure (`_forget`) must
+        # not share the failed one's, which waits out a reconnect backoff.
+        self._options = [
+            *client_channel_options(max_message_bytes),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self._stubs: dict[str, pb_grpc.LayerServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._ending: set[asyncio.Task[None]] = set()  # EndSession calls in flight
@@ -203,9 +209,7 @@ class NextStage:
         return reply, time.perf_counter() - started
 
     async def _ended(self) -> RelayFailed:
-        code = await self._call.code()
-        details = await self._call.details()
-        return self._failed(code, details, await self._call.trailing_metadata())
+        return self._failed(*await ended_status(self._call))
 
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RelayFailed:
         stage = failed_stage(metadata)
@@ -216,16 +220,8 @@ class NextStage:
 
     async def close(self) -> None:
         """Half-close and let the next stage end the call; cancel it if it does not."""
-        try:
-            await self._call.done_writing()
-            await asyncio.wait_for(self._drain(), CLOSE_WAIT_S)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            self._call.cancel()
+        await close_call(self._call, CLOSE_WAIT_S)
 
     def cancel(self) -> None:
         """End the call at once: the next stage ends the sessions last stepped on it."""
         self._call.cancel()
-
-    async def _drain(self) -> None:
-        while await self._call.read() is not grpc.aio.EOF:
-            pass

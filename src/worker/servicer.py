@@ -15,21 +15,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
-import mlx.core as mx
 from grpc_health.v1 import health, health_pb2
 
-from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, error_metadata
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
 from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed, route_of
@@ -216,52 +214,6 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     # --- the streams -------------------------------------------------------------
 
-    def _inputs(self, request: pb.ForwardRequest) -> tuple[mx.array | None, mx.array | None]:
-        """A step's hidden states and token ids, decoded (either may be absent)."""
-        hidden = tensor.decode(request.hidden) if request.HasField("hidden") else None
-        tokens = tensor.decode(request.token_ids) if request.HasField("token_ids") else None
-        if hidden is None and tokens is None:
-            raise InvalidArgument("a ForwardRequest needs hidden states or token ids")
-        return hidden, tokens
-
-    def _step(self, request: pb.ForwardRequest, stream_id: int) -> pb.ForwardResponse:
-        """One step that ends here: hidden states out, or each row's next token."""
-        started = time.perf_counter()
-        hidden, tokens = self._inputs(request)
-        ids, offsets = list(request.session_ids), list(request.offsets)
-        response = pb.ForwardResponse(step_id=request.step_id)
-        if request.sample:
-            picked = self.runtime.forward_sample(ids, hidden, offsets, stream_id, tokens)
-            for token in picked:
-                token.to_proto(response.sampled.add())
-        else:
-            out = self.runtime.forward(
-                ids, hidden, offsets, request.last_position_only, stream_id, tokens
-            )
-            tensor.encode(out, out=response.hidden)
-        response.compute_seconds = time.perf_counter() - started
-        return response
-
-    def _step_onward(
-        self, request: pb.ForwardRequest, stream_id: int
-    ) -> tuple[pb.ForwardRequest, float]:
-        """This stage's part of a relayed step: the request for the next stage, and the
-        seconds it took. The next stages decide what the end returns."""
-        started = time.perf_counter()
-        hidden, tokens = self._inputs(request)
-        ids, offsets = list(request.session_ids), list(request.offsets)
-        out = self.runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
-        onward = pb.ForwardRequest(
-            session_ids=ids,
-            offsets=offsets,
-            last_position_only=request.last_position_only,
-            sample=request.sample,
-        )
-        if request.HasField("token_ids"):
-            onward.token_ids.CopyFrom(request.token_ids)
-        tensor.encode(out, out=onward.hidden)
-        return onward, time.perf_counter() - started
-
     async def _relay(
         self,
         context: grpc.aio.ServicerContext,
@@ -271,7 +223,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     ) -> pb.ForwardResponse:
         """This stage's part of a step, then the rest of the ring's; the end's answer."""
         onward, compute_s = await self._answer(
-            context, self._compute.submit(self._step_onward, request, stream_id)
+            context, self._compute.submit(steps.step_onward, self.runtime, request, stream_id)
         )
         reply, relay_s = await self._answer(context, next_stage.step(onward))
         reply.step_id = request.step_id
@@ -307,7 +259,9 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                     await _abort(context, InvalidArgument("malformed ForwardRequest"))
                 await self._check(context, _check_ids, request.session_ids)
                 if next_stage is None:
-                    pending = self._compute.submit(self._step, request, stream_id)
+                    pending = self._compute.submit(
+                        steps.step_here, self.runtime, request, stream_id
+                    )
                     yield await self._answer(context, pending)
                 else:
                     yield await self._relay(context, next_stage, request, stream_id)
@@ -321,18 +275,6 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     # --- the decode loop ----------------------------------------------------------
 
-    def _ring_first(
-        self, ids: list[str], offsets: list[int], tokens: list[int], stream_id: int, sample: bool
-    ) -> tuple[pb.ForwardResponse | pb.ForwardRequest, float]:
-        """The first stage's part of a decode step: each row's next token when this stage is
-        also the last, else the request for the next stage."""
-        request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
-        tensor.encode(mx.array(tokens, dtype=mx.uint32)[:, None], out=request.token_ids)
-        if sample:
-            reply = self._step(request, stream_id)
-            return reply, reply.compute_seconds
-        return self._step_onward(request, stream_id)
-
     async def _ring_step(
         self,
         context: grpc.aio.ServicerContext,
@@ -343,7 +285,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         tokens: list[int],
     ) -> StepResult:
         job = self._compute.submit(
-            self._ring_first, ids, offsets, tokens, stream_id, next_stage is None
+            steps.ring_first, self.runtime, ids, offsets, tokens, stream_id, next_stage is None
         )
         first, compute_s = await self._answer(context, job)
         if next_stage is None:

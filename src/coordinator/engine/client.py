@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ from mlx_cluster.contract.rpc import (
     route_metadata,
 )
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.streams import close_call, ended_status
 from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -391,29 +392,14 @@ class ForwardStream:
         return reply
 
     async def _stream_error(self) -> ClusterError:
-        code = await self._call.code()
-        details = await self._call.details()
-        metadata = await self._call.trailing_metadata()
-        return error_from_status(code, details or "stream closed", self._client.name, metadata)
+        code, details, metadata = await ended_status(self._call)
+        return error_from_status(code, details, self._client.name, metadata)
 
     async def close(self) -> None:
         """Half-close and let the worker end the call; cancels it if it does not."""
-        try:
-            await self._call.done_writing()
-            await asyncio.wait_for(self._drain(), STREAM_CLOSE_WAIT_S)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            self._call.cancel()
-
-    async def _drain(self) -> None:
-        async for _ in _responses(self._call):
-            pass
+        await close_call(self._call, STREAM_CLOSE_WAIT_S)
 
 
 def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: str) -> ClusterError:
     """The contract error a failed call carries: its class from the kind the worker sent."""
     return error_from_status(exc.code(), exc.details() or "", worker, exc.trailing_metadata())
-
-
-async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ForwardResponse]:
-    while (reply := await call.read()) is not grpc.aio.EOF:
-        yield reply

@@ -21,6 +21,7 @@ import grpc
 from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable, error_from_status
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.rpc import failed_stage
+from mlx_cluster.contract.streams import close_call, ended_status
 from mlx_cluster.coordinator.engine.client import WorkerClient
 
 # A closed ring's first stage has this long to end the call before it is cancelled.
@@ -88,9 +89,7 @@ class Ring:
         return event
 
     async def _ended(self) -> RingFailed:
-        code = await self._call.code()
-        details = await self._call.details()
-        return self._failed(code, details, await self._call.trailing_metadata())
+        return self._failed(*await ended_status(self._call))
 
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RingFailed:
         index = min(failed_stage(metadata), len(self.clients) - 1)
@@ -100,12 +99,4 @@ class Ring:
 
     async def close(self) -> None:
         """Half-close and let the first stage end the call; cancel it if it does not."""
-        try:
-            await self._call.done_writing()
-            await asyncio.wait_for(self._drain(), CLOSE_WAIT_S)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            self._call.cancel()
-
-    async def _drain(self) -> None:
-        while await self._call.read() is not grpc.aio.EOF:
-            pass
+        await close_call(self._call, CLOSE_WAIT_S)

@@ -1,0 +1,86 @@
+"""A step's protobuf in, protobuf out: what the compute thread runs for Forward and Decode.
+
+Plain functions over a WorkerRuntime, called on the compute thread only. They
+decode the wire tensors, run the runtime's step and encode what goes on: the
+answer of a step that ends here (hidden states, or each row's next token), or
+the request for the next stage of the ring.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+
+from mlx_cluster import tensor
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.worker.runtime import WorkerRuntime
+
+
+def inputs(request: pb.ForwardRequest) -> tuple[mx.array | None, mx.array | None]:
+    """A step's hidden states and token ids, decoded (either may be absent)."""
+    hidden = tensor.decode(request.hidden) if request.HasField("hidden") else None
+    tokens = tensor.decode(request.token_ids) if request.HasField("token_ids") else None
+    if hidden is None and tokens is None:
+        raise InvalidArgument("a ForwardRequest needs hidden states or token ids")
+    return hidden, tokens
+
+
+def step_here(
+    runtime: WorkerRuntime, request: pb.ForwardRequest, stream_id: int
+) -> pb.ForwardResponse:
+    """One step that ends here: hidden states out, or each row's next token."""
+    started = time.perf_counter()
+    hidden, tokens = inputs(request)
+    ids, offsets = list(request.session_ids), list(request.offsets)
+    response = pb.ForwardResponse(step_id=request.step_id)
+    if request.sample:
+        picked = runtime.forward_sample(ids, hidden, offsets, stream_id, tokens)
+        for token in picked:
+            token.to_proto(response.sampled.add())
+    else:
+        out = runtime.forward(ids, hidden, offsets, request.last_position_only, stream_id, tokens)
+        tensor.encode(out, out=response.hidden)
+    response.compute_seconds = time.perf_counter() - started
+    return response
+
+
+def step_onward(
+    runtime: WorkerRuntime, request: pb.ForwardRequest, stream_id: int
+) -> tuple[pb.ForwardRequest, float]:
+    """This stage's part of a relayed step: the request for the next stage, and the
+    seconds it took. The next stages decide what the end returns."""
+    started = time.perf_counter()
+    hidden, tokens = inputs(request)
+    ids, offsets = list(request.session_ids), list(request.offsets)
+    out = runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
+    onward = pb.ForwardRequest(
+        session_ids=ids,
+        offsets=offsets,
+        last_position_only=request.last_position_only,
+        sample=request.sample,
+    )
+    if request.HasField("token_ids"):
+        onward.token_ids.CopyFrom(request.token_ids)
+    tensor.encode(out, out=onward.hidden)
+    return onward, time.perf_counter() - started
+
+
+def ring_first(
+    runtime: WorkerRuntime,
+    ids: list[str],
+    offsets: list[int],
+    tokens: list[int],
+    stream_id: int,
+    last: bool,
+) -> tuple[pb.ForwardResponse | pb.ForwardRequest, float]:
+    """The first stage's part of a decode step, feeding each row's token: each row's next
+    token when this stage is also the `last`, else the request for the next stage; and
+    the seconds it took."""
+    request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
+    tensor.encode(mx.array(tokens, dtype=mx.uint32)[:, None], out=request.token_ids)
+    if last:
+        reply = step_here(runtime, request, stream_id)
+        return reply, reply.compute_seconds
+    return step_onward(runtime, request, stream_id)
