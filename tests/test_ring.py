@@ -401,4 +401,8 @@ async def test_a_stage_without_the_session_breaks_the_ring_naming_its_index(
         await ring.next_event()
     assert failed.value.index == missing and failed.value.client is clients[missing]
     assert isinstance(failed.value.cause, SessionNotFound), repr(failed.value.cause)
+    # the failed worker is named once, by its name, however far down the ring it is
+    message = str(failed.value.cause)
+    assert message.startswith(f"worker {clients[missing].name}: "), message
+    assert not any(f"worker {c.address}" in message for c in clients), message
     await wait_ended(clients, within_s=2.0)

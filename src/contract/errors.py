@@ -156,12 +156,14 @@ def error_metadata(exc: ClusterError) -> tuple[tuple[str, str], ...]:
 def error_from_status(
     code: grpc.StatusCode,
     details: str,
-    worker: str,
+    worker: str | None,
     metadata: Iterable[tuple[str, str | bytes]] | None = None,
 ) -> ClusterError:
     """Rebuild the error a worker sent as a gRPC status, naming the worker.
 
     Args:
+        worker: the worker the message names; None when `details` names it already (a
+            failure relayed from further down the ring).
         metadata: the status's trailing metadata; its ERROR_KIND_KEY picks the class.
     """
     kinds = [value for key, value in metadata or () if key == ERROR_KIND_KEY]
@@ -170,6 +172,7 @@ def error_from_status(
         cls = ClusterError
     if cls is None or cls.code != code:  # no kind, or one that does not travel as this code
         cls = _BY_CODE.get(code, ClusterError)
-    err = cls(f"worker {worker}: {details}{'' if kinds else cls.advice}")
+    where = "" if worker is None else f"worker {worker}: "
+    err = cls(f"{where}{details}{'' if kinds else cls.advice}")
     err.code = code
     return err

@@ -215,7 +215,10 @@ class NextStage:
         stage = failed_stage(metadata)
         if stage == 0 and code == grpc.StatusCode.UNAVAILABLE and self._unreachable is not None:
             self._unreachable(self.address)
-        cause = error_from_status(code, details or "stream closed", self.address, metadata)  # type: ignore[arg-type]
+        # The next stage's own failure is named here; one relayed from further down names
+        # its stage already.
+        where = self.address if stage == 0 else None
+        cause = error_from_status(code, details or "stream closed", where, metadata)  # type: ignore[arg-type]
         return RelayFailed(cause, 1 + stage)
 
     async def close(self) -> None:

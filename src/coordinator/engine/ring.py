@@ -94,7 +94,9 @@ class Ring:
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RingFailed:
         index = min(failed_stage(metadata), len(self.clients) - 1)
         client = self.clients[index]
-        cause = error_from_status(code, details or "stream closed", client.name, metadata)  # type: ignore[arg-type]
+        # A relayed failure names the failed worker by its address: name it as configured.
+        details = (details or "stream closed").removeprefix(f"worker {client.address}: ")
+        cause = error_from_status(code, details, client.name, metadata)  # type: ignore[arg-type]
         return RingFailed(index, client, cause)
 
     async def close(self) -> None:
