@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import mlx.core as mx
@@ -25,8 +23,7 @@ from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
-from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
-from mlx_cluster.models.sources import resolve_model
+from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.worker.batching import batch_for, can_batch
 from mlx_cluster.worker.compute import (
     check_hidden,
@@ -38,6 +35,7 @@ from mlx_cluster.worker.compute import (
 from mlx_cluster.worker.picking import check_history_kept, feed_pickers, pickers_of, sample_rows
 from mlx_cluster.worker.sessions import Session, SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
+from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,42 +46,6 @@ try:
     VERSION = _dist_version("mlx-cluster")
 except Exception:  # running from a source tree without an install
     VERSION = "0.0.0+source"
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """The stage held and the sessions using it."""
-
-    model: str  # as LoadLayers named it
-    layer_slice: LayerSlice
-    sessions: SessionStore
-    batch_decode: bool  # decode steps of several sessions run as one batch
-    edges: ModelEdges | None = None  # the embedding and/or the final norm and LM head
-
-    @property
-    def embedding(self) -> bool:
-        """Holds the token embedding: the first stage."""
-        return self.edges is not None and self.edges.holds_embedding
-
-    @property
-    def head(self) -> bool:
-        """Holds the final norm and LM head, and samples: the last stage."""
-        return self.edges is not None and self.edges.holds_head
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.layer_slice.weight_bytes + (self.edges.weight_bytes if self.edges else 0)
-
-    def holds(self, model: str, start: int, end: int, embedding: bool, head: bool) -> bool:
-        held = (self.layer_slice.start, self.layer_slice.end, self.embedding, self.head)
-        return self.model == model and held == (start, end, embedding, head)
-
-    def describe(self) -> str:
-        """e.g. "layers [0, 4) with the embedding", for messages."""
-        s = self.layer_slice
-        parts = (("the embedding", self.embedding), ("the head", self.head))
-        held = [name for name, holds in parts if holds]
-        return f"layers [{s.start}, {s.end})" + (f" with {' and '.join(held)}" if held else "")
 
 
 class WorkerRuntime:
@@ -148,7 +110,7 @@ class WorkerRuntime:
         called once it is dropped. The same stage held already keeps its weights. A
         budget or TTL of 0 keeps the worker's own default.
         """
-        _check_load_request(model, start, end, session_ttl_s)
+        check_load_request(model, start, end, session_ttl_s)
         capacity = kv_budget_tokens or self.settings.kv_budget_tokens
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.loaded
@@ -170,7 +132,7 @@ class WorkerRuntime:
                 on_unload()
             before = mx.get_active_memory()
 
-        layer_slice, edges = _read_stage(model, start, end, embedding, head, drop_held_stage)
+        layer_slice, edges = read_stage(model, start, end, embedding, head, drop_held_stage)
         self.loaded = loaded = self._serve(model, layer_slice, edges, capacity, ttl)
         used = mx.get_active_memory() - before
         log.info(
@@ -397,34 +359,6 @@ class WorkerRuntime:
                 f"the step failed in {where}: {exc!r:.300}; its "
                 f"{len(session_ids)} session(s) were ended (open them again and replay)"
             ) from exc
-
-
-def _read_stage(
-    model: str,
-    start: int,
-    end: int,
-    embedding: bool,
-    head: bool,
-    before_reading: Callable[[], None],
-) -> tuple[LayerSlice, ModelEdges | None]:
-    try:
-        path = resolve_model(model, layers=range(start, end), edges=embedding or head)
-        return load_stage(path, start, end, embedding, head, before_reading)
-    except (ValueError, OSError) as exc:  # bad range, missing files, unknown architecture
-        raise InvalidArgument(str(exc)) from exc
-    except (KeyError, TypeError, AttributeError) as exc:  # a config.json mlx-lm cannot read
-        raise InvalidArgument(
-            f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
-        ) from exc
-
-
-def _check_load_request(model: str, start: int, end: int, session_ttl_s: float) -> None:
-    if not model:
-        raise InvalidArgument("model must name a model directory")
-    if not (math.isfinite(session_ttl_s) and session_ttl_s >= 0):
-        raise InvalidArgument(f"session_ttl_s must be a finite number >= 0, got {session_ttl_s}")
-    if end <= start:
-        raise InvalidArgument(f"layer range [{start}, {end}) is empty")
 
 
 def _run_layers(

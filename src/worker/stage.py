@@ -1,0 +1,80 @@
+"""The stage a worker holds (its layers, and the edges of the first and last stage), and
+how a LoadLayers request for one is checked and read from disk."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
+from mlx_cluster.models.sources import resolve_model
+from mlx_cluster.worker.sessions import SessionStore
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The stage held and the sessions using it."""
+
+    model: str  # as LoadLayers named it
+    layer_slice: LayerSlice
+    sessions: SessionStore
+    batch_decode: bool  # decode steps of several sessions run as one batch
+    edges: ModelEdges | None = None  # the embedding and/or the final norm and LM head
+
+    @property
+    def embedding(self) -> bool:
+        """Holds the token embedding: the first stage."""
+        return self.edges is not None and self.edges.holds_embedding
+
+    @property
+    def head(self) -> bool:
+        """Holds the final norm and LM head, and samples: the last stage."""
+        return self.edges is not None and self.edges.holds_head
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.layer_slice.weight_bytes + (self.edges.weight_bytes if self.edges else 0)
+
+    def holds(self, model: str, start: int, end: int, embedding: bool, head: bool) -> bool:
+        held = (self.layer_slice.start, self.layer_slice.end, self.embedding, self.head)
+        return self.model == model and held == (start, end, embedding, head)
+
+    def describe(self) -> str:
+        """e.g. "layers [0, 4) with the embedding", for messages."""
+        s = self.layer_slice
+        parts = (("the embedding", self.embedding), ("the head", self.head))
+        held = [name for name, holds in parts if holds]
+        return f"layers [{s.start}, {s.end})" + (f" with {' and '.join(held)}" if held else "")
+
+
+def read_stage(
+    model: str,
+    start: int,
+    end: int,
+    embedding: bool,
+    head: bool,
+    before_reading: Callable[[], None],
+) -> tuple[LayerSlice, ModelEdges | None]:
+    """Layers [start, end) of `model`, and the edges asked for; a model or range that
+    cannot be read is InvalidArgument. `before_reading` runs once all is checked."""
+    try:
+        path = resolve_model(model, layers=range(start, end), edges=embedding or head)
+        return load_stage(path, start, end, embedding, head, before_reading)
+    except (ValueError, OSError) as exc:  # bad range, missing files, unknown architecture
+        raise InvalidArgument(str(exc)) from exc
+    except (KeyError, TypeError, AttributeError) as exc:  # a config.json mlx-lm cannot read
+        raise InvalidArgument(
+            f"cannot load {model!r}: its config.json is not a model config ({exc!r})"
+        ) from exc
+
+
+def check_load_request(model: str, start: int, end: int, session_ttl_s: float) -> None:
+    """Refuse a LoadLayers request that names no model, an empty range or a bad TTL."""
+    if not model:
+        raise InvalidArgument("model must name a model directory")
+    if not (math.isfinite(session_ttl_s) and session_ttl_s >= 0):
+        raise InvalidArgument(f"session_ttl_s must be a finite number >= 0, got {session_ttl_s}")
+    if end <= start:
+        raise InvalidArgument(f"layer range [{start}, {end}) is empty")
