@@ -60,6 +60,8 @@ class Pki:
     client_key: str
     rogue_cert: str  # a client certificate from another CA
     rogue_key: str
+    named_cert: str  # a worker certificate naming SERVER_NAME only, no address
+    named_key: str
 
 
 def _issue(
@@ -117,12 +119,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client = _issue("coordinator", ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
     rogue_ca = _issue("someone else's CA", None)
     rogue = _issue("intruder", rogue_ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
+    named = _issue("named worker", ca, worker_usage, [x509.DNSName(SERVER_NAME)])
     ca_path, _ = _write(folder, "ca", *ca)
     return Pki(
         ca_path,
         *_write(folder, "server", *server),
         *_write(folder, "client", *client),
         *_write(folder, "rogue", *rogue),
+        *_write(folder, "named", *named),
     )
 
 
@@ -257,6 +261,39 @@ async def test_cluster_from_config_over_token_and_mutual_tls(launch, pki, tiny_l
     with pytest.raises(Unauthenticated, match="wrong cluster token") as info:
         await start_from_config(load_config(path, dotenv=None, env={}).config, ready_timeout=5)
     assert WRONG not in str(info.value)
+
+
+async def test_workers_relay_to_each_other_by_the_name_in_their_certificates(
+    launch, pki, tiny_llama, tmp_path
+):
+    """Certificates that name the workers only by auth.tls_server_name, not by the address:
+    the decode ring's worker-to-worker calls check that name too."""
+    server_tls = TlsFiles(pki.named_cert, pki.named_key, pki.ca)
+    addresses = [await launch(token=TOKEN, tls=server_tls) for _ in range(3)]
+    auth = {
+        "token": TOKEN,
+        "tls_ca": pki.ca,
+        "tls_cert": pki.client_cert,
+        "tls_key": pki.client_key,
+        "tls_server_name": SERVER_NAME,
+    }
+    config = {
+        "model": str(tiny_llama),
+        "workers": [{"address": a, "memory_gb": 8} for a in addresses],
+        "kv": {"max_session_tokens": 512},
+        "reserve_gb": 0.5,
+        "auth": auth,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cluster = await start_from_config(load_config(path, dotenv=None, env={}).config)
+    try:
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        chunks = [c async for c in cluster.generate("the river", params)]
+        assert chunks[-1].finish_reason == "length"
+        assert cluster.engine.chain.replays == 0  # the ring never broke
+    finally:
+        await cluster.close()
 
 
 # --- the loud warning ------------------------------------------------------------------------

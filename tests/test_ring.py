@@ -23,7 +23,7 @@ from mlx_cluster.contract.errors import InvalidArgument, SessionNotFound, Worker
 from mlx_cluster.contract.layers import split_by_counts
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, route_metadata
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, Route
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.ring import Ring, RingFailed
@@ -368,7 +368,7 @@ async def test_a_relayed_forward_step_answers_with_the_last_stages_token(
     tensor.encode(mx.array([PROMPTS[0]], dtype=mx.uint32), out=request.token_ids)
     async with grpc.aio.insecure_channel(first.address, options=CHANNEL_OPTIONS) as channel:
         call = pb_grpc.LayerServiceStub(channel).Forward(
-            metadata=route_metadata([last.address], STEP_TIMEOUT_S), timeout=30.0
+            metadata=Route((last.address,), STEP_TIMEOUT_S).metadata(), timeout=30.0
         )
         await call.write(request)
         reply = await call.read()

@@ -8,6 +8,9 @@ keepalive pings its clients send.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 # Bumped when a message changes incompatibly; workers report it in Info.
 # 2: Info reports the worker's limits; sessions belong to a coordinator's Lease.
 # 3: the first stage embeds, the last samples; decoding runs as a ring (Decode).
@@ -126,16 +129,53 @@ ROUTE_KEY = "mlx-cluster-route"
 # Metadata of a Forward or Decode call that relays: how long a step may take per stage
 # after this one (seconds); a stage further down that is later is lost.
 STEP_TIMEOUT_KEY = "mlx-cluster-step-timeout"
+# Metadata of a call that relays over TLS: the name in the workers' certificates, where it
+# is not the host in their addresses (the coordinator's auth.tls_server_name).
+TLS_NAME_KEY = "mlx-cluster-tls-name"
 # Trailing metadata of a relayed call that failed further down: the failed stage's index,
 # counted from the stage called (0). Absent: the stage called failed itself.
 STAGE_KEY = "mlx-cluster-stage"
+# A relayed step with no deadline from the caller: a stage further down that takes
+# longer is lost (a prompt chunk on a slow CPU stays well inside it).
+DEFAULT_STEP_TIMEOUT_S = 600.0
 
 
-def route_metadata(route: list[str], step_timeout_s: float) -> tuple[tuple[str, str], ...]:
-    """The metadata that makes a call relay along `route` (empty: no relay)."""
-    if not route:
-        return ()
-    return ((ROUTE_KEY, ",".join(route)), (STEP_TIMEOUT_KEY, f"{step_timeout_s:g}"))
+@dataclass(frozen=True)
+class Route:
+    """The stages a call relays to, in order, and how their calls are made."""
+
+    addresses: tuple[str, ...]  # the stages after the one called
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # per stage after the one called
+    tls_name: str | None = None  # the name in their certificates, if not their host
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata that makes a call relay along this route (none if it is empty)."""
+        if not self.addresses:
+            return ()
+        pairs = [
+            (ROUTE_KEY, ",".join(self.addresses)),
+            (STEP_TIMEOUT_KEY, f"{self.step_timeout_s:g}"),
+        ]
+        if self.tls_name:
+            pairs.append((TLS_NAME_KEY, self.tls_name))
+        return tuple(pairs)
+
+    def onward(self) -> Route:
+        """The route the next stage relays along."""
+        return Route(self.addresses[1:], self.step_timeout_s, self.tls_name)
+
+    @classmethod
+    def of_call(cls, metadata: object) -> Route:
+        """The route a call's invocation metadata names (no addresses: no relay)."""
+        found: dict[str, str] = {}
+        for key, value in metadata or ():  # type: ignore[attr-defined]
+            if key in (ROUTE_KEY, STEP_TIMEOUT_KEY, TLS_NAME_KEY):
+                found[key] = str(value)
+        addresses = tuple(a for a in found.get(ROUTE_KEY, "").split(",") if a)
+        timeout = DEFAULT_STEP_TIMEOUT_S
+        with contextlib.suppress(ValueError):  # a bad value keeps the default
+            timeout = max(float(found.get(STEP_TIMEOUT_KEY, timeout)), 0.001)
+        return cls(addresses, timeout, found.get(TLS_NAME_KEY) or None)
 
 
 def failed_stage(metadata: object) -> int:

@@ -15,10 +15,10 @@ coordinator knows which stage to replace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -29,20 +29,15 @@ from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import (
     MAX_MESSAGE_BYTES,
-    ROUTE_KEY,
     SESSION_DEADLINE_S,
-    STEP_TIMEOUT_KEY,
+    Route,
     client_channel_options,
     failed_stage,
-    route_metadata,
 )
 from mlx_cluster.contract.streams import close_call, ended_status
 
 log = logging.getLogger(__name__)
 
-# A relayed step with no deadline from the caller: a stage further down that takes
-# longer is lost (a prompt chunk on a slow CPU stays well inside it).
-DEFAULT_STEP_TIMEOUT_S = 600.0
 # A closed stream's next stage has this long to end the call before it is cancelled.
 CLOSE_WAIT_S = 1.0
 
@@ -55,19 +50,6 @@ class RelayFailed(ClusterError):
         super().__init__(str(cause))
         self.cause, self.stage = cause, stage
         self.code, self.kind = cause.code, cause.kind
-
-
-def route_of(metadata: object) -> tuple[list[str], float]:
-    """The route and step timeout a call's invocation metadata names (no route: [])."""
-    route: list[str] = []
-    timeout = DEFAULT_STEP_TIMEOUT_S
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == ROUTE_KEY:
-            route = [a for a in str(value).split(",") if a]
-        elif key == STEP_TIMEOUT_KEY:
-            with contextlib.suppress(ValueError):  # a bad value keeps the default
-                timeout = max(float(value), 0.001)
-    return route, timeout
 
 
 class Peers:
@@ -91,31 +73,32 @@ class Peers:
         self._channels: list[grpc.aio.Channel] = []
         self._ending: set[asyncio.Task[None]] = set()  # EndSession calls in flight
 
-    def _stub(self, address: str) -> pb_grpc.LayerServiceStub:
+    def _stub(self, address: str, tls_name: str | None = None) -> pb_grpc.LayerServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
             if self._tls is None:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             else:
+                options: list[tuple[str, Any]] = list(self._options)
+                if tls_name:  # the name the next worker's certificate carries, if not its host
+                    options.append(("grpc.ssl_target_name_override", tls_name))
                 credentials = self._tls.channel_credentials()
-                channel = grpc.aio.secure_channel(address, credentials, options=self._options)
+                channel = grpc.aio.secure_channel(address, credentials, options=options)
             self._channels.append(channel)
             stub = self._stubs[address] = pb_grpc.LayerServiceStub(channel)
         return stub
 
-    def next_stage(self, route: list[str], step_timeout_s: float, request_id: str) -> NextStage:
-        """A Forward stream to route[0] that relays on along route[1:].
+    def next_stage(self, route: Route, request_id: str) -> NextStage:
+        """A Forward stream to the route's first stage, relaying on along the rest.
 
-        `step_timeout_s` is per stage: a step may take that long for each stage of the
-        route, so the stage nearest to one that stalls notices first and names it.
+        The route's step timeout is per stage: a step may take that long for each stage
+        of the route, so the stage nearest to one that stalls notices first and names it.
         """
-        metadata = (
-            *self._auth,
-            (REQUEST_ID_HEADER, request_id),
-            *route_metadata(route[1:], step_timeout_s),
-        )
-        call = self._stub(route[0]).Forward(metadata=metadata)
-        return NextStage(route[0], call, step_timeout_s * len(route), self._forget)
+        metadata = (*self._auth, (REQUEST_ID_HEADER, request_id), *route.onward().metadata())
+        address = route.addresses[0]
+        call = self._stub(address, route.tls_name).Forward(metadata=metadata)
+        timeout_s = route.step_timeout_s * len(route.addresses)
+        return NextStage(address, call, timeout_s, self._forget)
 
     def _forget(self, address: str) -> None:
         """The next stage at `address` could not be reached: the next call gets a new
@@ -123,7 +106,7 @@ class Peers:
         failing calls meanwhile, even once a restarted worker listens again)."""
         self._stubs.pop(address, None)
 
-    def end_sessions(self, addresses: list[str], session_ids: list[str], request_id: str) -> None:
+    def end_sessions(self, route: Route, session_ids: list[str], request_id: str) -> None:
         """End sessions on other stages, in the background; a stage that does not answer
         (gone, or the link down) is left to its lease and idle TTL."""
         metadata = (*self._auth, (REQUEST_ID_HEADER, request_id))
@@ -131,13 +114,13 @@ class Peers:
 
         async def end(address: str) -> None:
             try:
-                await self._stub(address).EndSession(
+                await self._stub(address, route.tls_name).EndSession(
                     request, timeout=SESSION_DEADLINE_S, metadata=metadata
                 )
             except grpc.aio.AioRpcError as exc:
                 log.info("could not end sessions on %s: %s", address, exc.details())
 
-        for address in addresses:
+        for address in route.addresses:
             task = asyncio.create_task(end(address))
             self._ending.add(task)
             task.add_done_callback(self._ending.discard)

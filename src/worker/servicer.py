@@ -25,12 +25,12 @@ from mlx_cluster.contract.errors import ClusterError, InvalidArgument, error_met
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY
+from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY, Route
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
-from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed, route_of
+from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed
 from mlx_cluster.worker.ring import DecodeLoop, StepResult
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.sessions import check_id
@@ -232,10 +232,10 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         return reply
 
     def _open_next(self, context: grpc.aio.ServicerContext) -> NextStage | None:
-        route, step_timeout_s = route_of(context.invocation_metadata())
-        if not route:
+        route = Route.of_call(context.invocation_metadata())
+        if not route.addresses:
             return None
-        return self._peers.next_stage(route, step_timeout_s, request_id.get())
+        return self._peers.next_stage(route, request_id.get())
 
     async def Forward(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
@@ -304,7 +304,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         ends otherwise ends its rows' sessions, here and further down the ring."""
         _bind_request_id(context)
         stream_id = next(self._stream_ids)
-        route, _ = route_of(context.invocation_metadata())
+        route = Route.of_call(context.invocation_metadata())
         next_stage = self._open_next(context)
 
         async def step(ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
@@ -334,7 +334,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         stream_id: int,
         next_stage: NextStage | None,
         loop: DecodeLoop,
-        route: list[str],
+        route: Route,
         why: str,
     ) -> None:
         """A Decode call ended badly: end its rows' sessions here and on every later stage.

@@ -44,8 +44,8 @@ from mlx_cluster.contract.rpc import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SESSION_DEADLINE_S,
+    Route,
     client_channel_options,
-    route_metadata,
 )
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.streams import close_call, ended_status
@@ -100,6 +100,7 @@ class WorkerClient:
         self.name = name or address
         self._named = name is not None  # a configured name beats the worker's own
         self._auth = (token_metadata(token),) if token else ()
+        self._tls_name = tls.server_name if tls else None  # the workers' relays need it too
         liveness = liveness or LivenessConfig()
         options: list[tuple[str, Any]] = list(
             client_channel_options(
@@ -307,7 +308,8 @@ class WorkerClient:
 
     def decode_call(self, route: list[str], step_timeout_s: float) -> grpc.aio.StreamStreamCall:
         """A Decode call: this worker's decode loop, relaying along `route` (engine/ring.py)."""
-        metadata = (*self._metadata(), *route_metadata(route, step_timeout_s))
+        relay = Route(tuple(route), step_timeout_s, self._tls_name)
+        metadata = (*self._metadata(), *relay.metadata())
         return self._stub.Decode(metadata=metadata)
 
 
