@@ -38,6 +38,9 @@ from mlx_cluster.worker.sessions import check_id
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Steps the decode loop may run ahead of the caller reading their events.
+EVENTS_AHEAD = 8
+
 # gRPC ends the requests of a Forward call whose client vanished as if the client had
 # half-closed, and cancels the handler a loop iteration or two later: wait this long
 # before taking an end of requests as clean (1 ms caught every case measured).
@@ -61,6 +64,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
 
 def _check_ids(session_ids: Iterable[str]) -> list[str]:
     return [check_id(sid) for sid in session_ids]
+
+
+async def _pump(loop: DecodeLoop, events: asyncio.Queue[pb.DecodeEvent | Exception | None]) -> None:
+    """The decode loop's events into `events`, then None; or the error that ended it."""
+    try:
+        async for event in loop.events():
+            await events.put(event)
+    except Exception as exc:
+        await events.put(exc)
+        return
+    await events.put(None)
 
 
 def _how_it_ended(exc: BaseException) -> str:
@@ -277,22 +291,26 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     async def _ring_step(
         self,
-        context: grpc.aio.ServicerContext,
         next_stage: NextStage | None,
         stream_id: int,
         ids: list[str],
         offsets: list[int],
         tokens: list[int],
     ) -> StepResult:
+        """One step through the ring; a failure here or further down raises (ClusterError,
+        RelayFailed naming the stage), for the Decode call to answer with."""
         job = self._compute.submit(
             steps.ring_first, self.runtime, ids, offsets, tokens, stream_id, next_stage is None
         )
-        first, compute_s = await self._answer(context, job)
+        try:
+            first, compute_s = await job
+        except ValueError as exc:  # bytes that are no tensor, say
+            raise InvalidArgument(str(exc)) from exc
         if next_stage is None:
             assert isinstance(first, pb.ForwardResponse)
             return StepResult(list(first.sampled), compute_s, 0.0)
         assert isinstance(first, pb.ForwardRequest)
-        reply, relay_s = await self._answer(context, next_stage.step(first))
+        reply, relay_s = await next_stage.step(first)
         return StepResult(
             list(reply.sampled), compute_s + reply.compute_seconds, relay_s - reply.compute_seconds
         )
@@ -301,30 +319,41 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         self, request_iterator: AsyncIterator[pb.DecodeCommand], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeEvent]:
         """The decode loop: an event per step until the client half-closes. A call that
-        ends otherwise ends its rows' sessions, here and further down the ring."""
+        ends otherwise ends its rows' sessions, here and further down the ring.
+
+        The loop steps in a task of its own: the next step starts as soon as a token is
+        in, while the event that reports it is still being written to the caller.
+        """
         _bind_request_id(context)
         stream_id = next(self._stream_ids)
         route = Route.of_call(context.invocation_metadata())
         next_stage = self._open_next(context)
 
         async def step(ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
-            return await self._ring_step(context, next_stage, stream_id, ids, offsets, tokens)
+            return await self._ring_step(next_stage, stream_id, ids, offsets, tokens)
 
         loop = DecodeLoop(step, self.runtime.settings.max_batch)
+        events: asyncio.Queue[pb.DecodeEvent | Exception | None] = asyncio.Queue(EVENTS_AHEAD)
         reader = asyncio.create_task(self._read_commands(request_iterator, loop))
-        failure: ClusterError | None = None
+        stepping = asyncio.create_task(_pump(loop, events))
+        failure: Exception | None = None
         try:
-            async for event in loop.events():
-                yield event
-        except ClusterError as exc:  # a bad command: answered as the call's status below
-            failure = exc
-        except BaseException as exc:
+            while (item := await events.get()) is not None:
+                if isinstance(item, Exception):
+                    failure = item
+                    break
+                yield item
+        except BaseException as exc:  # cancelled, or the call broke
             self._end_ring(stream_id, next_stage, loop, route, _how_it_ended(exc))
             raise
         finally:
             reader.cancel()
+            stepping.cancel()
         if failure is not None:
-            self._end_ring(stream_id, next_stage, loop, route, f"failed ({failure})")
+            self._end_ring(stream_id, next_stage, loop, route, f"failed ({failure!r:.200})")
+            if not isinstance(failure, ClusterError):
+                log.error("the decode loop failed", exc_info=failure)
+                failure = ClusterError(f"the decode loop failed: {failure!r:.300}")
             await _abort(context, failure)
         if next_stage is not None:
             await next_stage.close()
