@@ -227,24 +227,34 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_ca(launch, pki)
     assert (await client_of(launch, address, tls=tls).info()).name == "worker-0"
 
 
-async def test_cluster_from_config_over_token_and_mutual_tls(launch, pki, tiny_llama, tmp_path):
-    server_tls = TlsFiles(pki.server_cert, pki.server_key, pki.ca)
-    addresses = [await launch(token=TOKEN, tls=server_tls) for _ in range(2)]
-    (tmp_path / "token").write_text(f"  {TOKEN}\n")
+def mutual_tls_config(
+    pki: Pki, model: Path, addresses: list[str], **token: str
+) -> dict[str, object]:
+    """A cluster file's contents: these workers over mutual TLS, checked by SERVER_NAME,
+    with `token` (token=... or token_file=...)."""
     auth = {
-        "token_file": str(tmp_path / "token"),
+        **token,
         "tls_ca": pki.ca,
         "tls_cert": pki.client_cert,
         "tls_key": pki.client_key,
         "tls_server_name": SERVER_NAME,
     }
-    config = {
-        "model": str(tiny_llama),
+    return {
+        "model": str(model),
         "workers": [{"address": a, "memory_gb": 8} for a in addresses],
         "kv": {"max_session_tokens": 512},
         "reserve_gb": 0.5,
         "auth": auth,
     }
+
+
+async def test_cluster_from_config_over_token_and_mutual_tls(launch, pki, tiny_llama, tmp_path):
+    server_tls = TlsFiles(pki.server_cert, pki.server_key, pki.ca)
+    addresses = [await launch(token=TOKEN, tls=server_tls) for _ in range(2)]
+    (tmp_path / "token").write_text(f"  {TOKEN}\n")
+    config = mutual_tls_config(pki, tiny_llama, addresses, token_file=str(tmp_path / "token"))
+    auth = config["auth"]
+    assert isinstance(auth, dict)
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     cluster = await start_from_config(load_config(path, dotenv=None, env={}).config)
@@ -270,20 +280,7 @@ async def test_workers_relay_to_each_other_by_the_name_in_their_certificates(
     the decode ring's worker-to-worker calls check that name too."""
     server_tls = TlsFiles(pki.named_cert, pki.named_key, pki.ca)
     addresses = [await launch(token=TOKEN, tls=server_tls) for _ in range(3)]
-    auth = {
-        "token": TOKEN,
-        "tls_ca": pki.ca,
-        "tls_cert": pki.client_cert,
-        "tls_key": pki.client_key,
-        "tls_server_name": SERVER_NAME,
-    }
-    config = {
-        "model": str(tiny_llama),
-        "workers": [{"address": a, "memory_gb": 8} for a in addresses],
-        "kv": {"max_session_tokens": 512},
-        "reserve_gb": 0.5,
-        "auth": auth,
-    }
+    config = mutual_tls_config(pki, tiny_llama, addresses, token=TOKEN)
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     cluster = await start_from_config(load_config(path, dotenv=None, env={}).config)
