@@ -31,6 +31,8 @@ class StepResult:
 
 # (session ids, offsets, tokens to feed) -> the step's result
 RingStep = Callable[[list[str], list[int], list[int]], Awaitable[StepResult]]
+# Steps the loop may run ahead of the caller reading their events (see DecodeLoop.pump).
+EVENTS_AHEAD = 8
 
 
 @dataclass
@@ -107,6 +109,20 @@ class DecodeLoop:
                 compute_seconds=result.compute_s,
                 relay_seconds=result.relay_s,
             )
+
+    async def pump(self, events: asyncio.Queue[pb.DecodeEvent | Exception | None]) -> None:
+        """The events into `events`, then None; or the error that ended the loop.
+
+        Run as a task of its own, the loop starts its next step as soon as a step's
+        tokens are in, while the event reporting them is still being written.
+        """
+        try:
+            async for event in self.events():
+                await events.put(event)
+        except Exception as exc:
+            await events.put(exc)
+            return
+        await events.put(None)
 
     def _advance(self, row: Row, token: int) -> None:
         row.offset += 1

@@ -31,15 +31,12 @@ from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
 from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed
-from mlx_cluster.worker.ring import DecodeLoop, StepResult
+from mlx_cluster.worker.ring import EVENTS_AHEAD, DecodeLoop, StepResult
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.sessions import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Steps the decode loop may run ahead of the caller reading their events.
-EVENTS_AHEAD = 8
 
 # gRPC ends the requests of a Forward call whose client vanished as if the client had
 # half-closed, and cancels the handler a loop iteration or two later: wait this long
@@ -64,17 +61,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
 
 def _check_ids(session_ids: Iterable[str]) -> list[str]:
     return [check_id(sid) for sid in session_ids]
-
-
-async def _pump(loop: DecodeLoop, events: asyncio.Queue[pb.DecodeEvent | Exception | None]) -> None:
-    """The decode loop's events into `events`, then None; or the error that ended it."""
-    try:
-        async for event in loop.events():
-            await events.put(event)
-    except Exception as exc:
-        await events.put(exc)
-        return
-    await events.put(None)
 
 
 def _how_it_ended(exc: BaseException) -> str:
@@ -335,7 +321,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         loop = DecodeLoop(step, self.runtime.settings.max_batch)
         events: asyncio.Queue[pb.DecodeEvent | Exception | None] = asyncio.Queue(EVENTS_AHEAD)
         reader = asyncio.create_task(self._read_commands(request_iterator, loop))
-        stepping = asyncio.create_task(_pump(loop, events))
+        stepping = asyncio.create_task(loop.pump(events))
         failure: Exception | None = None
         try:
             while (item := await events.get()) is not None:

@@ -27,12 +27,21 @@ def inputs(request: pb.ForwardRequest) -> tuple[mx.array | None, mx.array | None
     return hidden, tokens
 
 
+Inputs = tuple[mx.array | None, mx.array | None]  # a step's hidden states and token ids
+
+
 def step_here(
-    runtime: WorkerRuntime, request: pb.ForwardRequest, stream_id: int
+    runtime: WorkerRuntime,
+    request: pb.ForwardRequest,
+    stream_id: int,
+    decoded: Inputs | None = None,
 ) -> pb.ForwardResponse:
-    """One step that ends here: hidden states out, or each row's next token."""
+    """One step that ends here: hidden states out, or each row's next token.
+
+    `decoded`: the request's inputs where the caller has them as arrays already.
+    """
     started = time.perf_counter()
-    hidden, tokens = inputs(request)
+    hidden, tokens = decoded or inputs(request)
     ids, offsets = list(request.session_ids), list(request.offsets)
     response = pb.ForwardResponse(step_id=request.step_id)
     if request.sample:
@@ -47,12 +56,16 @@ def step_here(
 
 
 def step_onward(
-    runtime: WorkerRuntime, request: pb.ForwardRequest, stream_id: int
+    runtime: WorkerRuntime,
+    request: pb.ForwardRequest,
+    stream_id: int,
+    decoded: Inputs | None = None,
 ) -> tuple[pb.ForwardRequest, float]:
     """This stage's part of a relayed step: the request for the next stage, and the
-    seconds it took. The next stages decide what the end returns."""
+    seconds it took. The next stages decide what the end returns (`decoded` as for
+    `step_here`)."""
     started = time.perf_counter()
-    hidden, tokens = inputs(request)
+    hidden, tokens = decoded or inputs(request)
     ids, offsets = list(request.session_ids), list(request.offsets)
     out = runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
     onward = pb.ForwardRequest(
@@ -79,8 +92,9 @@ def ring_first(
     token when this stage is also the `last`, else the request for the next stage; and
     the seconds it took."""
     request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
-    tensor.encode(mx.array(tokens, dtype=mx.uint32)[:, None], out=request.token_ids)
+    token_ids = mx.array(tokens, dtype=mx.uint32)[:, None]
     if last:
-        reply = step_here(runtime, request, stream_id)
+        reply = step_here(runtime, request, stream_id, (None, token_ids))
         return reply, reply.compute_seconds
-    return step_onward(runtime, request, stream_id)
+    tensor.encode(token_ids, out=request.token_ids)  # the last stage's processors see them
+    return step_onward(runtime, request, stream_id, (None, token_ids))
