@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mlx_cluster import coordinator_cmd, plan_cmd
 from mlx_cluster.contract.config import ClusterConfig
-from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.contract.layers import LayerRange, split_proportional
 from mlx_cluster.contract.plan import (
     GB,
     ClusterPlan,
@@ -24,7 +24,6 @@ from mlx_cluster.contract.plan import (
     manual_ranges,
     plan_for_config,
     plan_layers,
-    split_proportional,
 )
 from mlx_cluster.contract.plan_report import render_plan
 

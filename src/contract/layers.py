@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -66,3 +67,33 @@ def check_coverage(ranges: list[LayerRange]) -> None:
         expected = r.end
     if expected != total:
         raise ValueError(f"layer ranges end at {expected}, model has {total} layers")
+
+
+def split_proportional(total: int, weights: list[float]) -> list[int]:
+    """Split `total` into integers proportional to `weights` by largest remainder.
+
+    Ties in the remainders go to the earlier weight. Counts may be 0.
+
+    Raises:
+        ValueError: if weights are empty, negative, or all zero.
+    """
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    scale = sum(weights)
+    exact = [total * w / scale for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def at_least_one(counts: list[int]) -> list[int]:
+    """Give every zero count one layer, taken from the largest counts."""
+    counts = list(counts)
+    for i, c in enumerate(counts):
+        if c == 0:
+            donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
+            counts[donor] -= 1
+            counts[i] = 1
+    return counts

@@ -20,7 +20,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlx_cluster.contract.layers import LayerRange, check_coverage, split_by_counts
+from mlx_cluster.contract.layers import (
+    LayerRange,
+    at_least_one,
+    check_coverage,
+    split_by_counts,
+    split_proportional,
+)
 
 if TYPE_CHECKING:
     from mlx_cluster.contract.config import ClusterConfig
@@ -124,36 +130,6 @@ def edge_names(first: bool, last: bool) -> str:
 
 
 # --- arithmetic ------------------------------------------------------------------------
-
-
-def split_proportional(total: int, weights: list[float]) -> list[int]:
-    """Split `total` into integers proportional to `weights` by largest remainder.
-
-    Ties in the remainders go to the earlier weight. Counts may be 0.
-
-    Raises:
-        ValueError: if weights are empty, negative, or all zero.
-    """
-    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
-    scale = sum(weights)
-    exact = [total * w / scale for w in weights]
-    counts = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def _at_least_one(counts: list[int]) -> list[int]:
-    """Give every zero count one layer, taken from the largest counts."""
-    counts = list(counts)
-    for i, c in enumerate(counts):
-        if c == 0:
-            donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
-            counts[donor] -= 1
-            counts[i] = 1
-    return counts
 
 
 class _Costs:
@@ -313,7 +289,7 @@ def _assign(
     total = facts.num_layers
     if total < len(workers):
         raise PlanError(f"model has {total} layers, fewer than the {len(workers)} workers")
-    counts = _at_least_one(split_proportional(total, [w.compute for w in workers]))
+    counts = at_least_one(split_proportional(total, [w.compute for w in workers]))
     targets = [sum(counts[: k + 1]) for k in range(len(counts))]
     limits = _layer_limits(facts, workers, reserve_bytes)
     bounds = _fitting_boundaries(costs, limits, targets, total)

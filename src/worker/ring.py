@@ -13,11 +13,15 @@ The loop knows nothing of gRPC or MLX: `step` runs one step through the ring.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.worker.sessions import check_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,23 @@ class DecodeLoop:
             await events.put(exc)
             return
         await events.put(None)
+
+    async def read_commands(self, commands: AsyncIterator[pb.DecodeCommand]) -> None:
+        """Queue the caller's commands until it half-closes (then `close`); a command that
+        names a malformed session id fails the loop between two steps."""
+        try:
+            async for command in commands:
+                for row in command.add:
+                    check_id(row.session_id)
+                for session_id in command.drop:
+                    check_id(session_id)
+                self.command(command)
+        except ClusterError as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # bytes that are no DecodeCommand, or the call ended
+            log.debug("Decode commands ended: %r", exc)
+        self.close()
 
     def _advance(self, row: Row, token: int) -> None:
         row.offset += 1

@@ -320,7 +320,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
         loop = DecodeLoop(step, self.runtime.settings.max_batch)
         events: asyncio.Queue[pb.DecodeEvent | Exception | None] = asyncio.Queue(EVENTS_AHEAD)
-        reader = asyncio.create_task(self._read_commands(request_iterator, loop))
+        reader = asyncio.create_task(loop.read_commands(request_iterator))
         stepping = asyncio.create_task(loop.pump(events))
         failure: Exception | None = None
         try:
@@ -365,24 +365,6 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             ids = sorted(loop.seen)
             self._compute.post(self.runtime.end_sessions, ids)
             self._peers.end_sessions(route, ids, request_id.get())
-
-    async def _read_commands(
-        self,
-        request_iterator: AsyncIterator[pb.DecodeCommand],
-        loop: DecodeLoop,
-    ) -> None:
-        try:
-            async for command in request_iterator:
-                for row in command.add:
-                    check_id(row.session_id)
-                _check_ids(command.drop)
-                loop.command(command)
-        except ClusterError as exc:  # the loop raises it between two steps
-            loop.fail(exc)
-            return
-        except Exception as exc:  # bytes that are no DecodeCommand, or the call ended
-            log.debug("Decode commands ended: %r", exc)
-        loop.close()
 
     async def Lease(
         self, request: pb.LeaseRequest, context: grpc.aio.ServicerContext

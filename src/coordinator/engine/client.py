@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -50,6 +49,7 @@ from mlx_cluster.contract.rpc import (
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.streams import close_call, ended_status
 from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
+from mlx_cluster.coordinator.engine.events import HopTiming
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -61,21 +61,6 @@ END_RETRY_MAX_S = 30.0
 LEASE_RETRY_S = 0.5
 # A closed Forward stream's worker has this long to end the call before it is cancelled.
 STREAM_CLOSE_WAIT_S = 1.0
-
-
-@dataclass
-class HopTiming:
-    """Where the time of one step on one worker went (seconds)."""
-
-    encode: float = 0.0
-    round_trip: float = 0.0  # send to receive, worker compute included
-    compute: float = 0.0  # as the worker measured it
-    decode: float = 0.0
-
-    @property
-    def network(self) -> float:
-        """Round trip minus the worker's compute: transport, queueing, framing."""
-        return max(self.round_trip - self.compute, 0.0)
 
 
 class WorkerClient:

@@ -14,6 +14,21 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class HopTiming:
+    """Where the time of one step on one worker went (seconds)."""
+
+    encode: float = 0.0
+    round_trip: float = 0.0  # send to receive, worker compute included
+    compute: float = 0.0  # as the worker measured it
+    decode: float = 0.0
+
+    @property
+    def network(self) -> float:
+        """Round trip minus the worker's compute: transport, queueing, framing."""
+        return max(self.round_trip - self.compute, 0.0)
+
+
 @dataclass(frozen=True)
 class HopEvent:
     """One step on one worker: where its time went (seconds)."""
