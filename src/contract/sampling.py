@@ -302,7 +302,8 @@ def pick_rows(
 
     Args:
         pickers: row b's sampling state.
-        inputs: row b's tokens of this step [L], fed to its picker.
+        inputs: row b's tokens of this step [L], fed to its picker (read only where a
+            session has processors; may be empty otherwise).
         positions: row b's position of the token drawn (see TokenPicker.draw).
     """
     if any(p.processors for p in pickers):

@@ -31,7 +31,9 @@ def sample_rows(
     then feeds token_ids[b] [L] and draws the token of position positions[b].
     """
     logits = edges.head(hidden[:, -1:, :])[:, -1, :]
-    inputs = [token_ids[row] for row in range(token_ids.shape[0])]
+    # Only processors read a row's tokens: no slicing per row otherwise.
+    processed = any(p.processors for p in pickers)
+    inputs = [token_ids[row] for row in range(token_ids.shape[0])] if processed else []
     return pick_rows(pickers, inputs, logits, positions)
 
 
