@@ -11,20 +11,27 @@ step of B sessions at a time (the worker batches them itself), greedy:
   in this process, which a pipeline stage never has);
 - one worker stage holding everything: token ids in, the embedding, every
   layer, the head and the sampling, tokens out (`WorkerRuntime.forward_sample`);
-- two worker stages in turn, split at the middle layer, as the ring runs them:
-  stage 0 embeds the token ids and runs its layers, its output goes on as a
-  serialized `ForwardRequest` (the hidden states and token ids as wire
-  `Tensor`s), which stage 1 parses and decodes before its layers, the head and
-  the sampling. Each part is reported as well as the whole.
+- that stage stepping ahead, as the decode loop of a ring of one stage drives
+  it (`LookAhead`): step n+1 is built on step n's lazy tokens and started
+  before step n is read, mlx-lm's overlap, so compare it with mlx-lm overlapped;
+- N worker stages in turn (`--stages`, N > 1), the layers split into N runs of
+  (nearly) equal length, as the ring runs them: stage 0 embeds the token ids
+  and runs its layers, each stage's output goes on as a serialized
+  `ForwardRequest` (the hidden states and token ids as wire `Tensor`s), which
+  the next stage parses and decodes before its layers; the last one adds the
+  head and the sampling. Each part is reported as well as the whole.
 
-Every step waits for its result: a worker reads its sampled tokens to the host.
+Every step but those stepping ahead waits for its result before the next is
+built: a worker reads its sampled tokens to the host.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +49,7 @@ from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
 from mlx_cluster.worker.capabilities import detect
+from mlx_cluster.worker.lookahead import LookAhead
 from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
 
 
@@ -142,7 +150,7 @@ class Ring:
             self.stages.append(stage)
         self.names = [stage.require_loaded().describe() for stage in self.stages]
         self.session_ids = [f"s{row}" for row in range(batch)]
-        self.message_bytes = 0  # the last step's message from stage 0 to stage 1
+        self.message_bytes = 0  # the last step's message from one stage to the next
         self.tokens: list[int] = []  # each session's next input
         prompts = prompt_tokens(batch, prompt)
         for row, sid in enumerate(self.session_ids):
@@ -174,13 +182,36 @@ class Ring:
         """One decode step of every session, fed the tokens it sampled; seconds per part."""
         token_ids = mx.array(self.tokens, dtype=mx.uint32)[:, None]
         picked, parts = self.run(self.session_ids, self.offsets, token_ids)
+        self.advance(picked)
+        return parts
+
+    def stepping_ahead(self, lookahead: LookAhead, count: int) -> Callable[[], dict[str, float]]:
+        """`step` for a ring of one stage, as its decode loop drives `lookahead`: each of
+        the next `count` steps but the last builds and starts the one after it."""
+        left = iter(range(count - 1, -1, -1))  # steps after this one
+
+        def step() -> dict[str, float]:
+            ahead = next(left) > 0
+            picked, _ = lookahead.step(self.session_ids, self.offsets, self.tokens, ahead)
+            self.advance(picked)
+            return {}
+
+        return step
+
+    def advance(self, picked: list[SampledToken]) -> None:
+        """Each session's next input: the token it sampled, at the next position."""
         self.tokens = [p.token for p in picked]
         self.offsets = [offset + 1 for offset in self.offsets]
-        return parts
 
     def close(self) -> None:
         for stage in self.stages:
             stage.unload()
+
+
+def splits_of(layers: int, stages: int) -> list[tuple[int, int]]:
+    """[start, end) of each of `stages` consecutive runs of (nearly) equal length."""
+    bounds = [k * layers // stages for k in range(stages + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 def ring_steps(
@@ -188,19 +219,24 @@ def ring_steps(
     splits: list[tuple[int, int]],
     eval_every: int,
     batch: int,
-    prompt: int,
-    warmup: int,
-    steps: int,
+    args: argparse.Namespace,
+    ahead: bool = False,
 ) -> tuple[float, dict[str, float], int]:
     """Mean seconds of a step through `splits` and of each of its parts, and the bytes
-    stage 0 sends stage 1 (0 for one stage)."""
-    ring = Ring(path, splits, eval_every, batch, prompt)
-    for _ in range(warmup):
-        ring.step()
+    each stage sends the next (0 for one stage). With `ahead` (one stage only), the
+    steps are driven through a `LookAhead` and no part is timed on its own."""
+    ring = Ring(path, splits, eval_every, batch, args.prompt_tokens)
+    count = args.warmup + args.steps
+    lookahead = LookAhead(ring.stages[0], stream_id=0) if ahead else None
+    step = ring.step if lookahead is None else ring.stepping_ahead(lookahead, count)
+    for _ in range(args.warmup):
+        step()
     laps: list[dict[str, float]] = []
-    total = timed(lambda: laps.append(ring.step()), 0, steps)
+    total = timed(lambda: laps.append(step()), 0, args.steps)
     ring.close()
-    parts = {name: sum(lap[name] for lap in laps) / steps for name in laps[0]}
+    if lookahead is not None and lookahead.taken < count - 1:
+        print(f"B={batch}: only {lookahead.taken} of {count} steps taken ahead", file=sys.stderr)
+    parts = {name: sum(lap[name] for lap in laps) / args.steps for name in laps[0]}
     return total, parts, ring.message_bytes
 
 
@@ -225,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[4, 8], default=None)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--batches", type=positive_ints, default=(1, 16), help="sessions per step")
+    p.add_argument(
+        "--stages", type=positive_ints, default=(1, 2), help="worker stage counts, e.g. 1,2,4"
+    )
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument(
         "--eval-every",
@@ -238,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def worker_runs(stage_counts: tuple[int, ...]) -> list[tuple[str, int, bool]]:
+    """The worker's rows: name, stage count, whether stepping ahead."""
+    runs: list[tuple[str, int, bool]] = []
+    for n in stage_counts:
+        if n == 1:
+            runs += [("one stage", 1, False), ("one stage, stepping ahead", 1, True)]
+        else:
+            runs.append((f"{n} stages in turn", n, False))
+    return runs
+
+
 def measure_batch(
     path: Path, layers: int, batch: int, eval_every: tuple[int, ...], args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, str], int]:
@@ -246,16 +296,11 @@ def measure_batch(
     labels = {name: name for name in row}
     released()
     message_bytes = 0
-    half = layers // 2
     for every in eval_every:
-        for name, splits in (
-            ("one stage", [(0, layers)]),
-            ("two stages in turn", [(0, half), (half, layers)]),
-        ):
+        for name, stages, ahead in worker_runs(args.stages):
             key = f"worker, {name}, eval every {every}"
-            total, parts, sent = ring_steps(
-                path, splits, every, batch, args.prompt_tokens, args.warmup, args.steps
-            )
+            splits = splits_of(layers, stages)
+            total, parts, sent = ring_steps(path, splits, every, batch, args, ahead)
             row[key], labels[key] = total, key
             if len(parts) > 1:
                 row |= {f"{key}: {part}": s for part, s in parts.items()}
@@ -266,13 +311,16 @@ def measure_batch(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.demo:  # the demo's activations are DEMO_DTYPE whatever --dtype says
         args.dtype, args.bits = DEMO_DTYPE, None
         path = ensure_demo_model()
     else:
         path = ensure_model(args.model_shape, args.dtype, args.bits, args.cache_dir)
     layers = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    if max(args.stages) > layers:
+        parser.error(f"--stages: at most {layers} stages, one per layer of this model")
     eval_every = args.eval_every or (
         WorkerSettings(name="default").layer_eval_every(metal=mx.metal.is_available()),
     )
@@ -293,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    sizes = ", ".join(f"B={b}: {n} bytes" for b, n in message_bytes.items())
-    print(f"stage 0 -> stage 1 message (ForwardRequest): {sizes}")
+    if any(message_bytes.values()):
+        sizes = ", ".join(f"B={b}: {n} bytes" for b, n in message_bytes.items())
+        print(f"each stage -> the next, message (ForwardRequest): {sizes}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"model": str(path), "seconds": results, "message_bytes": message_bytes}

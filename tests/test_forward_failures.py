@@ -19,7 +19,7 @@ import pytest
 from mlx_cluster import tensor
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.worker import runtime as worker_runtime
+from mlx_cluster.worker import stage as worker_stage
 
 HIDDEN = 64  # the tiny models' hidden size
 
@@ -122,7 +122,7 @@ async def test_a_forward_call_half_closed_by_the_client_keeps_its_sessions(stub)
 
 async def test_a_step_failing_inside_the_layers_ends_its_sessions(stub, monkeypatch):
     """The layers ran (caches grew) and then failed: the sessions' caches are past their offset."""
-    forward_rows = worker_runtime.forward_rows
+    forward_rows = worker_stage.forward_rows
 
     def fail_after_the_layers(*args, **kwargs):
         forward_rows(*args, **kwargs)
@@ -130,7 +130,7 @@ async def test_a_step_failing_inside_the_layers_ends_its_sessions(stub, monkeypa
 
     await open_sessions(stub, "a", "bystander")
     await single_step(stub, request(["bystander"], [0]))
-    monkeypatch.setattr(worker_runtime, "forward_rows", fail_after_the_layers)
+    monkeypatch.setattr(worker_stage, "forward_rows", fail_after_the_layers)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await single_step(stub, request(["a"], [0], length=3))
     details = failure.value.details() or ""

@@ -50,13 +50,17 @@ class FakeRing:
         self.gate = asyncio.Event()
         self.gate.set()
         self.started = asyncio.Event()  # set whenever a step starts
+        self.aheads: list[bool] = []  # each step's hint that the next carries the same rows
 
     @staticmethod
     def token(offset: int) -> int:
         return 100 * offset + 1
 
-    async def __call__(self, ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
+    async def __call__(
+        self, ids: list[str], offsets: list[int], tokens: list[int], ahead: bool
+    ) -> StepResult:
         self.steps.append((ids, offsets, tokens))
+        self.aheads.append(ahead)
         self.started.set()
         await self.gate.wait()
         sampled = [pb.Sampled(token=self.token(o)) for o in offsets]
@@ -92,6 +96,7 @@ async def test_a_row_steps_with_the_token_it_was_given_then_each_sampled_one():
     assert ring.steps == [(["a"], [10], [7]), (["a"], [11], [1001]), (["a"], [12], [1101])]
     # exactly max_tokens tokens: reported as left in the event of its last step
     assert [list(e.left) for e in got] == [[], [], ["a"]]
+    assert ring.aheads == [True, True, False]  # no step is started ahead of its last
     assert (got[0].compute_seconds, got[0].relay_seconds) == (0.5, 0.25)
     loop.close()
     with pytest.raises(StopAsyncIteration):
@@ -242,7 +247,7 @@ def greedy(model_factory) -> dict[int, list[int]]:
     return want
 
 
-@pytest.mark.parametrize("counts", [[5, 3], [1, 5, 2]], ids=["5-3", "1-5-2"])
+@pytest.mark.parametrize("counts", [[8], [5, 3], [1, 5, 2]], ids=["8", "5-3", "1-5-2"])
 async def test_the_ring_gives_mlx_lm_greedy_tokens(tiny_llama, start_workers, greedy, counts):
     clients = await start_workers(len(counts))
     await load_ring(tiny_llama, clients, counts)
@@ -254,10 +259,14 @@ async def test_the_ring_gives_mlx_lm_greedy_tokens(tiny_llama, start_workers, gr
     assert got[row0.session_id] == greedy[0]
 
 
-async def test_two_rows_in_one_ring_each_get_their_own_tokens(tiny_llama, start_workers, greedy):
-    """The second row joins while the first decodes, at another offset."""
-    clients = await start_workers(3)
-    await load_ring(tiny_llama, clients, [2, 3, 3])
+@pytest.mark.parametrize("counts", [[8], [2, 3, 3]], ids=["8", "2-3-3"])
+async def test_two_rows_in_one_ring_each_get_their_own_tokens(
+    tiny_llama, start_workers, greedy, counts
+):
+    """The second row joins while the first decodes, at another offset (on one worker,
+    the step it computed ahead for the first row alone is dropped)."""
+    clients = await start_workers(len(counts))
+    await load_ring(tiny_llama, clients, counts)
     row0, row1 = [await prefilled(clients, p) for p in PROMPTS]
     ring = Ring(clients, STEP_TIMEOUT_S)
     await ring.send(add=[row0])

@@ -3,8 +3,9 @@
 The coordinator checks a request's SamplingParams and sends them (`to_spec`)
 when it opens a session; the stage holding the LM head rebuilds them
 (`from_spec`), keeps one TokenPicker per session and answers each sampling
-step with SampledTokens (`pick_rows`). Sampling is a step of mlx-lm's
-generate_step: the same processors, logprobs and sampler give its tokens.
+step with SampledTokens (`pick_rows`, or `Picks` built now and read later).
+Sampling is a step of mlx-lm's generate_step: the same processors, logprobs and
+sampler give its tokens.
 """
 
 from __future__ import annotations
@@ -256,6 +257,12 @@ class SampledToken:
     top: tuple[tuple[int, float], ...]  # (token, logprob) alternatives, most likely first
     logprobs: mx.array | None  # [vocab] float32, with full_logprobs only
 
+    def to_message(self) -> pb.Sampled:
+        """A new message."""
+        out = pb.Sampled()
+        self.to_proto(out)
+        return out
+
     def to_proto(self, out: pb.Sampled) -> None:
         """Write into `out` (e.g. an element of a response's repeated field)."""
         out.token = self.token
@@ -292,54 +299,87 @@ def pick_rows(
     logits: mx.array,
     positions: Sequence[int],
 ) -> list[SampledToken]:
-    """One token for each row of `logits` [B, vocab], drawn by that row's picker.
+    """One token for each row of `logits` [B, vocab], drawn by that row's picker (see
+    `Picks.build`), evaluated and read."""
+    return Picks.build(pickers, inputs, logits, positions).read()
 
-    The whole step is one batched operation: processors run on the rows of sessions
-    that have them, then logprobs, greedy draws, the drawn tokens' logprobs and the
-    alternatives for every row at once; only sessions that sample at a temperature
-    draw on their own (each with its sampler, seeded by position). Everything is
-    evaluated at once and read back in one host read.
 
-    Args:
-        pickers: row b's sampling state.
-        inputs: row b's tokens of this step [L], fed to its picker (read only where a
-            session has processors; may be empty otherwise).
-        positions: row b's position of the token drawn (see TokenPicker.draw).
-    """
-    if any(p.processors for p in pickers):
-        logits = mx.concatenate(
-            [p.process(inputs[b], logits[b : b + 1]) for b, p in enumerate(pickers)]
-        )
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    tokens = _draw(pickers, logprobs, positions)
-    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    k = max(p.params.top_logprobs for p in pickers)
-    top_ids, top_values = _top(logprobs, k)
-    full = [
-        logprobs[b].astype(mx.float32) if p.params.full_logprobs else None
-        for b, p in enumerate(pickers)
-    ]
-    # Token ids are below 2**24, exact in float32: one array, one read.
-    packed = mx.concatenate(
-        [
-            tokens.astype(mx.float32),
-            chosen.astype(mx.float32),
-            top_ids.astype(mx.float32).flatten(),
-            top_values.flatten(),
+@dataclass(frozen=True)
+class Picks:
+    """A sampling step built but not read: its tokens are a lazy array the next step can
+    be built on before they are known (what mlx-lm's generate_step does)."""
+
+    tokens: mx.array  # [B] uint32, lazy
+    packed: mx.array  # tokens, their logprobs, the alternatives' ids and logprobs
+    full: list[mx.array | None]  # row b's [vocab] logprobs where its session asked for them
+    top_logprobs: list[int]  # row b's number of alternatives
+    k: int  # alternatives per row in `packed`
+
+    @classmethod
+    def build(
+        cls,
+        pickers: Sequence[TokenPicker],
+        inputs: Sequence[mx.array],
+        logits: mx.array,
+        positions: Sequence[int],
+    ) -> Picks:
+        """One token for each row of `logits` [B, vocab], drawn by that row's picker.
+
+        The whole step is one batched operation: processors run on the rows of sessions
+        that have them, then logprobs, greedy draws, the drawn tokens' logprobs and the
+        alternatives for every row at once; only sessions that sample at a temperature
+        draw on their own (each with its sampler, seeded by position). `read` evaluates
+        everything at once and reads it back in one host read.
+
+        Args:
+            pickers: row b's sampling state.
+            inputs: row b's tokens of this step [L], fed to its picker (read only where a
+                session has processors; may be empty otherwise).
+            positions: row b's position of the token drawn (see TokenPicker.draw).
+        """
+        if any(p.processors for p in pickers):
+            logits = mx.concatenate(
+                [p.process(inputs[b], logits[b : b + 1]) for b, p in enumerate(pickers)]
+            )
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = _draw(pickers, logprobs, positions)
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        k = max(p.params.top_logprobs for p in pickers)
+        top_ids, top_values = _top(logprobs, k)
+        full = [
+            logprobs[b].astype(mx.float32) if p.params.full_logprobs else None
+            for b, p in enumerate(pickers)
         ]
-    )
-    mx.eval(packed, [f for f in full if f is not None])
-    values = cast(list[float], packed.tolist())
-    rows = len(pickers)
-    ids, logprob = values[:rows], values[rows : 2 * rows]
-    top = values[2 * rows :]
-    result = []
-    for b, picker in enumerate(pickers):
-        kb = picker.params.top_logprobs
-        at_ids, at_values = b * k, rows * k + b * k
-        alternatives = tuple((int(top[at_ids + i]), top[at_values + i]) for i in range(min(kb, k)))
-        result.append(SampledToken(int(ids[b]), logprob[b], alternatives, full[b]))
-    return result
+        # Token ids are below 2**24, exact in float32: one array, one read.
+        packed = mx.concatenate(
+            [
+                tokens.astype(mx.float32),
+                chosen.astype(mx.float32),
+                top_ids.astype(mx.float32).flatten(),
+                top_values.flatten(),
+            ]
+        )
+        return cls(tokens, packed, full, [p.params.top_logprobs for p in pickers], k)
+
+    def start(self) -> None:
+        """Hand the step to the device without waiting for it."""
+        mx.async_eval(self.packed, [f for f in self.full if f is not None])
+
+    def read(self) -> list[SampledToken]:
+        """Evaluate the step and read each row's token."""
+        mx.eval(self.packed, [f for f in self.full if f is not None])
+        values = cast(list[float], self.packed.tolist())
+        rows, k = len(self.full), self.k
+        ids, logprob = values[:rows], values[rows : 2 * rows]
+        top = values[2 * rows :]
+        result = []
+        for b, kb in enumerate(self.top_logprobs):
+            at_ids, at_values = b * k, rows * k + b * k
+            alternatives = tuple(
+                (int(top[at_ids + i]), top[at_values + i]) for i in range(min(kb, k))
+            )
+            result.append(SampledToken(int(ids[b]), logprob[b], alternatives, self.full[b]))
+        return result
 
 
 def _draw(pickers: Sequence[TokenPicker], logprobs: mx.array, positions: Sequence[int]) -> mx.array:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from mlx_cluster.contract.errors import InvalidArgument
-from mlx_cluster.contract.sampling import SampledToken, TokenPicker, pick_rows
+from mlx_cluster.contract.sampling import Picks, TokenPicker
 from mlx_cluster.models.slicing import ModelEdges
 from mlx_cluster.worker.sessions import Session
 
@@ -24,8 +24,9 @@ def sample_rows(
     pickers: Sequence[TokenPicker],
     token_ids: mx.array,
     positions: Sequence[int],
-) -> list[SampledToken]:
-    """Each row's next token from hidden states [B, L, D] after the model's last layer.
+) -> Picks:
+    """Each row's next token from hidden states [B, L, D] after the model's last layer,
+    built and not yet read.
 
     The final norm and LM head run on each row's last position; row b's picker
     then feeds token_ids[b] [L] and draws the token of position positions[b].
@@ -34,7 +35,7 @@ def sample_rows(
     # Only processors read a row's tokens: no slicing per row otherwise.
     processed = any(p.processors for p in pickers)
     inputs = [token_ids[row] for row in range(token_ids.shape[0])] if processed else []
-    return pick_rows(pickers, inputs, logits, positions)
+    return Picks.build(pickers, inputs, logits, positions)
 
 
 def pickers_of(sessions: Sequence[Session]) -> list[TokenPicker]:

@@ -33,8 +33,10 @@ class StepResult:
     relay_s: float  # the rest of the time after this stage's compute
 
 
-# (session ids, offsets, tokens to feed) -> the step's result
-RingStep = Callable[[list[str], list[int], list[int]], Awaitable[StepResult]]
+# (session ids, offsets, tokens to feed, ahead) -> the step's result; `ahead`: the next
+# step will most likely carry the same rows (no row is at its last token), so a stage
+# that can may start it before this one is read.
+RingStep = Callable[[list[str], list[int], list[int], bool], Awaitable[StepResult]]
 # Steps the loop may run ahead of the caller reading their events (see DecodeLoop.pump).
 EVENTS_AHEAD = 8
 
@@ -97,8 +99,12 @@ class DecodeLoop:
                     yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
+            ahead = all(r.remaining > 1 for r in rows)
             result = await self._step(
-                [r.session_id for r in rows], [r.offset for r in rows], [r.token for r in rows]
+                [r.session_id for r in rows],
+                [r.offset for r in rows],
+                [r.token for r in rows],
+                ahead,
             )
             if len(result.sampled) != len(rows):
                 raise InvalidArgument(

@@ -21,17 +21,11 @@ import mlx.core as mx
 from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
-from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
+from mlx_cluster.contract.sampling import Picks, SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
-from mlx_cluster.worker.batching import batch_for, can_batch
-from mlx_cluster.worker.compute import (
-    check_hidden,
-    check_rows,
-    check_token_ids,
-    forward_batch,
-    forward_rows,
-)
+from mlx_cluster.worker.batching import can_batch
+from mlx_cluster.worker.compute import check_hidden, check_rows, check_token_ids
 from mlx_cluster.worker.picking import check_history_kept, feed_pickers, pickers_of, sample_rows
 from mlx_cluster.worker.sessions import Session, SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
@@ -260,7 +254,7 @@ class WorkerRuntime:
         if token_ids is None:
             check_history_kept(sessions)
         out = self._guarded(
-            loaded, session_ids, lambda: _run_layers(loaded, sessions, x, last_position_only)
+            loaded, session_ids, lambda: loaded.run_layers(sessions, x, last_position_only)
         )
         if token_ids is not None:
             feed_pickers(sessions, token_ids)
@@ -289,6 +283,19 @@ class WorkerRuntime:
         Raises:
             InvalidArgument: this stage holds no head, or `token_ids` is missing.
         """
+        picks = self.sample_lazily(session_ids, hidden, offsets, stream_id, token_ids)
+        return self.read_picks(session_ids, picks)
+
+    def sample_lazily(
+        self,
+        session_ids: list[str],
+        hidden: mx.array | None,
+        offsets: list[int],
+        stream_id: int = 0,
+        token_ids: mx.array | None = None,
+    ) -> Picks:
+        """`forward_sample`'s step, handed to the device and not read: its tokens are a
+        lazy array the next step can be built on (the sessions count the step now)."""
         loaded = self.require_loaded()
         if loaded.edges is None or not loaded.head:
             raise InvalidArgument(
@@ -302,16 +309,32 @@ class WorkerRuntime:
         pickers = pickers_of(sessions)
         positions = [offset + token_ids.shape[1] for offset in offsets]
 
-        def step() -> list[SampledToken]:
+        def step() -> Picks:
             # The head and the draw are built on the layers' lazy output: one evaluation
             # for the whole step (the caches' updates are part of what the draw needs).
-            out = _run_layers(loaded, sessions, x, last_position_only=True, evaluate=False)
-            return sample_rows(edges, out, pickers, token_ids, positions)
+            out = loaded.run_layers(sessions, x, last_position_only=True, evaluate=False)
+            picks = sample_rows(edges, out, pickers, token_ids, positions)
+            picks.start()
+            return picks
 
-        picked = self._guarded(loaded, session_ids, step)
+        picks = self._guarded(loaded, session_ids, step)
         for session in sessions:
             loaded.sessions.advance(session, token_ids.shape[1], stream_id)
-        return picked
+        return picks
+
+    def read_picks(self, session_ids: list[str], picks: Picks) -> list[SampledToken]:
+        """Wait for a sampling step and read its tokens (a failure ends its sessions)."""
+        return self._guarded(self.require_loaded(), session_ids, picks.read)
+
+    def steps_back_exactly(self, session_ids: list[str]) -> bool:
+        """Whether these open sessions' last positions can be forgotten exactly."""
+        store = self.require_loaded().sessions
+        return all(store.get(sid).steps_back_exactly for sid in session_ids)
+
+    def step_back(self, session_ids: list[str]) -> None:
+        """Forget the last cached position of these sessions (those still open)."""
+        if self.loaded is not None:
+            self.loaded.sessions.step_back(session_ids)
 
     def _begin_step(
         self,
@@ -359,18 +382,3 @@ class WorkerRuntime:
                 f"the step failed in {where}: {exc!r:.300}; its "
                 f"{len(session_ids)} session(s) were ended (open them again and replay)"
             ) from exc
-
-
-def _run_layers(
-    loaded: Loaded,
-    sessions: list[Session],
-    hidden: mx.array,
-    last_position_only: bool,
-    evaluate: bool = True,
-) -> mx.array:
-    """The step through the slice: decode steps of several sessions as one batch if allowed."""
-    if hidden.shape[1] == 1 and len(sessions) > 1 and loaded.batch_decode:
-        group, rows = batch_for(sessions)
-        return forward_batch(loaded.layer_slice, hidden, group.caches, rows, evaluate)
-    caches = [s.own_caches() for s in sessions]
-    return forward_rows(loaded.layer_slice, hidden, caches, last_position_only, evaluate)

@@ -31,7 +31,8 @@ from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
 from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed
-from mlx_cluster.worker.ring import EVENTS_AHEAD, DecodeLoop, StepResult
+from mlx_cluster.worker.ring import EVENTS_AHEAD, DecodeLoop
+from mlx_cluster.worker.ring_steps import RingSteps
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.sessions import check_id
 
@@ -275,32 +276,6 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     # --- the decode loop ----------------------------------------------------------
 
-    async def _ring_step(
-        self,
-        next_stage: NextStage | None,
-        stream_id: int,
-        ids: list[str],
-        offsets: list[int],
-        tokens: list[int],
-    ) -> StepResult:
-        """One step through the ring; a failure here or further down raises (ClusterError,
-        RelayFailed naming the stage), for the Decode call to answer with."""
-        job = self._compute.submit(
-            steps.ring_first, self.runtime, ids, offsets, tokens, stream_id, next_stage is None
-        )
-        try:
-            first, compute_s = await job
-        except ValueError as exc:  # bytes that are no tensor, say
-            raise InvalidArgument(str(exc)) from exc
-        if next_stage is None:
-            assert isinstance(first, pb.ForwardResponse)
-            return StepResult(list(first.sampled), compute_s, 0.0)
-        assert isinstance(first, pb.ForwardRequest)
-        reply, relay_s = await next_stage.step(first)
-        return StepResult(
-            list(reply.sampled), compute_s + reply.compute_seconds, relay_s - reply.compute_seconds
-        )
-
     async def Decode(
         self, request_iterator: AsyncIterator[pb.DecodeCommand], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeEvent]:
@@ -315,10 +290,8 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         route = Route.of_call(context.invocation_metadata())
         next_stage = self._open_next(context)
 
-        async def step(ids: list[str], offsets: list[int], tokens: list[int]) -> StepResult:
-            return await self._ring_step(next_stage, stream_id, ids, offsets, tokens)
-
-        loop = DecodeLoop(step, self.runtime.settings.max_batch)
+        ring_steps = RingSteps(self._compute, self.runtime, next_stage, stream_id)
+        loop = DecodeLoop(ring_steps, self.runtime.settings.max_batch)
         events: asyncio.Queue[pb.DecodeEvent | Exception | None] = asyncio.Queue(EVENTS_AHEAD)
         reader = asyncio.create_task(loop.read_commands(request_iterator))
         stepping = asyncio.create_task(loop.pump(events))
@@ -335,6 +308,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         finally:
             reader.cancel()
             stepping.cancel()
+            ring_steps.close()
         if failure is not None:
             self._end_ring(stream_id, next_stage, loop, route, f"failed ({failure!r:.200})")
             if not isinstance(failure, ClusterError):

@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    KVCache,
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
 
 from mlx_cluster.contract.errors import (
     InvalidArgument,
@@ -34,6 +40,9 @@ from mlx_cluster.contract.sampling import TokenPicker
 from mlx_cluster.worker.batching import BatchGroup
 
 MAX_ID_LENGTH = 128
+# Caches whose last positions can always be forgotten exactly (a rotating cache cannot
+# once it has wrapped around, nor can a state-space model's state).
+EXACT_TRIM = (KVCache, QuantizedKVCache, BatchKVCache)
 
 
 def check_id(value: str, what: str = "session id") -> str:
@@ -79,6 +88,12 @@ class Session:
         if self.group is not None:
             self.group.remove(self, keep_caches=True)
         return self.caches
+
+    @property
+    def steps_back_exactly(self) -> bool:
+        """Whether its last cached position can be forgotten exactly (`step_back`)."""
+        caches = self.group.caches if self.group is not None else self.caches
+        return all(type(c) in EXACT_TRIM for c in caches)
 
     @property
     def charge(self) -> int:
@@ -205,6 +220,27 @@ class SessionStore:
             session.picker.truncate(length)
         self._set_offset(session, length)
         return length
+
+    def step_back(self, session_ids: list[str]) -> None:
+        """Forget the last cached position of each open session named (unknown ids are
+        skipped): a step computed ahead and not taken (see worker/lookahead.py).
+
+        Sessions that are exactly the rows of one batch step back together, without
+        leaving it; others are truncated one by one.
+        """
+        sessions = [self._sessions[sid] for sid in session_ids if sid in self._sessions]
+        group = sessions[0].group if sessions else None
+        whole_group = group is not None and len(group.members) == len(sessions)
+        if group is not None and whole_group and all(s.group is group for s in sessions):
+            for cache in group.caches:
+                cache.trim(1)
+            for session in sessions:
+                if session.picker is not None:
+                    session.picker.truncate(session.offset - 1)
+                self._set_offset(session, session.offset - 1)
+            return
+        for session in sessions:
+            self.truncate(session.session_id, session.offset - 1)
 
     def end(self, session_ids: list[str]) -> int:
         """Drop sessions; unknown ids are ignored. Returns how many were open."""

@@ -1,5 +1,6 @@
-"""The stage a worker holds (its layers, and the edges of the first and last stage), and
-how a LoadLayers request for one is checked and read from disk."""
+"""The stage a worker holds (its layers, and the edges of the first and last stage), how
+its sessions' steps run through it, and how a LoadLayers request for one is checked
+and read from disk."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
 from mlx_cluster.models.sources import resolve_model
-from mlx_cluster.worker.sessions import SessionStore
+from mlx_cluster.worker.batching import batch_for
+from mlx_cluster.worker.compute import forward_batch, forward_rows
+from mlx_cluster.worker.sessions import Session, SessionStore
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,21 @@ class Loaded:
     def holds(self, model: str, start: int, end: int, embedding: bool, head: bool) -> bool:
         held = (self.layer_slice.start, self.layer_slice.end, self.embedding, self.head)
         return self.model == model and held == (start, end, embedding, head)
+
+    def run_layers(
+        self,
+        sessions: list[Session],
+        hidden: mx.array,
+        last_position_only: bool,
+        evaluate: bool = True,
+    ) -> mx.array:
+        """A step of these sessions through the slice: decode steps of several sessions
+        as one batch if allowed (see compute.py)."""
+        if hidden.shape[1] == 1 and len(sessions) > 1 and self.batch_decode:
+            group, rows = batch_for(sessions)
+            return forward_batch(self.layer_slice, hidden, group.caches, rows, evaluate)
+        caches = [s.own_caches() for s in sessions]
+        return forward_rows(self.layer_slice, hidden, caches, last_position_only, evaluate)
 
     def describe(self) -> str:
         """e.g. "layers [0, 4) with the embedding", for messages."""

@@ -86,15 +86,11 @@ def ring_first(
     offsets: list[int],
     tokens: list[int],
     stream_id: int,
-    last: bool,
-) -> tuple[pb.ForwardResponse | pb.ForwardRequest, float]:
-    """The first stage's part of a decode step, feeding each row's token: each row's next
-    token when this stage is also the `last`, else the request for the next stage; and
-    the seconds it took."""
+) -> tuple[pb.ForwardRequest, float]:
+    """The first stage's part of a decode step through a ring of several stages, feeding
+    each row's token: the request for the next stage, and the seconds it took. (A ring
+    of one stage steps ahead instead: lookahead.py.)"""
     request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
     token_ids = mx.array(tokens, dtype=mx.uint32)[:, None]
-    if last:
-        reply = step_here(runtime, request, stream_id, (None, token_ids))
-        return reply, reply.compute_seconds
     tensor.encode(token_ids, out=request.token_ids)  # the last stage's processors see them
     return step_onward(runtime, request, stream_id, (None, token_ids))

@@ -1,0 +1,61 @@
+"""One Decode call's steps: the first stage's part on the compute thread, the rest relayed.
+
+A ring of one stage (this worker holds the whole model) steps one step ahead, as
+mlx-lm's generate_step does (lookahead.py); a longer ring hands this stage's
+hidden states to the next stage and waits for the last stage's tokens.
+"""
+
+from __future__ import annotations
+
+from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.worker import steps
+from mlx_cluster.worker.compute_thread import ComputeThread
+from mlx_cluster.worker.lookahead import LookAhead
+from mlx_cluster.worker.relay import NextStage
+from mlx_cluster.worker.ring import StepResult
+from mlx_cluster.worker.runtime import WorkerRuntime
+
+
+class RingSteps:
+    """The RingStep of one Decode call (see ring.DecodeLoop)."""
+
+    def __init__(
+        self,
+        compute: ComputeThread,
+        runtime: WorkerRuntime,
+        next_stage: NextStage | None,
+        stream_id: int,
+    ) -> None:
+        self._compute = compute
+        self._runtime = runtime
+        self._next_stage = next_stage
+        self._stream_id = stream_id
+        self._lookahead = LookAhead(runtime, stream_id) if next_stage is None else None
+
+    async def __call__(
+        self, ids: list[str], offsets: list[int], tokens: list[int], ahead: bool
+    ) -> StepResult:
+        """One step through the ring; a failure here or further down raises (ClusterError,
+        RelayFailed naming the stage), for the Decode call to answer with."""
+        if self._lookahead is not None:
+            sampled, compute_s = await self._compute.submit(
+                self._lookahead.step, ids, offsets, tokens, ahead
+            )
+            return StepResult([token.to_message() for token in sampled], compute_s, 0.0)
+        assert self._next_stage is not None
+        job = self._compute.submit(
+            steps.ring_first, self._runtime, ids, offsets, tokens, self._stream_id
+        )
+        try:
+            onward, compute_s = await job
+        except ValueError as exc:  # bytes that are no tensor, say
+            raise InvalidArgument(str(exc)) from exc
+        reply, relay_s = await self._next_stage.step(onward)
+        return StepResult(
+            list(reply.sampled), compute_s + reply.compute_seconds, relay_s - reply.compute_seconds
+        )
+
+    def close(self) -> None:
+        """The call is over: a step computed ahead is not taken (queued, not awaited)."""
+        if self._lookahead is not None:
+            self._compute.post(self._lookahead.discard)
