@@ -137,8 +137,14 @@ async def test_generate_endpoint_plain_and_streamed(api):
             "tokens_per_second",
             "prefill_tokens_per_second",
             "total_ms",
+            "draft_tokens",
+            "accepted_draft_tokens",
+            "decode_steps",
+            "tokens_per_step",
         }
         assert perf["total_ms"] >= perf["ttft_ms"] > 0
+        made = reply["usage"]["completion_tokens"]  # an end-of-sequence token is not counted
+        assert perf["draft_tokens"] == 0 and perf["decode_steps"] in (made, made + 1)
         pieces = []
         async with http.stream("POST", "/generate", json={**body, "stream": True}) as stream:
             async for line in stream.aiter_lines():

@@ -57,13 +57,14 @@ class FakeRing:
         return 100 * offset + 1
 
     async def __call__(
-        self, ids: list[str], offsets: list[int], tokens: list[int], ahead: bool
+        self, ids: list[str], offsets: list[int], tokens: list[list[int]], ahead: bool
     ) -> StepResult:
-        self.steps.append((ids, offsets, tokens))
+        assert all(len(row) == 1 for row in tokens), "no row drafts here"
+        self.steps.append((ids, offsets, [row[0] for row in tokens]))
         self.aheads.append(ahead)
         self.started.set()
         await self.gate.wait()
-        sampled = [pb.Sampled(token=self.token(o)) for o in offsets]
+        sampled = [[pb.Sampled(token=self.token(o))] for o in offsets]
         return StepResult(sampled, compute_s=0.5, relay_s=0.25)
 
 

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 
-from mlx_cluster.contract.errors import InvalidArgument
-from mlx_cluster.contract.sampling import InvalidParam, SamplingParams, check_token_ids
+from mlx_cluster.contract.errors import InvalidArgument, InvalidParam
+from mlx_cluster.contract.sampling import SamplingParams, check_token_ids
 from mlx_cluster.coordinator.engine.cluster import Cluster
 
 VOCAB = 384  # the tiny random model's vocabulary

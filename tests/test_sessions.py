@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
 from mlx_cluster.contract.errors import (
     InvalidArgument,
     KVCapacityExceeded,
+    OffsetMismatch,
     SessionNotFound,
     SessionTooLarge,
 )
@@ -125,3 +127,22 @@ def test_sessions_are_bounded_in_number():
     s.open("b", 0)
     with pytest.raises(KVCapacityExceeded, match="2 sessions open, at most 2 allowed"):
         s.open("c", 0)
+
+
+def test_a_rewind_forgets_the_rejected_drafts_of_the_last_step_only():
+    """A verified step fed 5 tokens and the last stage kept 3: the session forgets 2. A
+    step that expects fewer tokens than that is still an offset mismatch."""
+    s = store()
+    a = s.open("a", 0)
+    a.caches[0].update_and_fetch(mx.zeros((1, 1, 8, 4)), mx.zeros((1, 1, 8, 4)))
+    s.advance(a, 3)  # a prompt chunk
+    s.advance(a, 5)  # a decode step with 4 drafts
+    s.rewind("a", 6)
+    assert (a.offset, a.caches[0].offset, s.used) == (6, 6, 6)
+    s.rewind("a", 6)  # nothing past it: nothing to forget
+    with pytest.raises(OffsetMismatch, match="of which it may forget 0"):
+        s.rewind("a", 5)  # a kept token
+    s.advance(a, 2)
+    with pytest.raises(OffsetMismatch, match="of which it may forget 1"):
+        s.rewind("a", 6)  # into the step before
+    assert a.offset == 8

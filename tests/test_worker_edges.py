@@ -16,9 +16,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
-from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.contract.errors import InvalidArgument, InvalidParam
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.contract.sampling import InvalidParam, SampledToken, SamplingParams
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.contract.worker_info import WorkerInfo
 from mlx_cluster.models.slicing import load_edges
 from mlx_cluster.worker.capabilities import detect

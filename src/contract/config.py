@@ -17,6 +17,7 @@ from mlx_cluster.contract.rpc import (
     MAX_MESSAGE_BYTES,
     MIB,
 )
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation
 
 ENV_PREFIX = "MLX_CLUSTER_"
 # Variables with our prefix that belong to the tools, not to the cluster's settings.
@@ -160,6 +161,22 @@ class BatchingConfig(_Strict):
     prefill_chunk: int = Field(default=512, ge=1)  # prompt tokens per prefill step
 
 
+SpeculativeMethod = Literal["none", "prompt_lookup"]  # contract.speculation.METHODS
+
+
+class SpeculativeConfig(_Strict):
+    """Speculative decoding: a decode step also verifies tokens drafted for a request, so
+    one traversal of the pipeline can give several of its tokens (the tokens are those of
+    decoding without drafts). The server's default; a request may ask for its own."""
+
+    method: SpeculativeMethod = "none"  # prompt_lookup: drafts from the request's own tokens
+    num_draft_tokens: int = Field(default=4, ge=1, le=MAX_DRAFT_TOKENS)  # drafts a step, at most
+
+    def speculation(self) -> Speculation:
+        """The engine's default for requests that do not say."""
+        return Speculation(self.method, self.num_draft_tokens)
+
+
 class LivenessConfig(_Strict):
     """How soon a worker that stopped answering counts as lost (then a standby takes its
     stage, or its requests end with 503). A frozen worker or a silent link is noticed within
@@ -225,6 +242,7 @@ class ClusterConfig(_Strict):
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
     batching: BatchingConfig = Field(default_factory=BatchingConfig)  # continuous batching
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)  # drafted tokens
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)  # when a worker is lost
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
     auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys

@@ -31,6 +31,14 @@ class InvalidArgument(ClusterError, ValueError):
     kind = "invalid_argument"
 
 
+class InvalidParam(InvalidArgument):
+    """An InvalidArgument that names the request parameter at fault (OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class SessionNotFound(ClusterError, KeyError):
     """A session id the worker does not hold (never opened, ended, or evicted)."""
 

@@ -12,26 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_cluster import tensor
-from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.contract.errors import InvalidParam
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from mlx_cluster.contract.speculation import Speculation
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
-
-
-class InvalidParam(InvalidArgument):
-    """An InvalidArgument that names the request parameter at fault (OpenAI's `param`)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def check_token_ids(param: str, ids: Iterable[int], vocab_size: int) -> None:
@@ -83,6 +78,7 @@ class SamplingParams:
     top_logprobs: int = 0  # alternatives to report per token
     ignore_eos: bool = False  # keep going past end-of-sequence tokens
     full_logprobs: bool = False  # report the whole logprob vector with each token (evaluation)
+    speculative: Speculation | None = None  # how it drafts tokens; None = the server's default
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,7 +117,7 @@ class SamplingParams:
     def to_spec(self) -> pb.SamplingSpec:
         """The fields the sampling stage needs, every one written (a set spec is complete).
 
-        max_tokens, stop and ignore_eos stay with the coordinator.
+        max_tokens, stop, ignore_eos and speculative stay with the coordinator.
         """
         spec = pb.SamplingSpec(
             temperature=self.temperature,

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlx_cluster.contract.errors import ClusterError
+from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.sampling import Picks, SampledToken
+from mlx_cluster.worker import steps
 from mlx_cluster.worker.runtime import WorkerRuntime
 
 
@@ -64,6 +66,14 @@ class LookAhead:
         if self._ahead is not None:
             self._ahead.fed = [s.token for s in sampled]
         return sampled, time.perf_counter() - started
+
+    def verify(
+        self, session_ids: list[str], offsets: list[int], tokens: list[list[int]]
+    ) -> tuple[list[list[pb.Sampled]], float]:
+        """A step that feeds drafts (never computed ahead): each row's verified tokens,
+        and the seconds it took."""
+        self.discard()
+        return steps.verify_alone(self._runtime, session_ids, offsets, tokens, self._stream_id)
 
     def discard(self) -> None:
         """Forget the step computed ahead, if any (its sessions step back)."""

@@ -2,8 +2,10 @@
 
 Each step feeds every row's token through the ring (this stage's layers, then
 the stages after it, the last of which samples) and the sampled tokens are fed
-into the next step at once. Rows join and leave by command between two steps;
-a row also leaves on its own after its `max_tokens` tokens or a stop token.
+into the next step at once. A row that drafts (speculative decoding) feeds its
+drafts after its token, and the last stage answers the tokens it verified.
+Rows join and leave by command between two steps; a row also leaves on its own
+after its `max_tokens` tokens or a stop token.
 Every step is reported as one event, which names the rows that left since the
 previous one, so the caller knows when no step carries a session any more.
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, DraftLength, PromptLookup
 from mlx_cluster.worker.sessions import check_id
 
 log = logging.getLogger(__name__)
@@ -26,30 +29,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepResult:
-    """One step through the ring: row b's sampled token, and where the time went."""
+    """One step through the ring: row b's sampled tokens (one, unless it fed drafts), and
+    where the time went."""
 
-    sampled: list[pb.Sampled]
+    rows: list[list[pb.Sampled]]
     compute_s: float  # every stage's compute, summed
     relay_s: float  # the rest of the time after this stage's compute
 
 
-# (session ids, offsets, tokens to feed, ahead) -> the step's result; `ahead`: the next
-# step will most likely carry the same rows (no row is at its last token), so a stage
-# that can may start it before this one is read.
-RingStep = Callable[[list[str], list[int], list[int], bool], Awaitable[StepResult]]
+# (session ids, offsets, tokens to feed, ahead) -> the step's result. Row b feeds
+# tokens[b]: its last token, then any drafts (every row as long). `ahead`: the next step
+# will most likely carry the same rows, one token each (no row is at its last token and
+# none fed drafts), so a stage that can may start it before this one is read.
+RingStep = Callable[[list[str], list[int], list[list[int]], bool], Awaitable[StepResult]]
 # Steps the loop may run ahead of the caller reading their events (see DecodeLoop.pump).
 EVENTS_AHEAD = 8
 
 
 @dataclass
 class Row:
-    """A session in the loop: what its cache holds and what it feeds next."""
+    """A session in the loop: what its cache holds, what it feeds next, how it drafts."""
 
     session_id: str
     offset: int
     token: int
     remaining: int
     stop_tokens: frozenset[int]
+    lookup: PromptLookup | None = None  # its tokens so far, with drafting on
+    draft_length: DraftLength | None = None
 
     @classmethod
     def from_proto(cls, row: pb.DecodeRow) -> Row:
@@ -57,9 +64,24 @@ class Row:
             raise InvalidArgument(
                 f"a decode row needs max_tokens >= 1, got {row.max_tokens} for a session"
             )
-        return cls(
+        if row.draft_tokens > MAX_DRAFT_TOKENS:
+            raise InvalidArgument(
+                f"a decode row drafts at most {MAX_DRAFT_TOKENS} tokens a step, "
+                f"got {row.draft_tokens}"
+            )
+        made = cls(
             row.session_id, row.offset, row.token, row.max_tokens, frozenset(row.stop_tokens)
         )
+        if row.draft_tokens:
+            made.lookup = PromptLookup([*row.context, row.token])
+            made.draft_length = DraftLength(row.draft_tokens)
+        return made
+
+    def drafts(self) -> list[int]:
+        """The tokens it may feed after its own at the next step (none past its last)."""
+        if self.lookup is None or self.draft_length is None:
+            return []
+        return self.lookup.drafts(min(self.draft_length.next(), self.remaining - 1))
 
 
 class DecodeLoop:
@@ -99,22 +121,31 @@ class DecodeLoop:
                     yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
-            ahead = all(r.remaining > 1 for r in rows)
+            drafts = [r.drafts() for r in rows]
+            length = 1 + max(len(d) for d in drafts)
+            # Shorter rows are padded: a padded position is verified like a draft.
+            fed = [
+                [r.token, *d] + [r.token] * (length - 1 - len(d))
+                for r, d in zip(rows, drafts, strict=True)
+            ]
+            ahead = length == 1 and all(r.remaining > 1 for r in rows)
             result = await self._step(
-                [r.session_id for r in rows],
-                [r.offset for r in rows],
-                [r.token for r in rows],
-                ahead,
+                [r.session_id for r in rows], [r.offset for r in rows], fed, ahead
             )
-            if len(result.sampled) != len(rows):
+            if len(result.rows) != len(rows) or not all(result.rows):
                 raise InvalidArgument(
-                    f"the last stage answered {len(result.sampled)} tokens for {len(rows)} rows"
+                    f"the last stage answered {[len(r) for r in result.rows]} tokens "
+                    f"for {len(rows)} rows"
                 )
-            for row, sampled in zip(rows, result.sampled, strict=True):
-                self._advance(row, sampled.token)
+            taken = [self._advance(row, got) for row, got in zip(rows, result.rows, strict=True)]
+            for row, drafted, got in zip(rows, drafts, result.rows, strict=True):
+                if row.draft_length is not None:
+                    row.draft_length.update(len(drafted), min(len(got) - 1, len(drafted)))
             yield pb.DecodeEvent(
                 session_ids=[r.session_id for r in rows],
-                sampled=result.sampled,
+                sampled=[token for row in taken for token in row],
+                counts=[len(row) for row in taken] if length > 1 else [],
+                drafted=[len(d) for d in drafts] if length > 1 else [],
                 left=self._take_left(),
                 compute_seconds=result.compute_s,
                 relay_seconds=result.relay_s,
@@ -151,12 +182,19 @@ class DecodeLoop:
             log.debug("Decode commands ended: %r", exc)
         self.close()
 
-    def _advance(self, row: Row, token: int) -> None:
-        row.offset += 1
-        row.token = token
-        row.remaining -= 1
-        if row.remaining <= 0 or token in row.stop_tokens:
-            self._leave(row.session_id)
+    def _advance(self, row: Row, tokens: list[pb.Sampled]) -> list[pb.Sampled]:
+        """The row took `tokens` in order (each fed what it follows); the ones it kept:
+        none after its last or a stop token, where it leaves."""
+        for n, sampled in enumerate(tokens):
+            row.offset += 1
+            row.token = sampled.token
+            row.remaining -= 1
+            if row.lookup is not None:
+                row.lookup.extend([sampled.token])
+            if row.remaining <= 0 or sampled.token in row.stop_tokens:
+                self._leave(row.session_id)
+                return tokens[: n + 1]
+        return tokens
 
     def _leave(self, session_id: str) -> None:
         if self.rows.pop(session_id, None) is not None:

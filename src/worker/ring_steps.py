@@ -33,15 +33,12 @@ class RingSteps:
         self._lookahead = LookAhead(runtime, stream_id) if next_stage is None else None
 
     async def __call__(
-        self, ids: list[str], offsets: list[int], tokens: list[int], ahead: bool
+        self, ids: list[str], offsets: list[int], tokens: list[list[int]], ahead: bool
     ) -> StepResult:
         """One step through the ring; a failure here or further down raises (ClusterError,
         RelayFailed naming the stage), for the Decode call to answer with."""
         if self._lookahead is not None:
-            sampled, compute_s = await self._compute.submit(
-                self._lookahead.step, ids, offsets, tokens, ahead
-            )
-            return StepResult([token.to_message() for token in sampled], compute_s, 0.0)
+            return await self._alone(ids, offsets, tokens, ahead)
         assert self._next_stage is not None
         job = self._compute.submit(
             steps.ring_first, self._runtime, ids, offsets, tokens, self._stream_id
@@ -52,8 +49,25 @@ class RingSteps:
             raise InvalidArgument(str(exc)) from exc
         reply, relay_s = await self._next_stage.step(onward)
         return StepResult(
-            list(reply.sampled), compute_s + reply.compute_seconds, relay_s - reply.compute_seconds
+            steps.split_rows(reply),
+            compute_s + reply.compute_seconds,
+            relay_s - reply.compute_seconds,
         )
+
+    async def _alone(
+        self, ids: list[str], offsets: list[int], tokens: list[list[int]], ahead: bool
+    ) -> StepResult:
+        """A step on a stage that is the whole ring."""
+        assert self._lookahead is not None
+        if len(tokens[0]) > 1:  # drafts to verify
+            rows, compute_s = await self._compute.submit(
+                self._lookahead.verify, ids, offsets, tokens
+            )
+            return StepResult(rows, compute_s, 0.0)
+        sampled, compute_s = await self._compute.submit(
+            self._lookahead.step, ids, offsets, [row[0] for row in tokens], ahead
+        )
+        return StepResult([[token.to_message()] for token in sampled], compute_s, 0.0)
 
     def close(self) -> None:
         """The call is over: a step computed ahead is not taken (queued, not awaited)."""

@@ -26,7 +26,13 @@ from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerIn
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.worker.batching import can_batch
 from mlx_cluster.worker.compute import check_hidden, check_rows, check_token_ids
-from mlx_cluster.worker.picking import check_history_kept, feed_pickers, pickers_of, sample_rows
+from mlx_cluster.worker.picking import (
+    check_history_kept,
+    feed_pickers,
+    pickers_of,
+    sample_rows,
+    verify_rows,
+)
 from mlx_cluster.worker.sessions import Session, SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
 from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
@@ -296,15 +302,7 @@ class WorkerRuntime:
     ) -> Picks:
         """`forward_sample`'s step, handed to the device and not read: its tokens are a
         lazy array the next step can be built on (the sessions count the step now)."""
-        loaded = self.require_loaded()
-        if loaded.edges is None or not loaded.head:
-            raise InvalidArgument(
-                f"this worker holds {loaded.describe()}, not the LM head: it cannot sample "
-                "(the last stage samples; load it with head=True)"
-            )
-        if token_ids is None:
-            raise InvalidArgument("a sampling step needs the token_ids of its positions")
-        edges = loaded.edges
+        loaded, edges, token_ids = self._sampling_stage(token_ids)
         sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
         pickers = pickers_of(sessions)
         positions = [offset + token_ids.shape[1] for offset in offsets]
@@ -321,6 +319,49 @@ class WorkerRuntime:
         for session in sessions:
             loaded.sessions.advance(session, token_ids.shape[1], stream_id)
         return picks
+
+    def verify_sample(
+        self,
+        session_ids: list[str],
+        hidden: mx.array | None,
+        offsets: list[int],
+        stream_id: int = 0,
+        token_ids: mx.array | None = None,
+    ) -> list[list[SampledToken]]:
+        """A step that fed drafts, on the last stage: each row's tokens (see
+        picking.verify_rows). Each session keeps only the positions those tokens fed;
+        the other stages forget the rest at their next step (`rewind`)."""
+        loaded, edges, token_ids = self._sampling_stage(token_ids)
+        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        pickers = pickers_of(sessions)
+
+        def step() -> list[list[SampledToken]]:
+            out = loaded.run_layers(sessions, x, last_position_only=False, evaluate=False)
+            return verify_rows(edges, out, pickers, token_ids, offsets)
+
+        kept = self._guarded(loaded, session_ids, step)
+        for session, offset, tokens in zip(sessions, offsets, kept, strict=True):
+            loaded.sessions.advance(session, token_ids.shape[1], stream_id)
+            loaded.sessions.rewind(session.session_id, offset + len(tokens))
+        return kept
+
+    def rewind(self, session_ids: list[str], offsets: list[int]) -> None:
+        """Sessions forget the drafts their last step fed past these offsets."""
+        store = self.require_loaded().sessions
+        for session_id, offset in zip(session_ids, offsets, strict=True):
+            store.rewind(session_id, offset)
+
+    def _sampling_stage(self, token_ids: mx.array | None) -> tuple[Loaded, ModelEdges, mx.array]:
+        """The stage, its edges and the step's token ids, for a step that samples."""
+        loaded = self.require_loaded()
+        if loaded.edges is None or not loaded.head:
+            raise InvalidArgument(
+                f"this worker holds {loaded.describe()}, not the LM head: it cannot sample "
+                "(the last stage samples; load it with head=True)"
+            )
+        if token_ids is None:
+            raise InvalidArgument("a sampling step needs the token_ids of its positions")
+        return loaded, loaded.edges, token_ids
 
     def read_picks(self, session_ids: list[str], picks: Picks) -> list[SampledToken]:
         """Wait for a sampling step and read its tokens (a failure ends its sessions)."""

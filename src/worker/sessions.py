@@ -81,6 +81,7 @@ class Session:
     group: BatchGroup | None = None  # the batch whose caches hold this session's rows
     lease_id: str = ""  # the session ends with this lease; "" = by the idle TTL only
     stream_id: int = 0  # the Forward call of its last step; 0 = none yet
+    rewindable: int = 0  # positions past its last step's first, which a rewind may forget
     picker: TokenPicker | None = None  # how it samples, on the worker holding the head
 
     def own_caches(self) -> list[Any]:
@@ -194,6 +195,24 @@ class SessionStore:
         """Count `new_tokens` more cached tokens, stepped on Forward call `stream_id`."""
         self._set_offset(session, session.offset + new_tokens)
         session.stream_id = stream_id
+        session.rewindable = new_tokens - 1
+
+    def rewind(self, session_id: str, offset: int) -> None:
+        """Forget what a session holds past `offset`: drafts its last step fed and the
+        last stage rejected. Only those: a step that lost more is an offset mismatch.
+        """
+        session = self.get(session_id)
+        surplus = session.offset - offset
+        if surplus <= 0:
+            return
+        if surplus > session.rewindable:
+            raise OffsetMismatch(
+                f"session {session_id!r}: step expects cache offset {offset}, worker holds "
+                f"{session.offset} tokens, of which it may forget {session.rewindable} "
+                "(drafts of its last step)"
+            )
+        self.truncate(session_id, offset)
+        session.rewindable = 0
 
     def truncate(self, session_id: str, length: int) -> int:
         """Keep only the first `length` cached tokens of a session; returns the new length.

@@ -43,8 +43,16 @@ def step_here(
     started = time.perf_counter()
     hidden, tokens = decoded or inputs(request)
     ids, offsets = list(request.session_ids), list(request.offsets)
+    if request.rewind:
+        runtime.rewind(ids, offsets)
     response = pb.ForwardResponse(step_id=request.step_id)
-    if request.sample:
+    if request.sample and request.verify:
+        kept = runtime.verify_sample(ids, hidden, offsets, stream_id, tokens)
+        for row in kept:
+            for token in row:
+                token.to_proto(response.sampled.add())
+        response.counts[:] = [len(row) for row in kept]
+    elif request.sample:
         picked = runtime.forward_sample(ids, hidden, offsets, stream_id, tokens)
         for token in picked:
             token.to_proto(response.sampled.add())
@@ -67,12 +75,16 @@ def step_onward(
     started = time.perf_counter()
     hidden, tokens = decoded or inputs(request)
     ids, offsets = list(request.session_ids), list(request.offsets)
+    if request.rewind:
+        runtime.rewind(ids, offsets)
     out = runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
     onward = pb.ForwardRequest(
         session_ids=ids,
         offsets=offsets,
         last_position_only=request.last_position_only,
         sample=request.sample,
+        rewind=request.rewind,
+        verify=request.verify,
     )
     if request.HasField("token_ids"):
         onward.token_ids.CopyFrom(request.token_ids)
@@ -84,13 +96,49 @@ def ring_first(
     runtime: WorkerRuntime,
     ids: list[str],
     offsets: list[int],
-    tokens: list[int],
+    tokens: list[list[int]],
     stream_id: int,
 ) -> tuple[pb.ForwardRequest, float]:
     """The first stage's part of a decode step through a ring of several stages, feeding
-    each row's token: the request for the next stage, and the seconds it took. (A ring
-    of one stage steps ahead instead: lookahead.py.)"""
-    request = pb.ForwardRequest(session_ids=ids, offsets=offsets, sample=True)
-    token_ids = mx.array(tokens, dtype=mx.uint32)[:, None]
+    row b `tokens[b]` (its last token, then any drafts; every row as long): the request
+    for the next stage, and the seconds it took. (A ring of one stage: lookahead.py.)"""
+    request = ring_request(ids, offsets, tokens)
+    token_ids = mx.array(tokens, dtype=mx.uint32)
     tensor.encode(token_ids, out=request.token_ids)  # the last stage's processors see them
     return step_onward(runtime, request, stream_id, (None, token_ids))
+
+
+def ring_request(ids: list[str], offsets: list[int], tokens: list[list[int]]) -> pb.ForwardRequest:
+    """A decode step's request: it samples, verifies drafts if it feeds any, and lets each
+    stage forget the drafts the previous step's last stage rejected."""
+    return pb.ForwardRequest(
+        session_ids=ids, offsets=offsets, sample=True, rewind=True, verify=len(tokens[0]) > 1
+    )
+
+
+def verify_alone(
+    runtime: WorkerRuntime,
+    ids: list[str],
+    offsets: list[int],
+    tokens: list[list[int]],
+    stream_id: int,
+) -> tuple[list[list[pb.Sampled]], float]:
+    """A decode step that feeds drafts on a stage that is the whole ring: each row's
+    tokens, and the seconds it took."""
+    request = ring_request(ids, offsets, tokens)
+    reply = step_here(runtime, request, stream_id, (None, mx.array(tokens, dtype=mx.uint32)))
+    return split_rows(reply), reply.compute_seconds
+
+
+def split_rows(reply: pb.ForwardResponse) -> list[list[pb.Sampled]]:
+    """Row b's tokens of a sampling step's reply (one each unless it verified drafts)."""
+    sampled = list(reply.sampled)
+    if not reply.counts:
+        return [[token] for token in sampled]
+    rows, at = [], 0
+    for count in reply.counts:
+        rows.append(sampled[at : at + count])
+        at += count
+    if at != len(sampled):
+        raise InvalidArgument(f"the last stage answered {len(sampled)} tokens, its counts say {at}")
+    return rows

@@ -174,7 +174,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step_id", "session_ids", "hidden", "offsets", "last_position_only", "token_ids", "sample")
+    __slots__ = ("step_id", "session_ids", "hidden", "offsets", "last_position_only", "token_ids", "sample", "rewind", "verify")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,8 @@ class ForwardRequest(_message.Message):
     LAST_POSITION_ONLY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     hidden: Tensor
@@ -189,7 +191,9 @@ class ForwardRequest(_message.Message):
     last_position_only: bool
     token_ids: Tensor
     sample: bool
-    def __init__(self, step_id: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., last_position_only: _Optional[bool] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    rewind: bool
+    verify: bool
+    def __init__(self, step_id: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., last_position_only: _Optional[bool] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., rewind: _Optional[bool] = ..., verify: _Optional[bool] = ...) -> None: ...
 
 class Sampled(_message.Message):
     __slots__ = ("token", "logprob", "top_tokens", "top_logprobs", "logprobs")
@@ -206,32 +210,38 @@ class Sampled(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds")
+    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds", "counts")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     compute_seconds: float
     sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
     relay_seconds: float
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ...) -> None: ...
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRow(_message.Message):
-    __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens")
+    __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens", "draft_tokens", "context")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     token: int
     max_tokens: int
     stop_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., token: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft_tokens: int
+    context: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., token: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeCommand(_message.Message):
     __slots__ = ("add", "drop")
@@ -242,18 +252,22 @@ class DecodeCommand(_message.Message):
     def __init__(self, add: _Optional[_Iterable[_Union[DecodeRow, _Mapping]]] = ..., drop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
-    __slots__ = ("session_ids", "sampled", "left", "compute_seconds", "relay_seconds")
+    __slots__ = ("session_ids", "sampled", "left", "compute_seconds", "relay_seconds", "counts", "drafted")
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
     left: _containers.RepeatedScalarFieldContainer[str]
     compute_seconds: float
     relay_seconds: float
-    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ...) -> None: ...
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    drafted: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., drafted: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_ids",)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the coordinator, in a registry of their own (one per app).
 
-Request counts and latencies are recorded by the HTTP layer; hop timings by
+Request counts and latencies are recorded by the HTTP layer, token, draft and
+decode-step counts from each generation's last chunk (`finished`); hop timings by
 the engine's events (`observe`, subscribed to the cluster); worker gauges are
 refreshed from each worker's Info (the cluster's health) when /metrics is scraped.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mlx_cluster.coordinator.engine.events import Event, HopEvent
+from mlx_cluster.coordinator.engine.generation import Performance
 from mlx_cluster.coordinator.engine.health import StageHealth
 
 # Seconds: from sub-millisecond hops to minute-long prefills.
@@ -41,6 +43,13 @@ class Metrics:
         )  # fmt: skip
         self.generated = Counter("mlx_cluster_generated_tokens", "tokens generated", registry=r)
         self.prompt = Counter("mlx_cluster_prompt_tokens", "prompt tokens processed", registry=r)
+        self.drafted = Counter("mlx_cluster_draft_tokens", "draft tokens verified", registry=r)
+        self.accepted = Counter(
+            "mlx_cluster_draft_tokens_accepted", "draft tokens verified and kept", registry=r
+        )
+        self.decode_steps = Counter(
+            "mlx_cluster_decode_steps", "pipeline traversals that carried a request", registry=r
+        )
         self.hop = Histogram(
             "mlx_cluster_hop_seconds",
             "one pipeline step on one worker, by phase (serialize, network, compute, deserialize)",
@@ -58,6 +67,15 @@ class Metrics:
         self.worker_up = Gauge(
             "mlx_cluster_worker_up", "1 if the worker answered", ["worker"], registry=r
         )
+
+    def finished(self, perf: Performance) -> None:
+        """Record a generation that ended, from its last chunk's performance."""
+        self.ttft.observe(perf.ttft_s)
+        self.generated.inc(perf.completion_tokens)
+        self.prompt.inc(perf.prompt_tokens)
+        self.drafted.inc(perf.draft_tokens)
+        self.accepted.inc(perf.accepted_draft_tokens)
+        self.decode_steps.inc(perf.decode_steps)
 
     def observe(self, event: Event) -> None:
         """Record one step on one worker (seconds); network = round trip minus compute."""

@@ -62,11 +62,17 @@ def usage_chunk(env: Envelope, perf: Performance) -> dict[str, Any]:
 
 
 def performance(perf: Performance) -> dict[str, float]:
+    """Timings, and the drafts: verified, accepted, decode steps and tokens per step
+    (0 when no decode step ran)."""
     return {
         "ttft_ms": round(perf.ttft_s * 1000, 3),
         "tokens_per_second": round(perf.tokens_per_second, 3),
         "prefill_tokens_per_second": round(perf.prefill_tokens_per_second, 3),
         "total_ms": round(perf.total_s * 1000, 3),
+        "draft_tokens": perf.draft_tokens,
+        "accepted_draft_tokens": perf.accepted_draft_tokens,
+        "decode_steps": perf.decode_steps,
+        "tokens_per_step": round(perf.tokens_per_step, 3),
     }
 
 

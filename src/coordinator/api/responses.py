@@ -79,9 +79,7 @@ async def metered(chunks: Chunks, deadline: float, drain: Drain, metrics: Metric
                 metrics.inter_token.observe(now - last)
             last = now
             if chunk.performance is not None:
-                metrics.ttft.observe(chunk.performance.ttft_s)
-                metrics.generated.inc(chunk.performance.completion_tokens)
-                metrics.prompt.inc(chunk.performance.prompt_tokens)
+                metrics.finished(chunk.performance)
             yield chunk
 
 

@@ -7,12 +7,15 @@ honour in a way a client would rely on (n > 1) are refused with a 400.
 
 from __future__ import annotations
 
+import dataclasses
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlx_cluster.contract.config import SpeculativeMethod
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -22,6 +25,20 @@ MaxTokens = Annotated[int, Field(ge=1)]
 # The app's limits.max_messages, set for each request by middleware.RequestLimits. It is
 # checked before the messages are validated one by one (100,000 of them take 0.25 s).
 max_messages: ContextVar[int | None] = ContextVar("max_messages", default=None)
+
+
+class SpeculativeRequest(BaseModel):
+    """Extension: how one request drafts tokens; a field left out keeps the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: SpeculativeMethod | None = None
+    # strict: "4" is refused rather than read as 4
+    num_draft_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_DRAFT_TOKENS)] | None = None
+
+    def resolve(self, default: Speculation) -> Speculation:
+        """This request's drafting: its own fields over the server's `default`."""
+        return dataclasses.replace(default, **self.model_dump(exclude_none=True))
 
 
 class _Request(BaseModel):
@@ -41,6 +58,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
+    speculative: SpeculativeRequest | None = None  # extension: None = the server's default
 
     @field_validator("n")
     @classmethod
@@ -71,9 +89,22 @@ class _Request(BaseModel):
     def top_logprobs_wanted(self) -> int:
         return 0
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        """SamplingParams for this request with max_tokens already settled."""
+    def sampling(
+        self, max_tokens: int, default_speculation: Speculation | None = None
+    ) -> SamplingParams:
+        """SamplingParams for this request with max_tokens already settled.
+
+        Args:
+            default_speculation: the server's drafting, which fills the fields a partial
+                `speculative` leaves out (contract.speculation's defaults when None).
+
+        Raises:
+            InvalidParam: a value out of range, naming its field.
+        """
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        speculative = None
+        if self.speculative is not None:
+            speculative = self.speculative.resolve(default_speculation or Speculation())
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -87,6 +118,7 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(stop),
             top_logprobs=self.top_logprobs_wanted(),
+            speculative=speculative,
         )
 
 

@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.plan import ClusterPlan
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.speculation import Speculation
 from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk
 from mlx_cluster.coordinator.engine.health import ClusterHealth
@@ -32,6 +33,9 @@ class ServedModel(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def speculative(self) -> Speculation: ...  # how requests that do not say draft
 
     @property
     def tokenizer(self) -> TokenizerWrapper: ...

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.config import LimitsConfig
-from mlx_cluster.contract.sampling import InvalidParam, SamplingParams
+from mlx_cluster.contract.errors import InvalidParam
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.errors import ApiError
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
@@ -106,7 +107,7 @@ def settle(
     # generate_text runs the same checks; running them here makes a bad id a 400
     # naming its field, before a stream starts.
     try:
-        params = request.sampling(max_tokens)
+        params = request.sampling(max_tokens, cluster.speculative)
         check_request(tokens, params, cluster.vocab_size)
     except InvalidParam as exc:
         raise ApiError(400, str(exc), param=exc.param) from exc

@@ -23,6 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_cluster.contract.config import ClusterConfig
 from mlx_cluster.contract.plan import ClusterPlan
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.speculation import Speculation
 from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk, generate_text
@@ -108,6 +109,11 @@ class Cluster:
     @property
     def vocab_size(self) -> int:
         return self.engine.chain.vocab_size
+
+    @property
+    def speculative(self) -> Speculation:
+        """How requests that do not say draft their tokens (the `speculative` section)."""
+        return self.engine.speculative
 
     async def health(self) -> ClusterHealth:
         """Every stage's worker asked now (concurrently, with a short deadline)."""

@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 from mlx_cluster.contract.config import BatchingConfig
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
+from mlx_cluster.contract.speculation import DraftStats, Speculation
 from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.lanes import Lane, StepProfile
 from mlx_cluster.coordinator.engine.request import RequestState
@@ -35,9 +36,11 @@ class Engine:
         chain: Chain,
         batching: BatchingConfig | None = None,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        speculative: Speculation | None = None,
     ) -> None:
         self.chain = chain
         self.batching = batching or BatchingConfig()
+        self.speculative = speculative or Speculation()  # for requests that do not say
         self.step_timeout_s = step_timeout_s
         self.prefill_turn = max(len(chain.stages), 1)  # enough chunks to fill the stages
         count = self.batching.micro_batches or len(chain.stages)
@@ -67,18 +70,27 @@ class Engine:
         params: SamplingParams,
         timeout: float | None = None,
         stop_tokens: Sequence[int] = (),
+        stats: DraftStats | None = None,
     ) -> AsyncGenerator[SampledToken, None]:
         """Yield up to params.max_tokens new tokens, each with its logprob (and what else
         `params` asks for); after one of `stop_tokens`, no more. No stop strings.
 
         Callers check the request first (generation.check_request). `timeout` bounds
-        the wait for KV room; the caller's own deadline bounds the rest.
+        the wait for KV room; the caller's own deadline bounds the rest. `stats`, if
+        given, counts the request's drafts as they are verified.
         """
         if not prompt:
             raise InvalidArgument("prompt must hold at least one token")
         if params.max_tokens <= 0:
             return
-        request = RequestState.new(prompt, params, self.batching.prefill_chunk, stop_tokens)
+        request = RequestState.new(
+            prompt,
+            params,
+            self.batching.prefill_chunk,
+            stop_tokens,
+            params.speculative or self.speculative,
+            stats,
+        )
         await self.chain.open(request, timeout)
         lane: Lane | None = None
         try:

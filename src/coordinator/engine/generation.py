@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_cluster.contract.sampling import InvalidParam, SamplingParams, check_token_ids
+from mlx_cluster.contract.errors import InvalidParam
+from mlx_cluster.contract.sampling import SamplingParams, check_token_ids
+from mlx_cluster.contract.speculation import DraftStats
 from mlx_cluster.coordinator.engine.core import Engine
 
 
@@ -32,16 +34,30 @@ def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int
 
 @dataclass
 class Performance:
-    """Timing of one generation."""
+    """Timing of one generation, and what its drafts earned."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float = 0.0  # request start to first token
     total_s: float = 0.0
+    draft_tokens: int = 0  # drafted tokens verified
+    accepted_draft_tokens: int = 0  # of those, kept
+    decode_steps: int = 0  # pipeline traversals that carried the request
+
+    def count_drafts(self, stats: DraftStats) -> None:
+        """Take the engine's count of the request's drafts and decode steps."""
+        self.draft_tokens = stats.drafted
+        self.accepted_draft_tokens = stats.accepted
+        self.decode_steps = stats.traversals
 
     @property
     def prefill_tokens_per_second(self) -> float:
         return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each decode step gave on average (above 1 only with accepted drafts)."""
+        return self.completion_tokens / self.decode_steps if self.decode_steps > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,7 +131,8 @@ async def generate_text(
     stops = StopMatcher(params.stop)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     finish, stopped = "length", False
-    tokens = engine.generate_tokens(prompt, params, timeout, sorted(eos))
+    drafts = DraftStats()
+    tokens = engine.generate_tokens(prompt, params, timeout, sorted(eos), stats=drafts)
     async with contextlib.aclosing(tokens) as steps:
         async for sampled in steps:
             token = sampled.token
@@ -142,4 +159,5 @@ async def generate_text(
         tail += "" if stopped else stops.flush()
         finish = "stop" if stopped else finish
     perf.total_s = time.perf_counter() - started
+    perf.count_drafts(drafts)
     yield TextChunk(tail, finish_reason=finish, performance=perf)

@@ -199,10 +199,24 @@ class Lane:
 
     def _deliver(self, event: pb.DecodeEvent) -> None:
         members = {r.session_id: r for r in self.members}
-        for session_id, sampled in zip(event.session_ids, event.sampled, strict=True):
+        counts = list(event.counts) or [1] * len(event.session_ids)
+        drafted = list(event.drafted) or [0] * len(event.session_ids)
+        if not len(counts) == len(drafted) == len(event.session_ids) or sum(counts) != len(
+            event.sampled
+        ):
+            raise ClusterError(
+                f"a decode event for {len(event.session_ids)} rows carried {len(event.sampled)} "
+                f"tokens in counts {counts} (drafts {drafted})"
+            )
+        at = 0
+        for session_id, count, drafts in zip(event.session_ids, counts, drafted, strict=True):
             request = members.get(session_id)
-            if request is not None:
+            tokens, at = event.sampled[at : at + count], at + count
+            if request is None:
+                continue
+            for sampled in tokens:
                 request.stepped(SampledToken.from_proto(sampled))
+            request.drafted(drafts, min(count - 1, drafts))
         for session_id in event.left:  # done, stopped or dropped: no step carries it now
             request = members.get(session_id)
             if request is not None:

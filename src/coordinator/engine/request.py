@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
+from mlx_cluster.contract.speculation import DraftStats, Speculation
 
 # What a request's queue carries: a token, an error, or the end.
 Item = SampledToken | BaseException | None
@@ -32,6 +33,8 @@ class RequestState:
     to_prefill: list[mx.array]  # prompt chunks not yet sent, in order
     pending: int  # the token to feed next: the prompt's last, then each new one
     stop_tokens: tuple[int, ...] = ()  # the last stage stops the request after one of these
+    speculation: Speculation = field(default_factory=Speculation)  # how its steps draft
+    stats: DraftStats | None = None  # what its drafts earned, for whoever asked
     session_id: str = ""
     history: list[mx.array] = field(default_factory=list)  # chunks every stage has cached
     offset: int = 0  # tokens every stage has cached
@@ -48,6 +51,8 @@ class RequestState:
         params: SamplingParams,
         chunk: int,
         stop_tokens: Sequence[int] = (),
+        speculation: Speculation | None = None,
+        stats: DraftStats | None = None,
     ) -> RequestState:
         """A request for `prompt`: all but its last token prefilled in `chunk`-token steps.
 
@@ -63,6 +68,8 @@ class RequestState:
             to_prefill=[tokens[i : min(i + size, head)] for i in range(0, head, size)],
             pending=int(prompt[-1]),
             stop_tokens=tuple(stop_tokens),
+            speculation=speculation or Speculation(),
+            stats=stats,
         )
 
     @property
@@ -80,14 +87,25 @@ class RequestState:
         self.offset += chunk.shape[0]
 
     def decode_row(self) -> pb.DecodeRow:
-        """This request as a row of the decode loop, from where its caches are."""
-        return pb.DecodeRow(
+        """This request as a row of the decode loop, from where its caches are (with the
+        tokens they hold, when it drafts from them)."""
+        row = pb.DecodeRow(
             session_id=self.session_id,
             offset=self.offset,
             token=self.pending,
             max_tokens=self.remaining,
             stop_tokens=self.stop_tokens,
         )
+        if self.speculation.enabled:
+            row.draft_tokens = self.speculation.num_draft_tokens
+            for chunk in self.history:
+                row.context.extend(chunk.tolist())
+        return row
+
+    def drafted(self, drafted: int, accepted: int) -> None:
+        """A decode step verified `drafted` of its drafts and kept `accepted`."""
+        if self.stats is not None:
+            self.stats.add(drafted, accepted)
 
     def stepped(self, sampled: SampledToken) -> None:
         """A decode step fed `pending` on every stage and the last stage sampled `sampled`."""

@@ -136,7 +136,7 @@ async def start_from_config(
         )
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
         chain = Chain(vocab_size(model_config), stages, admission, liveness=config.liveness)
-        engine = Engine(chain, config.batching)
+        engine = Engine(chain, config.batching, speculative=config.speculative.speculation())
         return Cluster(model, engine, tokenizer, plan, config)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)

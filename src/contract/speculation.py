@@ -1,0 +1,133 @@
+"""Speculative decoding: how a request drafts tokens, and what its drafts earned.
+
+A decode step that carries a row's last token plus k drafted tokens verifies all
+k at once on every stage: the last stage samples every position as it would
+have without drafts and keeps the drafts up to the first one it did not sample
+itself, plus the token it sampled there. So the tokens are those of decoding
+without drafts; the drafts only decide how many come from one traversal.
+
+Drafts come from the request's own tokens (`prompt_lookup`: what followed the
+latest earlier occurrence of the longest n-gram that ends the tokens so far),
+which costs no model and turns copied spans into accepted tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mlx_cluster.contract.errors import InvalidParam
+
+METHODS = ("none", "prompt_lookup")
+MAX_DRAFT_TOKENS = 16
+LOOKUP_MAX_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
+LOOKUP_MIN_NGRAM = 1
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A request's drafting: `method`, and at most `num_draft_tokens` drafts a step."""
+
+    method: str = "none"
+    num_draft_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidParam(
+                "speculative.method",
+                f"speculative.method must be one of {', '.join(METHODS)}, got {self.method!r}",
+            )
+        if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidParam(
+                "speculative.num_draft_tokens",
+                f"speculative.num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], "
+                f"got {self.num_draft_tokens!r}",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class DraftStats:
+    """What one request's drafting did (counted by the lane that carries it)."""
+
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, kept
+    traversals: int = 0  # decode steps that carried the request
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.traversals += 1
+
+
+class PromptLookup:
+    """Drafts from a row's own tokens: what followed the latest earlier occurrence of the
+    longest n-gram (LOOKUP_MAX_NGRAM down to LOOKUP_MIN_NGRAM) that ends them.
+
+    The n-grams are indexed as tokens arrive, so a lookup costs the same however
+    long the prompt.
+    """
+
+    def __init__(self, tokens: Sequence[int] = ()) -> None:
+        self.tokens: list[int] = []
+        # n -> n-gram -> the latest start of it that some token follows
+        self._latest: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(LOOKUP_MIN_NGRAM, LOOKUP_MAX_NGRAM + 1)
+        }
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            size = len(self.tokens)  # the new token's index
+            for n, latest in self._latest.items():
+                if size >= n:
+                    latest[tuple(self.tokens[size - n : size])] = size - n
+            self.tokens.append(int(token))
+
+    def drafts(self, count: int) -> list[int]:
+        """Up to `count` tokens that may come next; none when nothing matches."""
+        if count <= 0:
+            return []
+        size = len(self.tokens)
+        for n in sorted(self._latest, reverse=True):
+            if size < n:
+                continue
+            start = self._latest[n].get(tuple(self.tokens[size - n :]))
+            if start is not None:
+                return self.tokens[start + n : start + n + count]
+        return []
+
+
+class DraftLength:
+    """How many drafts a row asks for next: more while they are accepted, fewer when they
+    are not, down to none for a while (so a request with nothing to copy pays almost
+    nothing); then it tries one again."""
+
+    RETRY_AFTER = 8  # steps without drafts before trying again
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.now = most
+        self._idle = 0
+
+    def next(self) -> int:
+        """Drafts to ask for at this step."""
+        if self.now == 0:
+            self._idle += 1
+            if self._idle >= self.RETRY_AFTER:
+                self.now, self._idle = 1, 0
+        return self.now
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A step verified `drafted` drafts and kept `accepted` of them."""
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.now = min(self.most, self.now + 2)
+        elif accepted == 0:
+            self.now //= 2
+        else:
+            self.now = max(1, accepted)
