@@ -35,7 +35,7 @@ from mlx_cluster.contract.sampling import SamplingParams
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _generate(
+def timed_generate(
     model: nn.Module, prompt: list[int], max_tokens: int, prefill_step_size: int
 ) -> tuple[float, list[float], list[int]]:
     """Greedy tokens of mlx-lm's generate_step; returns (start, arrival times, tokens)."""
@@ -61,16 +61,16 @@ def run_baseline(model_dir: Path, workload: Workload) -> EngineResult:
     """Run the workload on the whole model in this process."""
     model, _ = load_model(model_dir)
     chunk = workload.prefill_step_size
-    _generate(model, workload.warmup_prompt, WARMUP_NEW_TOKENS, chunk)
-    started, stamps, tokens = _generate(
+    timed_generate(model, workload.warmup_prompt, WARMUP_NEW_TOKENS, chunk)
+    started, stamps, tokens = timed_generate(
         model, workload.decode_prompt, workload.decode_tokens, chunk
     )
     prefill = []
     for length in workload.prompt_lengths:
         # The first prompt of a length pays one-off costs (kernels built for its shapes,
         # cached on disk for later processes): warm up on it, then measure.
-        _generate(model, workload.prompt(length), 1, chunk)
-        start, (first, *_), _ = _generate(model, workload.prompt(length), 1, chunk)
+        timed_generate(model, workload.prompt(length), 1, chunk)
+        start, (first, *_), _ = timed_generate(model, workload.prompt(length), 1, chunk)
         prefill.append(PrefillTiming(length, first - start))
     return EngineResult(
         label="baseline",

@@ -30,6 +30,7 @@ from benchmarks.workload import (
     decode_rate,
 )
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.speculation import DraftStats
 from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.events import Event, HopEvent, StepEvent
 from mlx_cluster.local import Transport, local_workers
@@ -133,23 +134,39 @@ class EventRecorder:
         )
 
 
-async def _generate(
-    cluster: Cluster, prompt: list[int], max_tokens: int
+async def timed_tokens(
+    cluster: Cluster,
+    prompt: list[int],
+    params: SamplingParams,
+    stop_tokens: Sequence[int] = (),
+    stats: DraftStats | None = None,
 ) -> tuple[float, list[float], list[int], int]:
-    """Greedy tokens through the pipeline.
+    """Tokens through the pipeline, as the HTTP API makes them, with their arrival times.
+
+    None comes after one of `stop_tokens`; `stats`, if given, counts the request's drafts.
 
     Returns:
         (start, arrival times, tokens, recoveries: times a failed worker's session was replayed)
     """
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     stamps: list[float] = []
     tokens: list[int] = []
     replays = cluster.engine.chain.replays
     started = time.perf_counter()
-    async for sampled in cluster.engine.generate_tokens(prompt, params):
+    async for sampled in cluster.engine.generate_tokens(
+        prompt, params, stop_tokens=stop_tokens, stats=stats
+    ):
         stamps.append(time.perf_counter())
         tokens.append(sampled.token)
     return started, stamps, tokens, cluster.engine.chain.replays - replays
+
+
+async def _generate(
+    cluster: Cluster, prompt: list[int], max_tokens: int
+) -> tuple[float, list[float], list[int], int]:
+    """Greedy tokens through the pipeline, `max_tokens` of them (see `timed_tokens`)."""
+    return await timed_tokens(
+        cluster, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
 
 
 async def _run_workload(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterable
 
 import psutil
 
@@ -41,3 +42,10 @@ class OtherLoad:
         elapsed = wall - self._start[0]
         others = (busy - self._start[1]) - (own - self._start[2])
         self.cores = max(others, 0.0) / elapsed if elapsed > 0 else 0.0
+
+
+def busy_warning(loads: Iterable[tuple[str, float]]) -> str | None:
+    """The warning for the measurements (label, other load in cores) that other processes
+    loaded beyond BUSY_WARNING_CORES; None if none."""
+    busy = [f"{label} ({cores:.2f} cores)" for label, cores in loads if cores > BUSY_WARNING_CORES]
+    return f"warning: other processes loaded the host during: {', '.join(busy)}" if busy else None

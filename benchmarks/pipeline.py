@@ -34,7 +34,7 @@ import mlx.core as mx
 from benchmarks import echo
 from benchmarks.baseline import run_in_subprocess
 from benchmarks.cluster import ClusterResult, run_cluster
-from benchmarks.host import BUSY_WARNING_CORES, OtherLoad
+from benchmarks.host import OtherLoad, busy_warning
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model, parameter_count
 from benchmarks.report import echo_table, engine_table, prefill_hop_table, step_table
 from benchmarks.workload import EngineResult, Workload
@@ -139,10 +139,23 @@ def eval_every_args(eval_every: int | None) -> list[str]:
     return [] if eval_every is None else ["--eval-every", str(eval_every)]
 
 
-def default_json_path() -> Path:
+def default_json_path(name: str = "results") -> Path:
+    """Where a benchmark's results go unless told: <tmp>/benchmarks/<name>-<host>-<date>.json."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     host = socket.gethostname().split(".")[0]
-    return Path(tempfile.gettempdir()) / "benchmarks" / f"results-{host}-{stamp}.json"
+    return Path(tempfile.gettempdir()) / "benchmarks" / f"{name}-{host}-{stamp}.json"
+
+
+def host_info() -> dict[str, Any]:
+    """Where and when a run took place, for the head of its JSON document."""
+    caps = detect()
+    return {
+        "host": socket.gethostname(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "device": {"kind": caps.device_kind, "name": caps.device_name, "cpu_cores": caps.cpu_cores},
+        "mlx_version": mx.__version__,
+    }
 
 
 # --- measuring ----------------------------------------------------------------------
@@ -213,16 +226,16 @@ async def measure(args: argparse.Namespace) -> Run:
     )
     sizes = message_sizes(workload, config["hidden_size"], DTYPES[args.dtype])
     count = parameter_count(model_dir)
-    _say(f"model {model_dir}" + (f" ({count / 1e6:.0f}M parameters)" if count else ""))
+    say(f"model {model_dir}" + (f" ({count / 1e6:.0f}M parameters)" if count else ""))
     baseline = None
     if not args.skip_baseline:
-        _say("baseline: single-process mlx-lm")
+        say("baseline: single-process mlx-lm")
         with OtherLoad() as load:
             baseline = await run_in_subprocess(model_dir, workload)
         baseline.other_load_cores = load.cores
     echoes, echo_load = [], 0.0
     if not args.skip_echo:
-        _say(f"bare gRPC echo of {sorted(set(sizes.values()))} bytes on {args.transport}")
+        say(f"bare gRPC echo of {sorted(set(sizes.values()))} bytes on {args.transport}")
         with OtherLoad() as load:
             echoes = await echo.measure_in_subprocess(
                 sorted(set(sizes.values())), args.echo_iterations, args.transport
@@ -231,7 +244,7 @@ async def measure(args: argparse.Namespace) -> Run:
     pipelines = []
     for count in args.workers:
         gpus = f", GPUs {list(args.gpus)} per worker" if args.gpus else ""
-        _say(f"pipeline over {count} worker process(es) on {args.transport}{gpus}")
+        say(f"pipeline over {count} worker process(es) on {args.transport}{gpus}")
         with OtherLoad() as load:
             result = await run_cluster(
                 model_dir,
@@ -246,7 +259,8 @@ async def measure(args: argparse.Namespace) -> Run:
     return Run(model_dir, workload, sizes, baseline, echoes, echo_load, pipelines)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A progress line, on stderr: stdout holds the report."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
@@ -278,13 +292,8 @@ def summary(run: Run) -> list[dict[str, Any]]:
 
 def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     """The JSON document of a run."""
-    caps = detect()
     return {
-        "host": socket.gethostname(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "device": {"kind": caps.device_kind, "name": caps.device_name, "cpu_cores": caps.cpu_cores},
-        "mlx_version": mx.__version__,
+        **host_info(),
         "model": {
             "shape": "demo" if args.demo else args.model_shape,
             "dtype": args.dtype,
@@ -316,9 +325,9 @@ def print_report(run: Run) -> None:
         print(echo_table(run.echo))
     loads = [(e.label, e.other_load_cores) for e in [run.baseline, *run.pipelines] if e]
     loads.append(("echo", run.echo_other_load_cores))
-    busy = [f"{label} ({cores:.2f} cores)" for label, cores in loads if cores > BUSY_WARNING_CORES]
+    busy = busy_warning(loads)
     if busy:
-        print(f"\nwarning: other processes loaded the host during: {', '.join(busy)}")
+        print(f"\n{busy}")
     for r in run.pipelines:
         if r.recoveries:
             print(

@@ -100,3 +100,35 @@ def test_batching_benchmark_writes_results(tmp_path: Path) -> None:
     assert run["idle_ttft_s"] > 0 and run["busy_ttft_s"] > 0
     assert run["largest_batch"] >= 2, "the 4 streams never decoded together"
     assert run["step_ms"]["wall"] >= run["step_ms"]["hops"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_speculative_benchmark_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "speculative.json"
+    run_benchmark(
+        "benchmarks.speculative",
+        "--quick",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+        timeout=90,
+    )
+
+    results = json.loads(out.read_text())
+    assert [row["workload"] for row in results["summary"]] == ["copy", "no copy"]
+    for row in results["summary"]:
+        assert row["mlx_lm_tokens_per_s"] > 0 and row["pipeline_tokens_per_s"] > 0
+        (spec,) = row["speculative"]  # --quick's one draft count
+        assert spec["num_draft_tokens"] == 4 and spec["tokens_per_s"] > 0
+        assert spec["tokens_equal"], spec
+        assert 0 <= spec["accepted"] <= spec["drafted"]
+        assert 0 < spec["traversals"] <= spec["completion_tokens"] <= 24  # --quick's max tokens
+    copy = results["summary"][0]["speculative"][0]
+    assert copy["drafted"] > 0  # the copy prompt always has something to look up
+    for m in results["measurements"]:
+        assert m["samples"] and all(s["tokens"] for s in m["samples"])
+        if m["engine"] == "pipeline" and m["num_draft_tokens"] == 0:
+            assert all(s["drafted"] == 0 for s in m["samples"])
+            assert all(s["traversals"] == len(s["tokens"]) for s in m["samples"])

@@ -23,7 +23,7 @@ from mlx_cluster.contract.errors import InvalidArgument, SessionNotFound, Worker
 from mlx_cluster.contract.layers import split_by_counts
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
-from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, Route
+from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, DEFAULT_STEP_TIMEOUT_S, Route
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.ring import Ring, RingFailed
@@ -322,7 +322,7 @@ async def test_a_cancelled_decode_call_ends_its_rows_sessions_on_every_stage(
     await load_ring(tiny_llama, clients, [2, 3, 3])
     rows = [await prefilled(clients, p) for p in PROMPTS]
     assert await sessions_open(clients) == [2, 2, 2]
-    call = clients[0].decode_call([c.address for c in clients[1:]], STEP_TIMEOUT_S)
+    call = clients[0].decode_call([c.address for c in clients[1:]], STEP_TIMEOUT_S, STEP_TIMEOUT_S)
     await call.write(pb.DecodeCommand(add=rows))
     for _ in range(2):
         event = await asyncio.wait_for(call.read(), STEP_TIMEOUT_S)
@@ -416,3 +416,12 @@ async def test_a_stage_without_the_session_breaks_the_ring_naming_its_index(
     assert message.startswith(f"worker {clients[missing].name}: "), message
     assert not any(f"worker {c.address}" in message for c in clients), message
     await wait_ended(clients, within_s=2.0)
+
+
+def test_a_route_carries_both_step_timeouts_and_a_bad_one_keeps_the_default():
+    route = Route(("10.0.0.2:1", "10.0.0.3:1"), 2.5, "workers", 90.0)
+    assert Route.of_call(route.metadata()) == route
+    assert route.onward() == Route(("10.0.0.3:1",), 2.5, "workers", 90.0)
+    bad = [(k, "soon" if "draft" in k else v) for k, v in route.metadata()]
+    assert Route.of_call(bad).draft_step_timeout_s == DEFAULT_STEP_TIMEOUT_S
+    assert Route.of_call(bad).step_timeout_s == 2.5

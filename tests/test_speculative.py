@@ -15,7 +15,13 @@ import dataclasses
 import pytest
 
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
-from mlx_cluster.contract.speculation import DraftLength, DraftStats, PromptLookup, Speculation
+from mlx_cluster.contract.speculation import (
+    DraftLength,
+    DraftStats,
+    PromptLookup,
+    Speculation,
+    StepCosts,
+)
 from mlx_cluster.worker.lookahead import LookAhead
 from tests.conftest import TINY_LAYERS, make_engine
 from tests.test_golden import assert_same, reference
@@ -55,19 +61,27 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     assert PromptLookup([]).drafts(4) == [] and PromptLookup([7]).drafts(4) == []
 
 
-def test_the_draft_length_grows_with_acceptance_and_rests_after_rejection():
-    length = DraftLength(6)
-    assert length.next() == 6
-    length.update(6, 2)
-    assert length.next() == 2
-    length.update(2, 2)
-    assert length.next() == 4
-    length.update(4, 0)
-    length.update(2, 0)
-    length.update(1, 0)
-    assert [length.next() for _ in range(DraftLength.RETRY_AFTER)][-2:] == [0, 1]
-    length.update(0, 0)  # a step without drafts changes nothing
-    assert length.next() == 1
+def test_the_draft_length_weighs_acceptance_against_what_longer_steps_cost():
+    gpu, cpu = StepCosts(), StepCosts()
+    length = DraftLength(4)
+    assert length.next(gpu, 1) == 4  # nothing known: try the most
+    for positions in range(1, 6):
+        gpu.add(1, positions, 0.010 + 0.0005 * positions)  # a few positions cost what one does
+        cpu.add(1, positions, 0.009 * positions + 0.001)  # each costs almost a step
+    for _ in range(4):
+        length.update(4, 4)  # copying: every draft kept
+    assert (length.next(gpu, 1), length.next(cpu, 1)) == (4, 4)
+    for _ in range(30):
+        length.update(4, 0)  # nothing copied any more: every draft rejected
+    assert length.acceptance < 0.1
+    tries = [length.next(cpu, 1) for _ in range(DraftLength.RETRY_AFTER)]
+    assert tries == [0] * (DraftLength.RETRY_AFTER - 1) + [1]  # now and then, one try
+    half = DraftLength(4)
+    for _ in range(30):
+        half.update(4, 1)  # half the drafts kept
+    assert 0.4 < half.acceptance < 0.6
+    assert half.next(gpu, 1) >= 2 and half.next(cpu, 1) == 0  # pays on a GPU only
+    assert gpu.ratio(2, 3) == 1.0  # never measured for 2 rows: worth a try
 
 
 def test_speculation_settings_are_checked():

@@ -130,6 +130,9 @@ ROUTE_KEY = "mlx-cluster-route"
 # Metadata of a Forward or Decode call that relays: how long a step may take per stage
 # after this one (seconds); a stage further down that is later is lost.
 STEP_TIMEOUT_KEY = "mlx-cluster-step-timeout"
+# The same for a step that verifies drafts: several positions, and the first step of each
+# length may compile kernels (MLX's CUDA backend does), so it gets a prompt chunk's time.
+DRAFT_STEP_TIMEOUT_KEY = "mlx-cluster-draft-step-timeout"
 # Metadata of a call that relays over TLS: the name in the workers' certificates, where it
 # is not the host in their addresses (the coordinator's auth.tls_server_name).
 TLS_NAME_KEY = "mlx-cluster-tls-name"
@@ -148,6 +151,7 @@ class Route:
     addresses: tuple[str, ...]  # the stages after the one called
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # per stage after the one called
     tls_name: str | None = None  # the name in their certificates, if not their host
+    draft_step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the same, for a step with drafts
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata that makes a call relay along this route (none if it is empty)."""
@@ -156,6 +160,7 @@ class Route:
         pairs = [
             (ROUTE_KEY, ",".join(self.addresses)),
             (STEP_TIMEOUT_KEY, f"{self.step_timeout_s:g}"),
+            (DRAFT_STEP_TIMEOUT_KEY, f"{self.draft_step_timeout_s:g}"),
         ]
         if self.tls_name:
             pairs.append((TLS_NAME_KEY, self.tls_name))
@@ -163,20 +168,30 @@ class Route:
 
     def onward(self) -> Route:
         """The route the next stage relays along."""
-        return Route(self.addresses[1:], self.step_timeout_s, self.tls_name)
+        return Route(
+            self.addresses[1:], self.step_timeout_s, self.tls_name, self.draft_step_timeout_s
+        )
 
     @classmethod
     def of_call(cls, metadata: object) -> Route:
         """The route a call's invocation metadata names (no addresses: no relay)."""
         found: dict[str, str] = {}
         for key, value in metadata or ():  # type: ignore[attr-defined]
-            if key in (ROUTE_KEY, STEP_TIMEOUT_KEY, TLS_NAME_KEY):
+            if key in (ROUTE_KEY, STEP_TIMEOUT_KEY, TLS_NAME_KEY, DRAFT_STEP_TIMEOUT_KEY):
                 found[key] = str(value)
         addresses = tuple(a for a in found.get(ROUTE_KEY, "").split(",") if a)
-        timeout = DEFAULT_STEP_TIMEOUT_S
-        with contextlib.suppress(ValueError):  # a bad value keeps the default
-            timeout = max(float(found.get(STEP_TIMEOUT_KEY, timeout)), 0.001)
-        return cls(addresses, timeout, found.get(TLS_NAME_KEY) or None)
+
+        def seconds(key: str) -> float:
+            with contextlib.suppress(ValueError):  # a bad value keeps the default
+                return max(float(found.get(key, DEFAULT_STEP_TIMEOUT_S)), 0.001)
+            return DEFAULT_STEP_TIMEOUT_S
+
+        return cls(
+            addresses,
+            seconds(STEP_TIMEOUT_KEY),
+            found.get(TLS_NAME_KEY) or None,
+            seconds(DRAFT_STEP_TIMEOUT_KEY),
+        )
 
 
 def failed_stage(metadata: object) -> int:

@@ -101,33 +101,75 @@ class PromptLookup:
         return []
 
 
-class DraftLength:
-    """How many drafts a row asks for next: more while they are accepted, fewer when they
-    are not, down to none for a while (so a request with nothing to copy pays almost
-    nothing); then it tries one again."""
+class StepCosts:
+    """What decode steps of each shape cost lately, on one decode loop: seconds for
+    (rows, positions per row), a moving average. Speculation pays only where verifying
+    k more positions costs less than k more steps: on a GPU a few positions cost about
+    what one does; on a CPU each costs almost a whole step."""
 
-    RETRY_AFTER = 8  # steps without drafts before trying again
+    WEIGHT = 0.2  # of the newest step in the average
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[int, int], float] = {}
+
+    def add(self, rows: int, length: int, seconds: float) -> None:
+        key = (rows, length)
+        before = self._seconds.get(key)
+        self._seconds[key] = (
+            seconds if before is None else before + self.WEIGHT * (seconds - before)
+        )
+
+    def ratio(self, rows: int, length: int) -> float:
+        """A step of `length` positions against one of 1, for `rows` rows; 1 until both
+        were measured (so an untried length gets tried)."""
+        one, this = self._seconds.get((rows, 1)), self._seconds.get((rows, length))
+        if one is None or this is None or one <= 0:
+            return 1.0
+        return this / one
+
+
+class DraftLength:
+    """How many drafts a row asks for next: the k that maximizes the tokens a step is
+    expected to give (from its drafts' acceptance so far) per unit of the step's
+    measured cost; none when no k pays. A row that drafts nothing tries one draft
+    again now and then, since what it copies may change."""
+
+    RETRY_AFTER = 32  # steps without drafts before one draft is tried again
+    MEMORY = 0.8  # weight of the past in the acceptance rate
 
     def __init__(self, most: int) -> None:
         self.most = most
-        self.now = most
+        self._kept = 1.0  # drafts kept and verified, decayed: optimistic at first
+        self._tried = 1.0
         self._idle = 0
 
-    def next(self) -> int:
-        """Drafts to ask for at this step."""
-        if self.now == 0:
-            self._idle += 1
-            if self._idle >= self.RETRY_AFTER:
-                self.now, self._idle = 1, 0
-        return self.now
+    @property
+    def acceptance(self) -> float:
+        """The chance a draft is kept, given that the one before it was."""
+        return min(self._kept / self._tried, 0.999)
+
+    def next(self, costs: StepCosts, rows: int) -> int:
+        """Drafts to ask for at this step of `rows` rows."""
+        chance = self.acceptance
+        best, best_rate = 0, 1.0
+        for k in range(1, self.most + 1):
+            expected = (1 - chance ** (k + 1)) / (1 - chance)  # tokens the step gives
+            rate = expected / costs.ratio(rows, k + 1)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best:
+            self._idle = 0
+            return best
+        self._idle += 1
+        if self._idle >= self.RETRY_AFTER:
+            self._idle = 0
+            return 1
+        return 0
 
     def update(self, drafted: int, accepted: int) -> None:
-        """A step verified `drafted` drafts and kept `accepted` of them."""
+        """A step verified `drafted` drafts and kept the first `accepted`."""
         if drafted == 0:
             return
-        if accepted == drafted:
-            self.now = min(self.most, self.now + 2)
-        elif accepted == 0:
-            self.now //= 2
-        else:
-            self.now = max(1, accepted)
+        rejected = 1 if accepted < drafted else 0
+        self._kept = self.MEMORY * self._kept + accepted
+        self._tried = self.MEMORY * self._tried + accepted + rejected

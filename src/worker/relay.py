@@ -97,8 +97,9 @@ class Peers:
         metadata = (*self._auth, (REQUEST_ID_HEADER, request_id), *route.onward().metadata())
         address = route.addresses[0]
         call = self._stub(address, route.tls_name).Forward(metadata=metadata)
-        timeout_s = route.step_timeout_s * len(route.addresses)
-        return NextStage(address, call, timeout_s, self._forget)
+        stages = len(route.addresses)
+        timeouts = (route.step_timeout_s * stages, route.draft_step_timeout_s * stages)
+        return NextStage(address, call, timeouts, self._forget)
 
     def _forget(self, address: str) -> None:
         """The next stage at `address` could not be reached: the next call gets a new
@@ -139,12 +140,13 @@ class NextStage:
         self,
         address: str,
         call: grpc.aio.StreamStreamCall,
-        timeout_s: float,
+        timeouts_s: tuple[float, float],
         unreachable: Callable[[str], None] | None = None,
     ) -> None:
+        """`timeouts_s`: for a step, and for a step that verifies drafts."""
         self.address = address
         self._call = call
-        self._timeout_s = timeout_s
+        self._timeouts_s = timeouts_s
         self._unreachable = unreachable  # told when the next stage cannot be reached
         self._step_id = 0
 
@@ -157,8 +159,9 @@ class NextStage:
         self._step_id += 1
         request.step_id = self._step_id
         started = time.perf_counter()
+        timeout_s = self._timeouts_s[1 if request.verify else 0]
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 await self._call.write(request)
                 reply = await self._call.read()
         except grpc.aio.AioRpcError as exc:
@@ -169,9 +172,10 @@ class NextStage:
             self._call.cancel()
             tensor = request.token_ids if request.HasField("token_ids") else request.hidden
             length = tensor.shape[1] if len(tensor.shape) > 1 else 0
+            setting = "prefill_hop_timeout_s" if request.verify else "decode_hop_timeout_s"
             lost = WorkerUnavailable(
                 f"worker at {self.address} did not answer a {length}-token step "
-                f"within {self._timeout_s:g} s (liveness.decode_hop_timeout_s per stage)"
+                f"within {timeout_s:g} s (liveness.{setting} per stage)"
             )
             lost.code = grpc.StatusCode.DEADLINE_EXCEEDED
             raise RelayFailed(lost, 1) from exc

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, DraftLength, PromptLookup
+from mlx_cluster.contract.speculation import (
+    MAX_DRAFT_TOKENS,
+    DraftLength,
+    PromptLookup,
+    StepCosts,
+)
 from mlx_cluster.worker.sessions import check_id
 
 log = logging.getLogger(__name__)
@@ -77,11 +83,12 @@ class Row:
             made.draft_length = DraftLength(row.draft_tokens)
         return made
 
-    def drafts(self) -> list[int]:
-        """The tokens it may feed after its own at the next step (none past its last)."""
+    def drafts(self, costs: StepCosts, rows: int) -> list[int]:
+        """The tokens it may feed after its own at the next step of `rows` rows (none
+        past its last)."""
         if self.lookup is None or self.draft_length is None:
             return []
-        return self.lookup.drafts(min(self.draft_length.next(), self.remaining - 1))
+        return self.lookup.drafts(min(self.draft_length.next(costs, rows), self.remaining - 1))
 
 
 class DecodeLoop:
@@ -95,6 +102,7 @@ class DecodeLoop:
         # a command, a failure to raise between two steps, or None: the caller is done
         self._commands: asyncio.Queue[pb.DecodeCommand | ClusterError | None] = asyncio.Queue()
         self._left: list[str] = []  # since the last event
+        self._costs = StepCosts()  # what steps of each shape cost (drafting weighs it)
 
     def command(self, command: pb.DecodeCommand) -> None:
         """Queue a command; it is applied before the next step."""
@@ -121,7 +129,7 @@ class DecodeLoop:
                     yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
-            drafts = [r.drafts() for r in rows]
+            drafts = [r.drafts(self._costs, len(rows)) for r in rows]
             length = 1 + max(len(d) for d in drafts)
             # Shorter rows are padded: a padded position is verified like a draft.
             fed = [
@@ -129,9 +137,11 @@ class DecodeLoop:
                 for r, d in zip(rows, drafts, strict=True)
             ]
             ahead = length == 1 and all(r.remaining > 1 for r in rows)
+            started = time.perf_counter()
             result = await self._step(
                 [r.session_id for r in rows], [r.offset for r in rows], fed, ahead
             )
+            self._costs.add(len(rows), length, time.perf_counter() - started)
             if len(result.rows) != len(rows) or not all(result.rows):
                 raise InvalidArgument(
                     f"the last stage answered {[len(r) for r in result.rows]} tokens "

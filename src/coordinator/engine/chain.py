@@ -123,7 +123,8 @@ class Chain:
     def ring(self) -> Ring:
         """A decode ring over the current stages (the first stage runs the loop)."""
         clients = [s.client for s in self.stages.stages]
-        return Ring(clients, self.liveness.decode_hop_timeout_s)
+        liveness = self.liveness
+        return Ring(clients, liveness.decode_hop_timeout_s, liveness.prefill_hop_timeout_s)
 
     # --- sessions ---------------------------------------------------------------------------
 

@@ -291,9 +291,12 @@ class WorkerClient:
         """A Forward stream for one generation; steps on it are answered in order."""
         return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=self._metadata()))
 
-    def decode_call(self, route: list[str], step_timeout_s: float) -> grpc.aio.StreamStreamCall:
-        """A Decode call: this worker's decode loop, relaying along `route` (engine/ring.py)."""
-        relay = Route(tuple(route), step_timeout_s, self._tls_name)
+    def decode_call(
+        self, route: list[str], step_timeout_s: float, draft_step_timeout_s: float
+    ) -> grpc.aio.StreamStreamCall:
+        """A Decode call: this worker's decode loop, relaying along `route` (engine/ring.py);
+        its steps may take `step_timeout_s` per stage, those with drafts the other."""
+        relay = Route(tuple(route), step_timeout_s, self._tls_name, draft_step_timeout_s)
         metadata = (*self._metadata(), *relay.metadata())
         return self._stub.Decode(metadata=metadata)
 

@@ -175,6 +175,8 @@ class Lane:
             self.ring = self.chain.ring()
         if not self.members:  # the ring was idle: time the next step from now
             self._last_event = time.perf_counter()
+        if any(r.speculation.enabled for r in requests):
+            self.ring.expect_drafts()
         self.members += requests
         await self._send(add=[r.decode_row() for r in requests])
 

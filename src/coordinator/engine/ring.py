@@ -41,13 +41,27 @@ class RingFailed(ClusterError):
 class Ring:
     """A Decode call to the first of `clients`, relaying along the others in order."""
 
-    def __init__(self, clients: Sequence[WorkerClient], step_timeout_s: float) -> None:
+    def __init__(
+        self,
+        clients: Sequence[WorkerClient],
+        step_timeout_s: float,
+        draft_step_timeout_s: float | None = None,
+    ) -> None:
+        """`step_timeout_s` per stage and step; `draft_step_timeout_s` (default: the same)
+        for a step that verifies drafts."""
         self.clients = list(clients)  # the stages when the ring was opened
         route = [c.address for c in self.clients[1:]]
-        self._call = self.clients[0].decode_call(route, step_timeout_s)
+        self._draft_step_timeout_s = draft_step_timeout_s or step_timeout_s
+        self._call = self.clients[0].decode_call(route, step_timeout_s, self._draft_step_timeout_s)
         # no event for this long while rows decode: the first stage is lost (the others are
         # timed by the first stage, which reports them)
-        self.event_timeout_s = step_timeout_s * len(self.clients) + step_timeout_s
+        self.event_timeout_s = step_timeout_s * (len(self.clients) + 1)
+
+    def expect_drafts(self) -> None:
+        """Rows that draft ride the ring: a step may take a step with drafts' time."""
+        self.event_timeout_s = max(
+            self.event_timeout_s, self._draft_step_timeout_s * (len(self.clients) + 1)
+        )
 
     @property
     def done(self) -> bool:

@@ -1,0 +1,398 @@
+"""`python -m benchmarks.speculative`: speculative decoding against plain decoding, one run.
+
+Prompt lookup drafts (a request's own tokens) verified in one traversal of the
+pipeline, against the same pipeline without drafts and against single-process
+mlx-lm without them, on the same weights and the same chat prompts: one that
+asks to copy code (drafts should be accepted) and one with nothing to copy
+(benchmarks/speculative_workloads.py). Greedy, so every engine must give the
+same tokens; the speculative runs are checked against the pipeline's plain run
+(exit 1 if they differ). Prints a table and writes everything to a JSON file.
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from benchmarks.baseline import timed_generate
+from benchmarks.cluster import WORKER_ARGS, EventRecorder, timed_tokens
+from benchmarks.host import OtherLoad, busy_warning
+from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
+from benchmarks.pipeline import default_json_path, host_info, matching_prefix, positive_ints, say
+from benchmarks.report import text_table
+from benchmarks.speculative_workloads import WORKLOADS, Measurement, Sample, chat_prompts
+from benchmarks.workload import WARMUP_NEW_TOKENS, Workload, decode_rate
+from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, DraftStats, Speculation
+from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.local import TRANSPORTS, gpu_list, local_workers
+from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
+from mlx_cluster.models.random_model import DTYPES
+
+QUICK_DEFAULTS = {"model_shape": "tiny", "dtype": "float32", "max_tokens": 24, "repeats": 1}
+PREFILL_STEP = Workload.prefill_step_size  # mlx-lm's prompt chunk (the prompts fit in one)
+
+
+# --- arguments ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--demo", action="store_true", help="the bundled demo model (the default)")
+    p.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model instead")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="with --model-shape")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="with --model-shape")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="built models")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the pipeline")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens at most per request")
+    p.add_argument(
+        "--num-draft-tokens",
+        type=positive_ints,
+        default=(4,),
+        help="prompt lookup's drafts per step, at most; several give a run each, e.g. 2,4,8",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="measured runs per engine; the median is kept"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="go on past end-of-sequence to --max-tokens"
+    )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="tcp",
+        help="TCP loopback (default) or Unix sockets",
+    )
+    p.add_argument(
+        "--gpus",
+        type=gpu_list,
+        default=(),
+        help="GPU index for each worker, cycled (e.g. 0,1); default: all share what we see",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny model, short lengths (smoke test)")
+    p.add_argument("--json", type=Path, default=None, help="results file (default under /tmp)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; --quick changes the defaults, explicit options still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and args.model_shape:
+        parser.error("--demo and --model-shape exclude each other")
+    if args.quick:
+        defaults = dict(QUICK_DEFAULTS)
+        if args.demo:  # an explicit --demo wins over --quick's model
+            del defaults["model_shape"], defaults["dtype"]
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    args.demo = args.model_shape is None
+    if args.demo:  # the demo's activations are DEMO_DTYPE whatever --dtype says
+        args.dtype, args.bits = DEMO_DTYPE, None
+    if args.max_tokens < 2:
+        parser.error(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if max(args.num_draft_tokens) > MAX_DRAFT_TOKENS:
+        parser.error(f"--num-draft-tokens must be at most {MAX_DRAFT_TOKENS}")
+    args.num_draft_tokens = tuple(sorted(set(args.num_draft_tokens)))
+    return args
+
+
+# --- measuring ----------------------------------------------------------------------
+
+
+def _rate(stamps: list[float]) -> float:
+    return decode_rate(stamps) if len(stamps) >= 2 else float("nan")
+
+
+def measure_mlx_lm(
+    model_dir: Path, prompts: dict[str, list[int]], stops: Sequence[int], args: argparse.Namespace
+) -> list[Measurement]:
+    """Single-process mlx-lm's greedy generate_step, in this process, before any worker.
+
+    generate_step does not stop by itself: the tokens after a stop token are dropped,
+    as the pipeline never makes them.
+    """
+    model, _ = load_model(model_dir)
+    results = {name: Measurement(name, "mlx-lm", 0) for name in prompts}
+    for prompt in prompts.values():
+        timed_generate(model, prompt, WARMUP_NEW_TOKENS, PREFILL_STEP)
+    for _ in range(args.repeats):
+        for name, prompt in prompts.items():
+            started, stamps, tokens = timed_generate(model, prompt, args.max_tokens, PREFILL_STEP)
+            keep = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+            sample = Sample(tokens[:keep], stamps[0] - started, _rate(stamps[:keep]))
+            results[name].samples.append(sample)
+    del model
+    gc.collect()
+    mx.clear_cache()  # the pipeline runs must not share the host with these buffers
+    return list(results.values())
+
+
+async def measure_pipeline(
+    model_dir: Path, prompts: dict[str, list[int]], stops: Sequence[int], args: argparse.Namespace
+) -> list[Measurement]:
+    """The pipeline over `args.workers` processes (worker i on GPU `args.gpus[i % len]` if
+    given), without drafts and with each draft count.
+
+    Runs alternate (every engine once, then again) so that a host's slow spell does
+    not land on one engine alone.
+    """
+    drafts = (0, *args.num_draft_tokens)
+    results = {(n, k): Measurement(n, "pipeline", k) for n in prompts for k in drafts}
+    async with local_workers(
+        args.workers, WORKER_ARGS, transport=args.transport, gpus=args.gpus
+    ) as processes:
+        cluster = await Cluster.start(
+            model_dir, [w.address for w in processes], batching={"prefill_chunk": PREFILL_STEP}
+        )
+        try:
+            recorder = EventRecorder([s.client.name for s in cluster.stages])
+            cluster.events.subscribe(recorder)
+
+            async def sample(name: str, k: int, max_tokens: int) -> Sample:
+                lookup = Speculation("prompt_lookup", k) if k else Speculation()
+                params = SamplingParams(max_tokens=max_tokens, speculative=lookup)
+                stats = DraftStats()
+                recorder.clear()
+                started, stamps, tokens, recoveries = await timed_tokens(
+                    cluster, prompts[name], params, stops, stats
+                )
+                decode = recorder.decode(first=1) if len(recorder.steps) > 1 else None
+                spec = (stats.drafted, stats.accepted, stats.traversals)
+                return Sample(tokens, stamps[0] - started, _rate(stamps), *spec, decode, recoveries)
+
+            for key in results:  # warm-up: every step shape once
+                await sample(*key, 2 * WARMUP_NEW_TOKENS)
+            for _ in range(args.repeats):
+                for key, m in results.items():
+                    m.samples.append(await sample(*key, args.max_tokens))
+        finally:
+            await cluster.close()
+    return list(results.values())
+
+
+@dataclass
+class Run:
+    """Everything one benchmark run measured."""
+
+    model_dir: Path
+    prompt_tokens: dict[str, int]
+    stop_tokens: list[int]
+    measurements: list[Measurement]
+    other_load_cores: dict[str, float]
+
+
+async def measure(args: argparse.Namespace) -> Run:
+    shape = (args.model_shape, args.dtype, args.bits, args.cache_dir)
+    model_dir = ensure_demo_model() if args.demo else ensure_model(*shape)
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=load_config(model_dir).get("eos_token_id"))
+    prompts = chat_prompts(tokenizer)
+    stops = [] if args.ignore_eos else sorted(tokenizer.eos_token_ids)
+    sizes = ", ".join(f"{name}: {len(p)}" for name, p in prompts.items())
+    say(f"model {model_dir}; prompt tokens {sizes}; stop tokens {stops}")
+    say(f"mlx-lm, single process, {args.repeats} run(s) per workload")
+    with OtherLoad() as baseline_load:
+        baseline = measure_mlx_lm(model_dir, prompts, stops, args)
+    drafts = ", ".join(f"k={k}" for k in args.num_draft_tokens)
+    gpus = f", GPUs {list(args.gpus)} per worker" if args.gpus else ""
+    say(
+        f"pipeline over {args.workers} worker process(es) on {args.transport}{gpus}: "
+        f"no drafts, prompt lookup {drafts}; {args.repeats} run(s) each"
+    )
+    with OtherLoad() as pipeline_load:
+        pipeline = await measure_pipeline(model_dir, prompts, stops, args)
+    return Run(
+        model_dir,
+        {name: len(p) for name, p in prompts.items()},
+        stops,
+        [*baseline, *pipeline],
+        {"mlx-lm": baseline_load.cores, "pipeline": pipeline_load.cores},
+    )
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def by_workload(run: Run) -> dict[str, list[Measurement]]:
+    """Each workload's measurements: mlx-lm's, the plain pipeline's, then by draft count."""
+    return {
+        name: sorted(
+            (m for m in run.measurements if m.workload == name),
+            key=lambda m: (m.engine == "pipeline", m.num_draft_tokens),
+        )
+        for name in run.prompt_tokens
+    }
+
+
+def token_check(m: Measurement, reference: Measurement) -> dict[str, Any]:
+    """Whether every sample of `m` gave the tokens of `reference`'s first sample."""
+    want = reference.samples[0].tokens
+    firsts = [matching_prefix(s.tokens, want) for s in m.samples]
+    equal = all(s.tokens == want for s in m.samples)
+    return {"tokens_equal": equal, "first_difference": None if equal else min(firsts)}
+
+
+def compare(m: Measurement, base: Measurement, plain: Measurement) -> dict[str, Any]:
+    """The median sample of `m` against mlx-lm (`base`) and the plain pipeline, its tokens
+    checked against the plain pipeline's if it drafts, else against mlx-lm's."""
+    s = m.median
+    rate = s.decode_tokens_per_s
+    return {
+        "num_draft_tokens": m.num_draft_tokens,
+        "tokens_per_s": rate,
+        "over_pipeline": rate / plain.median.decode_tokens_per_s,
+        "over_mlx_lm": rate / base.median.decode_tokens_per_s,
+        "completion_tokens": len(s.tokens),
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+        "traversals": s.traversals,
+        "tokens_per_traversal": len(s.tokens) / s.traversals if s.traversals else None,
+        **token_check(m, plain if m.num_draft_tokens else base),
+    }
+
+
+def summary(run: Run) -> list[dict[str, Any]]:
+    """Per workload: rates, ratios, what the drafts earned and the token checks."""
+    rows = []
+    for workload, (base, plain, *speculative) in by_workload(run).items():
+        pipeline = compare(plain, base, plain)
+        rows.append(
+            {
+                "workload": workload,
+                "mlx_lm_tokens_per_s": base.median.decode_tokens_per_s,
+                "pipeline_tokens_per_s": pipeline["tokens_per_s"],
+                "pipeline_over_mlx_lm": pipeline["over_mlx_lm"],
+                "pipeline_vs_mlx_lm": token_check(plain, base),
+                "speculative": [compare(m, base, plain) for m in speculative],
+            }
+        )
+    return rows
+
+
+def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON document of a run, with its `summary` rows."""
+    return {
+        **host_info(),
+        "model": {
+            "shape": "demo" if args.demo else args.model_shape,
+            "dtype": args.dtype,
+            "bits": args.bits,
+            "dir": str(run.model_dir),
+        },
+        "workloads": {name: {"text": text} for name, text in WORKLOADS.items()},
+        "prompt_tokens": run.prompt_tokens,
+        "stop_tokens": run.stop_tokens,
+        "max_tokens": args.max_tokens,
+        "workers": args.workers,
+        "transport": args.transport,
+        "worker_gpus": list(args.gpus),
+        "repeats": args.repeats,
+        "statistic": "median_low of decode tok/s over the repeats",
+        "other_load_cores": run.other_load_cores,
+        "measurements": [
+            {**dataclasses.asdict(m), "label": m.label, "median": dataclasses.asdict(m.median)}
+            for m in run.measurements
+        ],
+        "summary": rows,
+    }
+
+
+def table(run: Run) -> str:
+    """One row per engine and workload: its median run against the others."""
+    rows: list[dict[str, str]] = []
+    for workload, (base, plain, *speculative) in by_workload(run).items():
+        for m in (base, plain, *speculative):
+            c, s, pipeline = compare(m, base, plain), m.median, m is not base
+            per_traversal, accepted, d = c["tokens_per_traversal"], c["acceptance_rate"], s.decode
+            same = "yes" if c["tokens_equal"] else f"NO (from {c['first_difference']})"
+            rows.append(
+                {
+                    "workload": workload,
+                    "engine": m.label,
+                    "decode tok/s": f"{c['tokens_per_s']:.2f}",
+                    "runs tok/s": "/".join(f"{x.decode_tokens_per_s:.1f}" for x in m.samples),
+                    "vs pipeline": f"{c['over_pipeline']:.2f}x" if m.num_draft_tokens else "-",
+                    "vs mlx-lm": f"{c['over_mlx_lm']:.2f}x" if pipeline else "-",
+                    "tokens": str(c["completion_tokens"]),
+                    "traversals": str(s.traversals) if pipeline else "-",
+                    "tok/traversal": "-" if per_traversal is None else f"{per_traversal:.2f}",
+                    "drafted": str(s.drafted) if pipeline else "-",
+                    "accepted": str(s.accepted) if pipeline else "-",
+                    "accept %": "-" if accepted is None else f"{100 * accepted:.0f}",
+                    "step ms": f"{d.wall_s * 1e3:.1f}" if d else "-",
+                    "compute ms": f"{d.compute_s * 1e3:.1f}" if d else "-",
+                    "same tokens": same if pipeline else "-",
+                }
+            )
+    return text_table(list(rows[0]), [list(row.values()) for row in rows])
+
+
+def mismatches(rows: list[dict[str, Any]]) -> list[str]:
+    """The speculative runs whose tokens differ from the plain pipeline's."""
+    return [
+        f"{row['workload']}: prompt lookup k={spec['num_draft_tokens']} differs "
+        f"from the pipeline without drafts from token {spec['first_difference']} on"
+        for row in rows
+        for spec in row["speculative"]
+        if not spec["tokens_equal"]
+    ]
+
+
+def print_report(run: Run, rows: list[dict[str, Any]], repeats: int) -> None:
+    statistic = f"median of {repeats} runs" if repeats > 1 else "one run"
+    print(f"Greedy decode, {statistic} per engine (runs tok/s: each run, in order):")
+    print(table(run))
+    busy = busy_warning(run.other_load_cores.items())
+    if busy:
+        print(f"\n{busy}")
+    for m in run.measurements:
+        if any(s.recoveries for s in m.samples):
+            print(f"warning: {m.workload} {m.label}: a worker failed and sessions were replayed")
+    for row in rows:
+        if not row["pipeline_vs_mlx_lm"]["tokens_equal"]:
+            first = row["pipeline_vs_mlx_lm"]["first_difference"]
+            print(
+                f"warning: {row['workload']}: the pipeline differs from mlx-lm from token {first}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = asyncio.run(measure(args))
+    rows = summary(run)
+    path = args.json or default_json_path("speculative")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document(args, run, rows), indent=2))
+    print_report(run, rows, args.repeats)
+    print(f"\nresults: {path}")
+    mx.clear_streams()
+    bad = mismatches(rows)
+    if bad:
+        banner = "!" * 78
+        heading = "ERROR: speculative decoding changed the greedy tokens:"
+        print(f"\n{banner}", heading, *(f"  {line}" for line in bad), banner, sep="\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
