@@ -23,8 +23,9 @@ import mlx.core as mx
 
 from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
-from mlx_cluster.contract.sampling import Picks, SampledToken
+from mlx_cluster.contract.sampling import SampledToken
 from mlx_cluster.worker import steps
+from mlx_cluster.worker.picking import Picks
 from mlx_cluster.worker.runtime import WorkerRuntime
 
 

@@ -14,26 +14,26 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
 from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
-from mlx_cluster.contract.sampling import Picks, SampledToken, SamplingParams, TokenPicker
+from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.worker.batching import can_batch
-from mlx_cluster.worker.compute import check_hidden, check_rows, check_token_ids
 from mlx_cluster.worker.picking import (
+    Picks,
     check_history_kept,
     feed_pickers,
     pickers_of,
     sample_rows,
     verify_rows,
 )
-from mlx_cluster.worker.sessions import Session, SessionStore, StoreTotals
+from mlx_cluster.worker.sessions import SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
 from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
 
@@ -256,7 +256,9 @@ class WorkerRuntime:
         more than the offsets recorded, and a replay must start them over.
         """
         loaded = self.require_loaded()
-        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        sessions, x = loaded.begin_step(
+            session_ids, hidden, offsets, token_ids, self.settings.max_batch
+        )
         if token_ids is None:
             check_history_kept(sessions)
         out = self._guarded(
@@ -303,7 +305,9 @@ class WorkerRuntime:
         """`forward_sample`'s step, handed to the device and not read: its tokens are a
         lazy array the next step can be built on (the sessions count the step now)."""
         loaded, edges, token_ids = self._sampling_stage(token_ids)
-        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        sessions, x = loaded.begin_step(
+            session_ids, hidden, offsets, token_ids, self.settings.max_batch
+        )
         pickers = pickers_of(sessions)
         positions = [offset + token_ids.shape[1] for offset in offsets]
 
@@ -332,7 +336,9 @@ class WorkerRuntime:
         picking.verify_rows). Each session keeps only the positions those tokens fed;
         the other stages forget the rest at their next step (`rewind`)."""
         loaded, edges, token_ids = self._sampling_stage(token_ids)
-        sessions, x = self._begin_step(loaded, session_ids, hidden, offsets, token_ids)
+        sessions, x = loaded.begin_step(
+            session_ids, hidden, offsets, token_ids, self.settings.max_batch
+        )
         pickers = pickers_of(sessions)
 
         def step() -> list[list[SampledToken]]:
@@ -376,39 +382,6 @@ class WorkerRuntime:
         """Forget the last cached position of these sessions (those still open)."""
         if self.loaded is not None:
             self.loaded.sessions.step_back(session_ids)
-
-    def _begin_step(
-        self,
-        loaded: Loaded,
-        session_ids: list[str],
-        hidden: mx.array | None,
-        offsets: list[int],
-        token_ids: mx.array | None,
-    ) -> tuple[list[Session], mx.array]:
-        """Check a step's inputs and sessions; its sessions, and the hidden states to run
-        (the embedded `token_ids` when `hidden` is None)."""
-        s = loaded.layer_slice
-        check_rows(session_ids, offsets, self.settings.max_batch)
-        if hidden is not None:
-            check_hidden(hidden, len(session_ids), s.hidden_size, s.dtype)
-        elif token_ids is None:
-            raise InvalidArgument("a step needs hidden states or token_ids")
-        elif loaded.edges is None or not loaded.embedding:
-            raise InvalidArgument(
-                f"this worker holds {loaded.describe()}, not the embedding: send hidden "
-                "states, or token_ids to the first stage (loaded with embedding=True)"
-            )
-        if token_ids is not None:
-            length = hidden.shape[1] if hidden is not None else None
-            # The ids index the embedding or, in the processors, the logits.
-            vocab = loaded.edges.vocab_size if loaded.edges is not None else None
-            check_token_ids(token_ids, len(session_ids), length, vocab)
-        store = loaded.sessions
-        sessions = [store.get(sid) for sid in session_ids]
-        if hidden is None:
-            hidden = cast(ModelEdges, loaded.edges).embed(cast(mx.array, token_ids))
-        store.check_step(sessions, offsets, hidden.shape[1])
-        return sessions, hidden
 
     def _guarded(self, loaded: Loaded, session_ids: list[str], step: Callable[[], T]) -> T:
         """Run a step's compute; if it fails, end its sessions (their caches may hold

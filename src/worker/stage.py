@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 
@@ -14,7 +15,13 @@ from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
 from mlx_cluster.models.sources import resolve_model
 from mlx_cluster.worker.batching import batch_for
-from mlx_cluster.worker.compute import forward_batch, forward_rows
+from mlx_cluster.worker.compute import (
+    check_hidden,
+    check_rows,
+    check_token_ids,
+    forward_batch,
+    forward_rows,
+)
 from mlx_cluster.worker.sessions import Session, SessionStore
 
 
@@ -60,6 +67,38 @@ class Loaded:
             return forward_batch(self.layer_slice, hidden, group.caches, rows, evaluate)
         caches = [s.own_caches() for s in sessions]
         return forward_rows(self.layer_slice, hidden, caches, last_position_only, evaluate)
+
+    def begin_step(
+        self,
+        session_ids: list[str],
+        hidden: mx.array | None,
+        offsets: list[int],
+        token_ids: mx.array | None,
+        max_batch: int,
+    ) -> tuple[list[Session], mx.array]:
+        """Check a step's inputs and sessions; its sessions, and the hidden states to run
+        (the embedded `token_ids` when `hidden` is None)."""
+        s = self.layer_slice
+        check_rows(session_ids, offsets, max_batch)
+        if hidden is not None:
+            check_hidden(hidden, len(session_ids), s.hidden_size, s.dtype)
+        elif token_ids is None:
+            raise InvalidArgument("a step needs hidden states or token_ids")
+        elif self.edges is None or not self.embedding:
+            raise InvalidArgument(
+                f"this worker holds {self.describe()}, not the embedding: send hidden "
+                "states, or token_ids to the first stage (loaded with embedding=True)"
+            )
+        if token_ids is not None:
+            length = hidden.shape[1] if hidden is not None else None
+            # The ids index the embedding or, in the processors, the logits.
+            vocab = self.edges.vocab_size if self.edges is not None else None
+            check_token_ids(token_ids, len(session_ids), length, vocab)
+        sessions = [self.sessions.get(sid) for sid in session_ids]
+        if hidden is None:
+            hidden = cast(ModelEdges, self.edges).embed(cast(mx.array, token_ids))
+        self.sessions.check_step(sessions, offsets, hidden.shape[1])
+        return sessions, hidden
 
     def describe(self) -> str:
         """e.g. "layers [0, 4) with the embedding", for messages."""
