@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import httpx
 import pytest
 
-from mlx_cluster.contract.config import ConfigError, SpeculativeConfig, SpeculativeMethod
+from mlx_cluster.contract.config import ConfigError, SpeculativeConfig
 from mlx_cluster.contract.config_loader import load_config
-from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, METHODS, Speculation
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -121,10 +121,6 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Specul
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
     return load_config(path, env=env or {}, dotenv=None).config.speculative
-
-
-def test_config_methods_are_the_contracts():
-    assert get_args(SpeculativeMethod) == METHODS
 
 
 def test_speculative_section_defaults_to_no_drafting(tmp_path):

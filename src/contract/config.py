@@ -17,7 +17,7 @@ from mlx_cluster.contract.rpc import (
     MAX_MESSAGE_BYTES,
     MIB,
 )
-from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation, SpeculativeMethod
 
 ENV_PREFIX = "MLX_CLUSTER_"
 # Variables with our prefix that belong to the tools, not to the cluster's settings.
@@ -159,9 +159,6 @@ class BatchingConfig(_Strict):
     max_batch: int = Field(default=32, ge=1, le=256)  # requests decoding at once; more wait
     micro_batches: int = Field(default=0, ge=0, le=64)  # decode lanes; 0 = one per worker
     prefill_chunk: int = Field(default=512, ge=1)  # prompt tokens per prefill step
-
-
-SpeculativeMethod = Literal["none", "prompt_lookup"]  # contract.speculation.METHODS
 
 
 class SpeculativeConfig(_Strict):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mlx_cluster.contract.errors import InvalidParam
 
-METHODS = ("none", "prompt_lookup")
+SpeculativeMethod = Literal["none", "prompt_lookup"]
+METHODS: tuple[str, ...] = get_args(SpeculativeMethod)
 MAX_DRAFT_TOKENS = 16
 LOOKUP_MAX_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
 LOOKUP_MIN_NGRAM = 1

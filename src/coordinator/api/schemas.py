@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlx_cluster.contract.config import SpeculativeMethod
 from mlx_cluster.contract.sampling import SamplingParams
-from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation
+from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation, SpeculativeMethod
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
