@@ -24,7 +24,13 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
-from mlx_cluster.contract.config import ClusterConfig, KVConfig, LimitsConfig, WorkerEntry
+from mlx_cluster.contract.config import (
+    ClusterConfig,
+    KVConfig,
+    LimitsConfig,
+    SpeculativeConfig,
+    WorkerEntry,
+)
 from mlx_cluster.contract.errors import KVCapacityExceeded
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.api.app import create_app
@@ -149,19 +155,24 @@ class DecodeSteps:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "prompt_lookup"])
 async def test_a_worker_killed_mid_decode_hands_its_lanes_to_a_standby_and_no_token_changes(
-    tiny_llama, worker_processes, start_cluster
+    tiny_llama, worker_processes, start_cluster, method
 ):
     model, _ = load_model(tiny_llama)
     want = [
         [t for t, _ in generate_step(mx.array(p), model, max_tokens=NEW_TOKENS)] for p in PROMPTS
     ]
     (_, a0), (w1, a1), (_, a_spare) = worker_processes("w0", "w1", "spare")
-    cluster = await start_cluster(spec(tiny_llama, [("w0", a0), ("w1", a1)], [("spare", a_spare)]))
+    drafting = SpeculativeConfig(method=method)  # replay keeps drafted tokens too
+    cluster = await start_cluster(
+        spec(tiny_llama, [("w0", a0), ("w1", a1)], [("spare", a_spare)], speculative=drafting)
+    )
     steps = DecodeSteps(cluster)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     reached = [asyncio.Event() for _ in PROMPTS]
     resume = asyncio.Event()
+    drafted = [0] * len(PROMPTS)
 
     async def run(i: int) -> list[int]:
         """Generate for PROMPTS[i]; at KILL_AFTER tokens, say so and wait for the kill."""
@@ -170,6 +181,8 @@ async def test_a_worker_killed_mid_decode_hands_its_lanes_to_a_standby_and_no_to
             async for chunk in cluster.generate(PROMPTS[i], params):
                 if chunk.token is not None:
                     tokens.append(chunk.token)
+                if chunk.performance is not None:
+                    drafted[i] = chunk.performance.draft_tokens
                 if len(tokens) == KILL_AFTER and not reached[i].is_set():
                     reached[i].set()
                     await resume.wait()
@@ -193,6 +206,7 @@ async def test_a_worker_killed_mid_decode_hands_its_lanes_to_a_standby_and_no_to
         got = await asyncio.gather(*runs)
 
     assert got == want
+    assert (sum(drafted) > 0) == (method == "prompt_lookup"), drafted
     # Two lanes (one per stage), two requests each: the last step of each lane
     # before the kill and its first step after it carried both, so both were
     # mid-decode when the worker died and were recovered together.
