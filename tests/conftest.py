@@ -102,15 +102,24 @@ async def worker_channel(
 
 
 async def make_engine(
-    model: Path, clients: Sequence[WorkerClient], counts: Sequence[int], **batching: Any
+    model: Path,
+    clients: Sequence[WorkerClient],
+    counts: Sequence[int],
+    draft_model: Path | None = None,
+    **batching: Any,
 ) -> Engine:
-    """Load `counts` layers on each client, in order; the Engine over them.
+    """Load `counts` layers on each client, in order (the first with `draft_model`, if
+    given); the Engine over them.
 
     `batching` are BatchingConfig fields (e.g. prefill_chunk=16, micro_batches=1).
     """
     config = load_config(model)
     ranges = split_by_counts(list(counts), config["num_hidden_layers"])
-    stages = StageManager(str(model), [Stage(c, r) for c, r in zip(clients, ranges, strict=True)])
+    stages = StageManager(
+        str(model),
+        [Stage(c, r) for c, r in zip(clients, ranges, strict=True)],
+        draft_model=str(draft_model or ""),
+    )
     await stages.load_all()
     return Engine(Chain(vocab_size(config), stages), BatchingConfig(**batching))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from collections.abc import Callable
@@ -298,6 +299,14 @@ def test_tied_and_untied_heads():
     assert counts(plan(tied, workers([7.5]))) == [6]  # 6 GB of layers + 1.001 GB
     with pytest.raises(PlanError, match=r"\[0, 6\) \+ embedding and head 2.0 GB need 8.0 GB, 7.5"):
         plan(untied, workers([7.5]))
+
+
+def test_a_draft_model_weighs_on_the_first_worker():
+    facts = dataclasses.replace(uniform(8, embedding_gb=0.5), draft_bytes=2 * GB)
+    result = plan(facts, workers([5, 8]))
+    assert [w.edge_weight_bytes for w in result.workers] == [int(2.5 * GB), 0]
+    assert counts(result) == [2, 6]  # 2.5 GB of edges leave room for 2 layers of 1 GB
+    assert counts(plan(uniform(8, embedding_gb=0.5), workers([5, 8]))) == [3, 5]
 
 
 def test_shared_edge_bytes_must_be_in_both_ends():

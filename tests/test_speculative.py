@@ -232,3 +232,40 @@ async def test_an_openai_client_asks_for_drafts_and_gets_the_same_text(serve_clu
     assert performance["draft_tokens"] > 0
     assert performance["decode_steps"] <= plain.model_extra["performance"]["decode_steps"]
     assert plain.model_extra["performance"]["draft_tokens"] == 0
+
+
+# --- a draft model -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drafter", ["itself", "its 4-bit copy"])
+async def test_drafts_from_a_draft_model_give_the_tokens_of_decoding_without_them(
+    model_factory, start_workers, drafter
+):
+    """The first worker drafts with a whole model of the same vocabulary: the model itself
+    (its drafts are the tokens it will sample) or its 4-bit copy (some drafts rejected, so
+    its cache is cut back again and again). The tokens are mlx-lm's either way."""
+    model = model_factory("llama")
+    draft = model if drafter == "itself" else model_factory("llama", quantize_bits=4)
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    engine = await make_engine(model, await start_workers(2), [3, 5], draft_model=draft)
+    got, stats = await run(engine, PROMPT, params, Speculation("draft", 4, str(draft)))
+    assert_same(got, reference(model, PROMPT, params))
+    assert stats.accepted > 0 and stats.traversals < NEW_TOKENS
+    if drafter == "itself":
+        assert stats.accepted >= stats.drafted * 0.9, stats
+    else:
+        assert_drafts_tested(stats)
+
+
+async def test_a_draft_model_with_another_vocabulary_is_refused_at_load(
+    model_factory, start_workers
+):
+    model = model_factory("llama")
+    other = model_factory("llama", num_layers=2, vocab_size=512)
+    with pytest.raises(Exception, match="vocabulary of 512 tokens"):
+        await make_engine(model, await start_workers(2), [4, 4], draft_model=other)
+
+
+async def test_a_request_for_a_draft_model_the_cluster_lacks_is_refused():
+    with pytest.raises(ValueError, match="needs a draft model"):
+        Speculation("draft", 4)

@@ -31,7 +31,8 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
 }
 # (the `speculative` value, the field the 400 names, a fragment of its message)
 BAD_SPECULATIVE: list[tuple[Any, str, str]] = [
-    ({"method": "medusa"}, "speculative.method", "'none' or 'prompt_lookup'"),
+    ({"method": "medusa"}, "speculative.method", "'none', 'prompt_lookup' or 'draft'"),
+    ({"method": "draft"}, "speculative.method", "needs a draft model"),  # none configured
     ({"num_draft_tokens": 0}, "speculative.num_draft_tokens", "greater than or equal to 1"),
     (
         {"num_draft_tokens": MAX_DRAFT_TOKENS + 1},
@@ -140,7 +141,11 @@ def test_speculative_section_from_file_and_environment(tmp_path):
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ("{method: medusa}", "speculative.method: Input should be 'none' or 'prompt_lookup'"),
+        (
+            "{method: medusa}",
+            "speculative.method: Input should be 'none', 'prompt_lookup' or 'draft'",
+        ),
+        ("{method: draft}", "method draft needs draft_model"),
         ("{num_draft_tokens: 0}", "speculative.num_draft_tokens: Input should be greater than"),
         (
             f"{{num_draft_tokens: {MAX_DRAFT_TOKENS + 1}}}",

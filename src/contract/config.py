@@ -169,9 +169,17 @@ class SpeculativeConfig(_Strict):
     method: SpeculativeMethod = "none"  # prompt_lookup: drafts from the request's own tokens
     num_draft_tokens: int = Field(default=4, ge=1, le=MAX_DRAFT_TOKENS)  # drafts a step, at most
 
+    draft_model: str | None = None  # for `draft`: a small model with the same vocabulary
+
+    @model_validator(mode="after")
+    def _draft_model_for_draft(self) -> SpeculativeConfig:
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("method draft needs draft_model: a small model's directory")
+        return self
+
     def speculation(self) -> Speculation:
         """The engine's default for requests that do not say."""
-        return Speculation(self.method, self.num_draft_tokens)
+        return Speculation(self.method, self.num_draft_tokens, self.draft_model)
 
 
 class LivenessConfig(_Strict):

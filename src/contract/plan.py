@@ -6,8 +6,9 @@ at start-up; `mlx-cluster plan` prints its result without loading weights.
 Memory model of one worker holding layers [a, b):
     weights(a, b) + edges + kv(a, b, tokens) + reserve <= usable memory
 where edges are the ends of the model it holds: the first worker holds the token
-embedding, the last the final norm and LM head (a tied model's head is the
-embedding matrix: the first and the last worker each hold it, a single one once).
+embedding (and a draft model, if any), the last the final norm and LM head (a tied
+model's head is the embedding matrix: the first and the last worker each hold it, a
+single one once).
 kv charges each layer `kv_bytes_per_token_per_layer[i]` per token, up to its
 sliding window if it has one. Sizes are in bytes; GB in messages is 1e9 bytes.
 """
@@ -50,6 +51,7 @@ class ModelFacts:
     max_context: int  # longest sequence the model supports (max_position_embeddings)
     kv_window: list[int | None] | None = None  # per layer: sliding window, None = global
     shared_edge_bytes: int = 0  # in both of the above (a tied matrix): held once by one worker
+    draft_bytes: int = 0  # a draft model the first worker holds too (speculative decoding)
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -64,12 +66,10 @@ class ModelFacts:
                 f"embedding_bytes {self.embedding_bytes} and head_bytes {self.head_bytes}"
             )
 
-    def window(self, layer: int) -> int | None:
-        return None if self.kv_window is None else self.kv_window[layer]
-
     def edge_bytes(self, first: bool, last: bool) -> int:
         """Bytes of the edges a worker holds besides its layers, if first and/or last."""
-        held = (self.embedding_bytes if first else 0) + (self.head_bytes if last else 0)
+        first_bytes = self.embedding_bytes + self.draft_bytes
+        held = (first_bytes if first else 0) + (self.head_bytes if last else 0)
         return held - self.shared_edge_bytes if first and last else held
 
     def edge_loads(self, workers: int) -> list[int]:
@@ -138,7 +138,7 @@ class _Costs:
     def __init__(self, facts: ModelFacts, context_tokens: int) -> None:
         weights, kv = [0], [0]
         for i in range(facts.num_layers):
-            window = facts.window(i)
+            window = None if facts.kv_window is None else facts.kv_window[i]
             tokens = context_tokens if window is None else min(window, context_tokens)
             weights.append(weights[-1] + facts.layer_weight_bytes[i])
             kv.append(kv[-1] + facts.kv_bytes_per_token_per_layer[i] * tokens)

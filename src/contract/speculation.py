@@ -8,7 +8,8 @@ without drafts; the drafts only decide how many come from one traversal.
 
 Drafts come from the request's own tokens (`prompt_lookup`: what followed the
 latest earlier occurrence of the longest n-gram that ends the tokens so far),
-which costs no model and turns copied spans into accepted tokens.
+which costs no model and turns copied spans into accepted tokens; or from a small
+draft model with the same vocabulary on the first worker (`draft`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Literal, get_args
 
 from mlx_cluster.contract.errors import InvalidParam
 
-SpeculativeMethod = Literal["none", "prompt_lookup"]
+SpeculativeMethod = Literal["none", "prompt_lookup", "draft"]
 METHODS: tuple[str, ...] = get_args(SpeculativeMethod)
 MAX_DRAFT_TOKENS = 16
 LOOKUP_MAX_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
@@ -28,16 +29,24 @@ LOOKUP_MIN_NGRAM = 1
 
 @dataclass(frozen=True)
 class Speculation:
-    """A request's drafting: `method`, and at most `num_draft_tokens` drafts a step."""
+    """A request's drafting: `method`, and at most `num_draft_tokens` drafts a step;
+    `draft_model` is the cluster's (the `draft` method needs one)."""
 
     method: str = "none"
     num_draft_tokens: int = 4
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidParam(
                 "speculative.method",
                 f"speculative.method must be one of {', '.join(METHODS)}, got {self.method!r}",
+            )
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidParam(
+                "speculative.method",
+                "speculative.method draft needs a draft model, and the cluster has none "
+                "(speculative.draft_model in its config)",
             )
         if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise InvalidParam(

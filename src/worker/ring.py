@@ -48,6 +48,9 @@ class StepResult:
 # will most likely carry the same rows, one token each (no row is at its last token and
 # none fed drafts), so a stage that can may start it before this one is read.
 RingStep = Callable[[list[str], list[int], list[list[int]], bool], Awaitable[StepResult]]
+# (session id, its tokens so far, how many) for each row that drafts with the first
+# stage's draft model -> each row's drafts.
+ModelDrafts = Callable[[list[tuple[str, list[int], int]]], Awaitable[list[list[int]]]]
 # Steps the loop may run ahead of the caller reading their events (see DecodeLoop.pump).
 EVENTS_AHEAD = 8
 
@@ -63,6 +66,7 @@ class Row:
     stop_tokens: frozenset[int]
     lookup: PromptLookup | None = None  # its tokens so far, with drafting on
     draft_length: DraftLength | None = None
+    with_model: bool = False  # drafts come from the draft model, not from lookup
 
     @classmethod
     def from_proto(cls, row: pb.DecodeRow) -> Row:
@@ -81,22 +85,25 @@ class Row:
         if row.draft_tokens:
             made.lookup = PromptLookup([*row.context, row.token])
             made.draft_length = DraftLength(row.draft_tokens)
+            made.with_model = row.draft_with_model
         return made
 
-    def drafts(self, costs: StepCosts, rows: int) -> list[int]:
-        """The tokens it may feed after its own at the next step of `rows` rows (none
-        past its last)."""
-        if self.lookup is None or self.draft_length is None:
-            return []
-        return self.lookup.drafts(min(self.draft_length.next(costs, rows), self.remaining - 1))
+    def draft_count(self, costs: StepCosts, rows: int) -> int:
+        """How many tokens it drafts for the next step of `rows` rows (none past its last)."""
+        if self.draft_length is None:
+            return 0
+        return min(self.draft_length.next(costs, rows), self.remaining - 1)
 
 
 class DecodeLoop:
     """Rows stepping together through the ring until they leave; commands between steps."""
 
-    def __init__(self, step: RingStep, max_rows: int) -> None:
+    def __init__(
+        self, step: RingStep, max_rows: int, model_drafts: ModelDrafts | None = None
+    ) -> None:
         self._step = step
         self._max_rows = max_rows
+        self._model_drafts = model_drafts  # None: this stage holds no draft model
         self.rows: dict[str, Row] = {}
         self.seen: set[str] = set()  # every session ever added (ended if the call breaks)
         # a command, a failure to raise between two steps, or None: the caller is done
@@ -129,7 +136,7 @@ class DecodeLoop:
                     yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
-            drafts = [r.drafts(self._costs, len(rows)) for r in rows]
+            drafts = await self._drafts(rows)
             length = 1 + max(len(d) for d in drafts)
             # Shorter rows are padded: a padded position is verified like a draft.
             fed = [
@@ -192,6 +199,25 @@ class DecodeLoop:
             log.debug("Decode commands ended: %r", exc)
         self.close()
 
+    async def _drafts(self, rows: list[Row]) -> list[list[int]]:
+        """Each row's drafts for the next step: from its own tokens (prompt lookup), or
+        from the draft model, asked once for all the rows that use it."""
+        counts = [r.draft_count(self._costs, len(rows)) for r in rows]
+        drafts = [
+            r.lookup.drafts(n) if r.lookup is not None and not r.with_model else []
+            for r, n in zip(rows, counts, strict=True)
+        ]
+        asks = [
+            (i, (r.session_id, r.lookup.tokens, n))
+            for i, (r, n) in enumerate(zip(rows, counts, strict=True))
+            if r.with_model and r.lookup is not None and n > 0
+        ]
+        if asks and self._model_drafts is not None:
+            drafted = await self._model_drafts([ask for _, ask in asks])
+            for (i, _), tokens in zip(asks, drafted, strict=True):
+                drafts[i] = tokens[: counts[i]]
+        return drafts
+
     def _advance(self, row: Row, tokens: list[pb.Sampled]) -> list[pb.Sampled]:
         """The row took `tokens` in order (each fed what it follows); the ones it kept:
         none after its last or a stop token, where it leaves."""
@@ -238,6 +264,10 @@ class DecodeLoop:
             if len(self.rows) >= self._max_rows:
                 raise InvalidArgument(
                     f"the decode loop holds {len(self.rows)} rows, at most {self._max_rows}"
+                )
+            if added.draft_with_model and self._model_drafts is None:
+                raise InvalidArgument(
+                    "a decode row drafts with the draft model, and this stage holds none"
                 )
             self.rows[added.session_id] = Row.from_proto(added)
             self.seen.add(added.session_id)

@@ -12,7 +12,7 @@ from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.lookahead import LookAhead
 from mlx_cluster.worker.relay import NextStage
-from mlx_cluster.worker.ring import StepResult
+from mlx_cluster.worker.ring import ModelDrafts, StepResult
 from mlx_cluster.worker.runtime import WorkerRuntime
 
 
@@ -68,6 +68,18 @@ class RingSteps:
             self._lookahead.step, ids, offsets, [row[0] for row in tokens], ahead
         )
         return StepResult([[token.to_message()] for token in sampled], compute_s, 0.0)
+
+    def model_drafts(self) -> ModelDrafts | None:
+        """Drafts from this stage's draft model, on the compute thread; None without one."""
+        loaded = self._runtime.loaded
+        if loaded is None or loaded.drafter is None:
+            return None
+        draft = loaded.draft
+
+        async def drafts(asks: list[tuple[str, list[int], int]]) -> list[list[int]]:
+            return await self._compute.submit(draft, asks)
+
+        return drafts
 
     def close(self) -> None:
         """The call is over: a step computed ahead is not taken (queued, not awaited)."""

@@ -25,6 +25,7 @@ from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPic
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.worker.batching import can_batch
+from mlx_cluster.worker.drafter import check_draft_model
 from mlx_cluster.worker.picking import (
     Picks,
     check_history_kept,
@@ -101,6 +102,7 @@ class WorkerRuntime:
         on_unload: Callable[[], None] | None = None,
         embedding: bool = False,
         head: bool = False,
+        draft_model: str = "",
     ) -> LoadedSlice:
         """Load layers [start, end) of `model`, with the embedding and/or the head if asked,
         in place of the stage held; open sessions end.
@@ -108,14 +110,17 @@ class WorkerRuntime:
         The request is checked in full (range, config, weights present) before the stage
         held is dropped, so a rejected load leaves the worker as it was; `on_unload` is
         called once it is dropped. The same stage held already keeps its weights. A
-        budget or TTL of 0 keeps the worker's own default.
+        budget or TTL of 0 keeps the worker's own default. The first stage may also hold
+        a `draft_model` sharing the model's vocabulary (worker/drafter.py).
         """
         check_load_request(model, start, end, session_ttl_s)
+        draft_path = check_draft_model(draft_model, model, embedding) if draft_model else None
         capacity = kv_budget_tokens or self.settings.kv_budget_tokens
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.loaded
         if current is not None and current.holds(model, start, end, embedding, head):
             self.loaded = self._serve(model, current.layer_slice, current.edges, capacity, ttl)
+            self.loaded = self.loaded.holding_drafter(draft_model, draft_path, current.drafter)
             log.info(
                 "%s of %s held already: weights kept, %d sessions ended",
                 current.describe(),
@@ -133,7 +138,8 @@ class WorkerRuntime:
             before = mx.get_active_memory()
 
         layer_slice, edges = read_stage(model, start, end, embedding, head, drop_held_stage)
-        self.loaded = loaded = self._serve(model, layer_slice, edges, capacity, ttl)
+        loaded = self._serve(model, layer_slice, edges, capacity, ttl)
+        self.loaded = loaded = loaded.holding_drafter(draft_model, draft_path)
         used = mx.get_active_memory() - before
         log.info(
             "loaded %s of %s: %.1f MB of weights",

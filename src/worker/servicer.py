@@ -152,6 +152,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                 not_serving,
                 request.embedding,
                 request.head,
+                request.draft_model,
             )
         finally:  # a rejected load leaves the slice held, and so the status, as they were
             await self._set_serving(self.runtime.loaded is not None)
@@ -291,7 +292,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         next_stage = self._open_next(context)
 
         ring_steps = RingSteps(self._compute, self.runtime, next_stage, stream_id)
-        loop = DecodeLoop(ring_steps, self.runtime.settings.max_batch)
+        loop = DecodeLoop(ring_steps, self.runtime.settings.max_batch, ring_steps.model_drafts())
         events: asyncio.Queue[pb.DecodeEvent | Exception | None] = asyncio.Queue(EVENTS_AHEAD)
         reader = asyncio.create_task(loop.read_commands(request_iterator))
         stepping = asyncio.create_task(loop.pump(events))

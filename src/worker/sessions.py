@@ -82,6 +82,7 @@ class Session:
     lease_id: str = ""  # the session ends with this lease; "" = by the idle TTL only
     stream_id: int = 0  # the Forward call of its last step; 0 = none yet
     rewindable: int = 0  # positions past its last step's first, which a rewind may forget
+    draft: Any = None  # the draft model's cache for it, on the first stage (worker/drafter.py)
     picker: TokenPicker | None = None  # how it samples, on the worker holding the head
 
     def own_caches(self) -> list[Any]:

@@ -4,9 +4,11 @@ and read from disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import mlx.core as mx
@@ -22,6 +24,7 @@ from mlx_cluster.worker.compute import (
     forward_batch,
     forward_rows,
 )
+from mlx_cluster.worker.drafter import DraftModel
 from mlx_cluster.worker.sessions import Session, SessionStore
 
 
@@ -34,6 +37,7 @@ class Loaded:
     sessions: SessionStore
     batch_decode: bool  # decode steps of several sessions run as one batch
     edges: ModelEdges | None = None  # the embedding and/or the final norm and LM head
+    drafter: DraftModel | None = None  # on the first stage: a small model that drafts tokens
 
     @property
     def embedding(self) -> bool:
@@ -99,6 +103,27 @@ class Loaded:
             hidden = cast(ModelEdges, self.edges).embed(cast(mx.array, token_ids))
         self.sessions.check_step(sessions, offsets, hidden.shape[1])
         return sessions, hidden
+
+    def holding_drafter(
+        self, name: str, path: Path | None, current: DraftModel | None = None
+    ) -> Loaded:
+        """This stage with the draft model `name` (from `path`; `current` if it is that
+        one already), or none when `name` is empty."""
+        if not name or path is None:
+            return dataclasses.replace(self, drafter=None)
+        keep = current is not None and current.name == name
+        drafter = current if keep else DraftModel.load(name, path)
+        return dataclasses.replace(self, drafter=drafter)
+
+    def draft(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
+        """Drafts for each (session id, its tokens so far, how many) from the draft model."""
+        if self.drafter is None:
+            raise InvalidArgument(
+                f"this worker holds {self.describe()} and no draft model: load the first "
+                "stage with draft_model to draft with a model"
+            )
+        drafter = self.drafter
+        return [drafter.drafts(self.sessions.get(sid), tokens, n) for sid, tokens, n in requests]
 
     def describe(self) -> str:
         """e.g. "layers [0, 4) with the embedding", for messages."""

@@ -91,7 +91,7 @@ class InfoResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head")
+    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head", "draft_model")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class LoadLayersRequest(_message.Message):
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -106,7 +107,8 @@ class LoadLayersRequest(_message.Message):
     session_ttl_s: float
     embedding: bool
     head: bool
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
+    draft_model: str
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., draft_model: _Optional[str] = ...) -> None: ...
 
 class LoadLayersResponse(_message.Message):
     __slots__ = ("info", "memory_used_bytes", "reloaded")
@@ -226,7 +228,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRow(_message.Message):
-    __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens", "draft_tokens", "context")
+    __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens", "draft_tokens", "context", "draft_with_model")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +236,7 @@ class DecodeRow(_message.Message):
     STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_WITH_MODEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     token: int
@@ -241,7 +244,8 @@ class DecodeRow(_message.Message):
     stop_tokens: _containers.RepeatedScalarFieldContainer[int]
     draft_tokens: int
     context: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., token: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft_with_model: bool
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., token: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., draft_with_model: _Optional[bool] = ...) -> None: ...
 
 class DecodeCommand(_message.Message):
     __slots__ = ("add", "drop")

@@ -176,9 +176,11 @@ class WorkerClient:
         session_ttl_s: float = 0,
         embedding: bool = False,
         head: bool = False,
+        draft_model: str = "",
     ) -> LoadedSlice:
         """Load layers [start, end) of `model` (and the embedding, the head: the first and last
-        stage's); the worker ends every session it had open."""
+        stage's; the first may hold a `draft_model` too); the worker ends every session it
+        had open."""
         request = pb.LoadLayersRequest(
             model=model,
             start=start,
@@ -187,6 +189,7 @@ class WorkerClient:
             session_ttl_s=session_ttl_s,
             embedding=embedding,
             head=head,
+            draft_model=draft_model,
         )
         reply = await self._call(
             lambda: self._stub.LoadLayers(

@@ -98,6 +98,7 @@ class RequestState:
         )
         if self.speculation.enabled:
             row.draft_tokens = self.speculation.num_draft_tokens
+            row.draft_with_model = self.speculation.method == "draft"
             for chunk in self.history:
                 row.context.extend(chunk.tolist())
         return row

@@ -55,8 +55,10 @@ class StageManager:
         stages: list[Stage],
         standbys: list[WorkerClient] | None = None,
         liveness: LivenessConfig | None = None,
+        draft_model: str = "",
     ) -> None:
         self.model_ref = model_ref  # what workers are told to load
+        self.draft_model = draft_model  # the first stage's, for speculative decoding
         self.stages = stages
         self.standbys = list(standbys or [])
         self.liveness = liveness or LivenessConfig()
@@ -109,6 +111,7 @@ class StageManager:
             stage.session_ttl_s,
             embedding=r.start == 0,  # the first stage embeds, the last samples
             head=r.end == r.total,
+            draft_model=self.draft_model if r.start == 0 else "",
         )
 
     # --- failover ------------------------------------------------------------------------

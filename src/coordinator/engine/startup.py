@@ -11,6 +11,7 @@ report, then loads every slice and assembles the Cluster.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +104,10 @@ async def plan_cluster(
     """Ask every worker for its capabilities, plan the layers over them, check its limits."""
     infos = await asyncio.gather(*(c.wait_ready(ready_timeout) for c in clients))
     facts = await asyncio.to_thread(model_facts, model)
+    if config.speculative.draft_model:  # the first worker holds it beside its layers
+        draft = resolve_model(config.speculative.draft_model)
+        weights = sum(f.stat().st_size for f in draft.glob("*.safetensors"))
+        facts = dataclasses.replace(facts, draft_bytes=weights)
     plan = plan_for_config(facts, config, capacities(config, infos))
     check_limits(config, infos, [c.name for c in clients])
     log.info("plan:\n%s", render_plan(plan))
@@ -129,6 +134,7 @@ async def start_from_config(
             ],
             standbys,
             config.liveness,
+            config.speculative.draft_model or "",
         )
         await stages.load_all()
         tokenizer = await asyncio.to_thread(
