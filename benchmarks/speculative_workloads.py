@@ -1,20 +1,26 @@
-"""What `python -m benchmarks.speculative` runs (its prompts) and what each engine reports.
+"""What `python -m benchmarks.speculative` runs (its prompts), what each engine reports,
+and the summary and table made of it.
 
 **copy** asks to repeat about 310 tokens of Python code (SmolLM2's tokenizer)
 with a variable renamed, so prompt lookup's drafts should be accepted; **no
 copy** asks for a short story. Each is sent as a one-message chat, through the
 model's chat template. Every run of an engine on a prompt is a `Sample`; an
-engine's samples on one prompt make a `Measurement`.
+engine's samples on one prompt make a `Measurement`, and one pipeline's drafting
+(none, prompt lookup or a draft model, at one draft count) is one engine.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from benchmarks.cluster import DecodeBreakdown
+from benchmarks.pipeline import matching_prefix
+from benchmarks.report import text_table
 
 COPY_INSTRUCTION = "Repeat this code exactly, but rename the variable `total` to `sum_of_values`:\n"
 COPY_CODE = '''\
@@ -52,6 +58,7 @@ def monthly_totals(orders):
         totals[month] = total
     return dict(sorted(totals.items()))
 '''
+METHOD_LABELS = {"none": "", "prompt_lookup": "lookup", "draft": "draft"}  # in table order
 WORKLOADS = {
     "copy": COPY_INSTRUCTION + COPY_CODE,
     "no copy": "Write a short story about a lighthouse keeper.",
@@ -90,7 +97,8 @@ class Measurement:
 
     workload: str
     engine: str  # "mlx-lm" or "pipeline"
-    num_draft_tokens: int  # prompt lookup's most drafts a step; 0 = no speculation
+    num_draft_tokens: int  # the most drafts a step; 0 = no speculation
+    method: str = "none"  # how the drafts come: "prompt_lookup" or "draft" (a draft model)
     samples: list[Sample] = field(default_factory=list)
 
     @property
@@ -98,10 +106,154 @@ class Measurement:
         if self.engine == "mlx-lm":
             return "mlx-lm"
         k = self.num_draft_tokens
-        return "pipeline" + (f" lookup k={k}" if k else "")
+        return "pipeline" + (f" {METHOD_LABELS[self.method]} k={k}" if k else "")
 
     @property
     def median(self) -> Sample:
         """The sample of median decode rate (the lower middle one for an even count)."""
         rate = statistics.median_low(s.decode_tokens_per_s for s in self.samples)
         return next(s for s in self.samples if s.decode_tokens_per_s == rate)
+
+
+@dataclass
+class Run:
+    """Everything one benchmark run measured."""
+
+    model_dir: Path
+    draft_model_dir: Path | None
+    prompt_tokens: dict[str, int]
+    stop_tokens: list[int]
+    measurements: list[Measurement]
+    other_load_cores: dict[str, float]
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def by_workload(run: Run) -> dict[str, list[Measurement]]:
+    """Each workload's measurements: mlx-lm's, the plain pipeline's, then prompt lookup's
+    and the draft model's, each by draft count."""
+    order = list(METHOD_LABELS)
+    return {
+        name: sorted(
+            (m for m in run.measurements if m.workload == name),
+            key=lambda m: (m.engine == "pipeline", order.index(m.method), m.num_draft_tokens),
+        )
+        for name in run.prompt_tokens
+    }
+
+
+def token_check(m: Measurement, reference: Measurement) -> dict[str, Any]:
+    """Whether every sample of `m` gave the tokens of `reference`'s first sample."""
+    want = reference.samples[0].tokens
+    firsts = [matching_prefix(s.tokens, want) for s in m.samples]
+    equal = all(s.tokens == want for s in m.samples)
+    return {"tokens_equal": equal, "first_difference": None if equal else min(firsts)}
+
+
+def compare(m: Measurement, base: Measurement, plain: Measurement) -> dict[str, Any]:
+    """The median sample of `m` against mlx-lm (`base`) and the plain pipeline, its tokens
+    checked against the plain pipeline's if it drafts, else against mlx-lm's."""
+    s = m.median
+    rate = s.decode_tokens_per_s
+    return {
+        "method": m.method,
+        "num_draft_tokens": m.num_draft_tokens,
+        "tokens_per_s": rate,
+        "over_pipeline": rate / plain.median.decode_tokens_per_s,
+        "over_mlx_lm": rate / base.median.decode_tokens_per_s,
+        "completion_tokens": len(s.tokens),
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+        "traversals": s.traversals,
+        "tokens_per_traversal": len(s.tokens) / s.traversals if s.traversals else None,
+        **token_check(m, plain if m.num_draft_tokens else base),
+    }
+
+
+def summary(run: Run) -> list[dict[str, Any]]:
+    """Per workload: rates, ratios, what the drafts earned and the token checks."""
+    rows = []
+    for workload, (base, plain, *speculative) in by_workload(run).items():
+        pipeline = compare(plain, base, plain)
+        rows.append(
+            {
+                "workload": workload,
+                "mlx_lm_tokens_per_s": base.median.decode_tokens_per_s,
+                "pipeline_tokens_per_s": pipeline["tokens_per_s"],
+                "pipeline_over_mlx_lm": pipeline["over_mlx_lm"],
+                "pipeline_vs_mlx_lm": token_check(plain, base),
+                "speculative": [compare(m, base, plain) for m in speculative],
+            }
+        )
+    return rows
+
+
+def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON document of a run, with its `summary` rows."""
+    return {
+        **host_info(),
+        "model": {
+            "shape": "demo" if args.demo else args.model_shape,
+            "dtype": args.dtype,
+            "bits": args.bits,
+            "dir": str(run.model_dir),
+        },
+        "workloads": {name: {"text": text} for name, text in WORKLOADS.items()},
+        "prompt_tokens": run.prompt_tokens,
+        "stop_tokens": run.stop_tokens,
+        "max_tokens": args.max_tokens,
+        "workers": args.workers,
+        "transport": args.transport,
+        "worker_gpus": list(args.gpus),
+        "repeats": args.repeats,
+        "statistic": "median_low of decode tok/s over the repeats",
+        "other_load_cores": run.other_load_cores,
+        "measurements": [
+            {**dataclasses.asdict(m), "label": m.label, "median": dataclasses.asdict(m.median)}
+            for m in run.measurements
+        ],
+        "summary": rows,
+    }
+
+
+def table(run: Run) -> str:
+    """One row per engine and workload: its median run against the others."""
+    rows: list[dict[str, str]] = []
+    for workload, (base, plain, *speculative) in by_workload(run).items():
+        for m in (base, plain, *speculative):
+            c, s, pipeline = compare(m, base, plain), m.median, m is not base
+            per_traversal, accepted, d = c["tokens_per_traversal"], c["acceptance_rate"], s.decode
+            same = "yes" if c["tokens_equal"] else f"NO (from {c['first_difference']})"
+            rows.append(
+                {
+                    "workload": workload,
+                    "engine": m.label,
+                    "decode tok/s": f"{c['tokens_per_s']:.2f}",
+                    "runs tok/s": "/".join(f"{x.decode_tokens_per_s:.1f}" for x in m.samples),
+                    "vs pipeline": f"{c['over_pipeline']:.2f}x" if m.num_draft_tokens else "-",
+                    "vs mlx-lm": f"{c['over_mlx_lm']:.2f}x" if pipeline else "-",
+                    "tokens": str(c["completion_tokens"]),
+                    "traversals": str(s.traversals) if pipeline else "-",
+                    "tok/traversal": "-" if per_traversal is None else f"{per_traversal:.2f}",
+                    "drafted": str(s.drafted) if pipeline else "-",
+                    "accepted": str(s.accepted) if pipeline else "-",
+                    "accept %": "-" if accepted is None else f"{100 * accepted:.0f}",
+                    "step ms": f"{d.wall_s * 1e3:.1f}" if d else "-",
+                    "compute ms": f"{d.compute_s * 1e3:.1f}" if d else "-",
+                    "same tokens": same if pipeline else "-",
+                }
+            )
+    return text_table(list(rows[0]), [list(row.values()) for row in rows])
+
+
+def mismatches(rows: list[dict[str, Any]]) -> list[str]:
+    """The speculative runs whose tokens differ from the plain pipeline's."""
+    return [
+        f"{row['workload']}: {spec['method']} k={spec['num_draft_tokens']} differs "
+        f"from the pipeline without drafts from token {spec['first_difference']} on"
+        for row in rows
+        for spec in row["speculative"]
+        if not spec["tokens_equal"]
+    ]

@@ -136,6 +136,7 @@ class DecodeLoop:
                     yield pb.DecodeEvent(left=self._take_left())
                 continue
             rows = list(self.rows.values())
+            started = time.perf_counter()  # a step's cost includes drafting for it
             drafts = await self._drafts(rows)
             length = 1 + max(len(d) for d in drafts)
             # Shorter rows are padded: a padded position is verified like a draft.
@@ -144,7 +145,6 @@ class DecodeLoop:
                 for r, d in zip(rows, drafts, strict=True)
             ]
             ahead = length == 1 and all(r.remaining > 1 for r in rows)
-            started = time.perf_counter()
             result = await self._step(
                 [r.session_id for r in rows], [r.offset for r in rows], fed, ahead
             )
