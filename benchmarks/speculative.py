@@ -1,8 +1,9 @@
 """`python -m benchmarks.speculative`: speculative decoding against plain decoding, one run.
 
-Prompt lookup drafts (a request's own tokens) verified in one traversal of the
-pipeline, against the same pipeline without drafts and against single-process
-mlx-lm without them, on the same weights and the same chat prompts: one that
+Prompt lookup drafts (a request's own tokens), and with --draft-model a draft
+model's, verified in one traversal of the pipeline, against the same pipeline
+without drafts and against single-process mlx-lm without them, on the same
+weights and the same chat prompts: one that
 asks to copy code (drafts should be accepted) and one with nothing to copy
 (benchmarks/speculative_workloads.py). Greedy, so every engine must give the
 same tokens; the speculative runs are checked against the pipeline's plain run
@@ -19,7 +20,6 @@ import gc
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,22 @@ from benchmarks.baseline import timed_generate
 from benchmarks.cluster import WORKER_ARGS, EventRecorder, timed_tokens
 from benchmarks.host import OtherLoad, busy_warning
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
-from benchmarks.pipeline import default_json_path, host_info, matching_prefix, positive_ints, say
-from benchmarks.report import text_table
-from benchmarks.speculative_workloads import WORKLOADS, Measurement, Sample, chat_prompts
+from benchmarks.pipeline import default_json_path, host_info, positive_ints, say
+from benchmarks.speculative_workloads import (
+    WORKLOADS,
+    Measurement,
+    Run,
+    Sample,
+    chat_prompts,
+    mismatches,
+    summary,
+    table,
+)
 from benchmarks.workload import WARMUP_NEW_TOKENS, Workload, decode_rate
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, DraftStats, Speculation
 from mlx_cluster.coordinator.engine.cluster import Cluster
+from mlx_cluster.coordinator.engine.startup import vocab_size
 from mlx_cluster.local import TRANSPORTS, gpu_list, local_workers
 from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
@@ -63,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-draft-tokens",
         type=positive_ints,
         default=(4,),
-        help="prompt lookup's drafts per step, at most; several give a run each, e.g. 2,4,8",
+        help="drafts per step, at most; several give a run each (per method), e.g. 2,4,8",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="also draft with this model: a directory, or a --model-shape name built in the "
+        "target's dtype and bits (same vocabulary as the target). A random-weight draft "
+        "model's drafts are almost all rejected, which measures a rejected traversal's cost",
     )
     p.add_argument(
         "--repeats", type=int, default=3, help="measured runs per engine; the median is kept"
@@ -118,6 +134,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- measuring ----------------------------------------------------------------------
 
 
+def draft_model_dir(args: argparse.Namespace, model_dir: Path) -> Path | None:
+    """--draft-model's directory (a shape is built in the target's dtype and bits), checked
+    to share the target's vocabulary; None without --draft-model."""
+    if args.draft_model is None:
+        return None
+    theirs = vocab_size(load_config(model_dir))
+    shape = SHAPES.get(args.draft_model)
+    path = Path(args.draft_model).expanduser()
+    if shape is None and not (path / "config.json").is_file():
+        shapes = ", ".join(sorted(SHAPES))
+        raise SystemExit(
+            f"--draft-model {args.draft_model!r}: neither a model directory nor a shape ({shapes})"
+        )
+    mine = shape.vocab_size if shape else vocab_size(load_config(path))  # before building it
+    if mine != theirs:
+        raise SystemExit(
+            f"--draft-model {args.draft_model!r} has a vocabulary of {mine} tokens, the model "
+            f"{theirs}: drafts must come from the same tokenizer"
+        )
+    if shape:
+        return ensure_model(args.draft_model, args.dtype, args.bits, args.cache_dir)
+    return path
+
+
 def _rate(stamps: list[float]) -> float:
     return decode_rate(stamps) if len(stamps) >= 2 else float("nan")
 
@@ -147,37 +187,49 @@ def measure_mlx_lm(
 
 
 async def measure_pipeline(
-    model_dir: Path, prompts: dict[str, list[int]], stops: Sequence[int], args: argparse.Namespace
+    model_dir: Path,
+    draft_dir: Path | None,
+    prompts: dict[str, list[int]],
+    stops: Sequence[int],
+    args: argparse.Namespace,
 ) -> list[Measurement]:
     """The pipeline over `args.workers` processes (worker i on GPU `args.gpus[i % len]` if
-    given), without drafts and with each draft count.
+    given), without drafts and with each draft count: prompt lookup's, and the draft
+    model's if `draft_dir` (loaded with the first worker).
 
     Runs alternate (every engine once, then again) so that a host's slow spell does
     not land on one engine alone.
     """
-    drafts = (0, *args.num_draft_tokens)
-    results = {(n, k): Measurement(n, "pipeline", k) for n in prompts for k in drafts}
+    methods = ["prompt_lookup"] + (["draft"] if draft_dir else [])
+    engines = [("none", 0), *((m, k) for m in methods for k in args.num_draft_tokens)]
+    results = {(n, m, k): Measurement(n, "pipeline", k, m) for n in prompts for m, k in engines}
+    speculative = {"draft_model": str(draft_dir)} if draft_dir else {}
     async with local_workers(
         args.workers, WORKER_ARGS, transport=args.transport, gpus=args.gpus
     ) as processes:
         cluster = await Cluster.start(
-            model_dir, [w.address for w in processes], batching={"prefill_chunk": PREFILL_STEP}
+            model_dir,
+            [w.address for w in processes],
+            batching={"prefill_chunk": PREFILL_STEP},
+            speculative=speculative,
         )
         try:
             recorder = EventRecorder([s.client.name for s in cluster.stages])
             cluster.events.subscribe(recorder)
 
-            async def sample(name: str, k: int, max_tokens: int) -> Sample:
-                lookup = Speculation("prompt_lookup", k) if k else Speculation()
-                params = SamplingParams(max_tokens=max_tokens, speculative=lookup)
+            async def sample(name: str, method: str, k: int, max_tokens: int) -> Sample:
+                draft = str(draft_dir) if method == "draft" else None
+                spec = Speculation(method, k, draft) if k else Speculation()
+                params = SamplingParams(max_tokens=max_tokens, speculative=spec)
                 stats = DraftStats()
                 recorder.clear()
                 started, stamps, tokens, recoveries = await timed_tokens(
                     cluster, prompts[name], params, stops, stats
                 )
                 decode = recorder.decode(first=1) if len(recorder.steps) > 1 else None
-                spec = (stats.drafted, stats.accepted, stats.traversals)
-                return Sample(tokens, stamps[0] - started, _rate(stamps), *spec, decode, recoveries)
+                counts = (stats.drafted, stats.accepted, stats.traversals)
+                rate = _rate(stamps)
+                return Sample(tokens, stamps[0] - started, rate, *counts, decode, recoveries)
 
             for key in results:  # warm-up: every step shape once
                 await sample(*key, 2 * WARMUP_NEW_TOKENS)
@@ -189,17 +241,6 @@ async def measure_pipeline(
     return list(results.values())
 
 
-@dataclass
-class Run:
-    """Everything one benchmark run measured."""
-
-    model_dir: Path
-    prompt_tokens: dict[str, int]
-    stop_tokens: list[int]
-    measurements: list[Measurement]
-    other_load_cores: dict[str, float]
-
-
 async def measure(args: argparse.Namespace) -> Run:
     shape = (args.model_shape, args.dtype, args.bits, args.cache_dir)
     model_dir = ensure_demo_model() if args.demo else ensure_model(*shape)
@@ -208,6 +249,9 @@ async def measure(args: argparse.Namespace) -> Run:
     stops = [] if args.ignore_eos else sorted(tokenizer.eos_token_ids)
     sizes = ", ".join(f"{name}: {len(p)}" for name, p in prompts.items())
     say(f"model {model_dir}; prompt tokens {sizes}; stop tokens {stops}")
+    draft_dir = draft_model_dir(args, model_dir)
+    if draft_dir:
+        say(f"draft model {draft_dir}")
     say(f"mlx-lm, single process, {args.repeats} run(s) per workload")
     with OtherLoad() as baseline_load:
         baseline = measure_mlx_lm(model_dir, prompts, stops, args)
@@ -215,12 +259,14 @@ async def measure(args: argparse.Namespace) -> Run:
     gpus = f", GPUs {list(args.gpus)} per worker" if args.gpus else ""
     say(
         f"pipeline over {args.workers} worker process(es) on {args.transport}{gpus}: "
-        f"no drafts, prompt lookup {drafts}; {args.repeats} run(s) each"
+        f"no drafts, prompt lookup {drafts}{', draft model ' + drafts if draft_dir else ''}; "
+        f"{args.repeats} run(s) each"
     )
     with OtherLoad() as pipeline_load:
-        pipeline = await measure_pipeline(model_dir, prompts, stops, args)
+        pipeline = await measure_pipeline(model_dir, draft_dir, prompts, stops, args)
     return Run(
         model_dir,
+        draft_dir,
         {name: len(p) for name, p in prompts.items()},
         stops,
         [*baseline, *pipeline],
@@ -229,63 +275,6 @@ async def measure(args: argparse.Namespace) -> Run:
 
 
 # --- reporting ----------------------------------------------------------------------
-
-
-def by_workload(run: Run) -> dict[str, list[Measurement]]:
-    """Each workload's measurements: mlx-lm's, the plain pipeline's, then by draft count."""
-    return {
-        name: sorted(
-            (m for m in run.measurements if m.workload == name),
-            key=lambda m: (m.engine == "pipeline", m.num_draft_tokens),
-        )
-        for name in run.prompt_tokens
-    }
-
-
-def token_check(m: Measurement, reference: Measurement) -> dict[str, Any]:
-    """Whether every sample of `m` gave the tokens of `reference`'s first sample."""
-    want = reference.samples[0].tokens
-    firsts = [matching_prefix(s.tokens, want) for s in m.samples]
-    equal = all(s.tokens == want for s in m.samples)
-    return {"tokens_equal": equal, "first_difference": None if equal else min(firsts)}
-
-
-def compare(m: Measurement, base: Measurement, plain: Measurement) -> dict[str, Any]:
-    """The median sample of `m` against mlx-lm (`base`) and the plain pipeline, its tokens
-    checked against the plain pipeline's if it drafts, else against mlx-lm's."""
-    s = m.median
-    rate = s.decode_tokens_per_s
-    return {
-        "num_draft_tokens": m.num_draft_tokens,
-        "tokens_per_s": rate,
-        "over_pipeline": rate / plain.median.decode_tokens_per_s,
-        "over_mlx_lm": rate / base.median.decode_tokens_per_s,
-        "completion_tokens": len(s.tokens),
-        "drafted": s.drafted,
-        "accepted": s.accepted,
-        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
-        "traversals": s.traversals,
-        "tokens_per_traversal": len(s.tokens) / s.traversals if s.traversals else None,
-        **token_check(m, plain if m.num_draft_tokens else base),
-    }
-
-
-def summary(run: Run) -> list[dict[str, Any]]:
-    """Per workload: rates, ratios, what the drafts earned and the token checks."""
-    rows = []
-    for workload, (base, plain, *speculative) in by_workload(run).items():
-        pipeline = compare(plain, base, plain)
-        rows.append(
-            {
-                "workload": workload,
-                "mlx_lm_tokens_per_s": base.median.decode_tokens_per_s,
-                "pipeline_tokens_per_s": pipeline["tokens_per_s"],
-                "pipeline_over_mlx_lm": pipeline["over_mlx_lm"],
-                "pipeline_vs_mlx_lm": token_check(plain, base),
-                "speculative": [compare(m, base, plain) for m in speculative],
-            }
-        )
-    return rows
 
 
 def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -298,6 +287,9 @@ def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> 
             "bits": args.bits,
             "dir": str(run.model_dir),
         },
+        "draft_model": {"arg": args.draft_model, "dir": str(run.draft_model_dir)}
+        if run.draft_model_dir
+        else None,
         "workloads": {name: {"text": text} for name, text in WORKLOADS.items()},
         "prompt_tokens": run.prompt_tokens,
         "stop_tokens": run.stop_tokens,
@@ -314,47 +306,6 @@ def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> 
         ],
         "summary": rows,
     }
-
-
-def table(run: Run) -> str:
-    """One row per engine and workload: its median run against the others."""
-    rows: list[dict[str, str]] = []
-    for workload, (base, plain, *speculative) in by_workload(run).items():
-        for m in (base, plain, *speculative):
-            c, s, pipeline = compare(m, base, plain), m.median, m is not base
-            per_traversal, accepted, d = c["tokens_per_traversal"], c["acceptance_rate"], s.decode
-            same = "yes" if c["tokens_equal"] else f"NO (from {c['first_difference']})"
-            rows.append(
-                {
-                    "workload": workload,
-                    "engine": m.label,
-                    "decode tok/s": f"{c['tokens_per_s']:.2f}",
-                    "runs tok/s": "/".join(f"{x.decode_tokens_per_s:.1f}" for x in m.samples),
-                    "vs pipeline": f"{c['over_pipeline']:.2f}x" if m.num_draft_tokens else "-",
-                    "vs mlx-lm": f"{c['over_mlx_lm']:.2f}x" if pipeline else "-",
-                    "tokens": str(c["completion_tokens"]),
-                    "traversals": str(s.traversals) if pipeline else "-",
-                    "tok/traversal": "-" if per_traversal is None else f"{per_traversal:.2f}",
-                    "drafted": str(s.drafted) if pipeline else "-",
-                    "accepted": str(s.accepted) if pipeline else "-",
-                    "accept %": "-" if accepted is None else f"{100 * accepted:.0f}",
-                    "step ms": f"{d.wall_s * 1e3:.1f}" if d else "-",
-                    "compute ms": f"{d.compute_s * 1e3:.1f}" if d else "-",
-                    "same tokens": same if pipeline else "-",
-                }
-            )
-    return text_table(list(rows[0]), [list(row.values()) for row in rows])
-
-
-def mismatches(rows: list[dict[str, Any]]) -> list[str]:
-    """The speculative runs whose tokens differ from the plain pipeline's."""
-    return [
-        f"{row['workload']}: prompt lookup k={spec['num_draft_tokens']} differs "
-        f"from the pipeline without drafts from token {spec['first_difference']} on"
-        for row in rows
-        for spec in row["speculative"]
-        if not spec["tokens_equal"]
-    ]
 
 
 def print_report(run: Run, rows: list[dict[str, Any]], repeats: int) -> None:

@@ -190,34 +190,6 @@ def summary(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The JSON document of a run, with its `summary` rows."""
-    return {
-        **host_info(),
-        "model": {
-            "shape": "demo" if args.demo else args.model_shape,
-            "dtype": args.dtype,
-            "bits": args.bits,
-            "dir": str(run.model_dir),
-        },
-        "workloads": {name: {"text": text} for name, text in WORKLOADS.items()},
-        "prompt_tokens": run.prompt_tokens,
-        "stop_tokens": run.stop_tokens,
-        "max_tokens": args.max_tokens,
-        "workers": args.workers,
-        "transport": args.transport,
-        "worker_gpus": list(args.gpus),
-        "repeats": args.repeats,
-        "statistic": "median_low of decode tok/s over the repeats",
-        "other_load_cores": run.other_load_cores,
-        "measurements": [
-            {**dataclasses.asdict(m), "label": m.label, "median": dataclasses.asdict(m.median)}
-            for m in run.measurements
-        ],
-        "summary": rows,
-    }
-
-
 def table(run: Run) -> str:
     """One row per engine and workload: its median run against the others."""
     rows: list[dict[str, str]] = []

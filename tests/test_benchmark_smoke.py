@@ -132,3 +132,33 @@ def test_speculative_benchmark_writes_results(tmp_path: Path) -> None:
         if m["engine"] == "pipeline" and m["num_draft_tokens"] == 0:
             assert all(s["drafted"] == 0 for s in m["samples"])
             assert all(s["traversals"] == len(s["tokens"]) for s in m["samples"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_speculative_benchmark_drafts_with_a_draft_model(tmp_path: Path) -> None:
+    """The quick target drafting with itself: its drafts are the tokens it samples."""
+    out = tmp_path / "speculative.json"
+    run_benchmark(
+        "benchmarks.speculative",
+        "--quick",
+        "--draft-model",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+        timeout=90,
+    )
+
+    results = json.loads(out.read_text())
+    assert results["draft_model"]["arg"] == "tiny"
+    for row in results["summary"]:
+        lookup, draft = row["speculative"]
+        assert (lookup["method"], draft["method"]) == ("prompt_lookup", "draft")
+        assert draft["num_draft_tokens"] == 4 and draft["tokens_equal"], draft
+        assert 0 <= draft["accepted"] <= draft["drafted"]
+    copy = results["summary"][0]["speculative"][1]
+    assert copy["drafted"] > 0 and copy["accepted"] >= 0.9 * copy["drafted"], copy
+    labels = {m["label"] for m in results["measurements"]}
+    assert {"pipeline lookup k=4", "pipeline draft k=4"} <= labels
