@@ -286,13 +286,10 @@ class WorkerRuntime:
     ) -> list[SampledToken]:
         """One step for several sessions on the last stage, then each row's next token.
 
-        Row b feeds token_ids[b] at positions offsets[b] ... offsets[b] + L - 1, and its
+        Row b feeds token_ids[b] ([B, L] uint32, required: the processors see them) at
+        positions offsets[b] ... offsets[b] + L - 1 (`hidden` as for `forward`), and its
         session's picker draws the token of position offsets[b] + L from the last
         position's logits (a seeded session is reseeded from that position).
-
-        Args:
-            hidden: as `forward`; None when this stage holds the embedding too.
-            token_ids: [B, L] uint32, required: the pickers' processors see them.
 
         Raises:
             InvalidArgument: this stage holds no head, or `token_ids` is missing.
