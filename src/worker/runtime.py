@@ -378,8 +378,7 @@ class WorkerRuntime:
 
     def steps_back_exactly(self, session_ids: list[str]) -> bool:
         """Whether these open sessions' last positions can be forgotten exactly."""
-        store = self.require_loaded().sessions
-        return all(store.get(sid).steps_back_exactly for sid in session_ids)
+        return all(self.require_loaded().sessions.get(s).steps_back_exactly for s in session_ids)
 
     def step_back(self, session_ids: list[str]) -> None:
         """Forget the last cached position of these sessions (those still open)."""
