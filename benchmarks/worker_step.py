@@ -198,6 +198,28 @@ class Ring:
 
         return step
 
+    def verifying(self, drafts: int) -> Callable[[], dict[str, float]]:
+        """`step` as a step that verifies `drafts` drafts the model will not sample (each
+        row's token + 1, repeated): what a traversal whose drafts are rejected costs. Every
+        stage first forgets the previous step's rejected positions, as the ring does."""
+
+        def step() -> dict[str, float]:
+            fed = [[token] + [token + 1] * drafts for token in self.tokens]
+            token_ids = mx.array(fed, dtype=mx.uint32)
+            ids, offsets, hidden = self.session_ids, self.offsets, None
+            for stage in self.stages[:-1]:
+                stage.rewind(ids, offsets)
+                hidden = stage.forward(ids, hidden, offsets, False, token_ids=token_ids)
+                ids, offsets, hidden, token_ids = receive(send_on(ids, offsets, token_ids, hidden))
+            last = self.stages[-1]
+            last.rewind(ids, offsets)
+            kept = last.verify_sample(ids, hidden, offsets, token_ids=token_ids)
+            self.tokens = [row[-1].token for row in kept]
+            self.offsets = [offset + len(row) for offset, row in zip(offsets, kept, strict=True)]
+            return {}
+
+        return step
+
     def advance(self, picked: list[SampledToken]) -> None:
         """Each session's next input: the token it sampled, at the next position."""
         self.tokens = [p.token for p in picked]
@@ -221,14 +243,18 @@ def ring_steps(
     batch: int,
     args: argparse.Namespace,
     ahead: bool = False,
+    drafts: int = 0,
 ) -> tuple[float, dict[str, float], int]:
     """Mean seconds of a step through `splits` and of each of its parts, and the bytes
     each stage sends the next (0 for one stage). With `ahead` (one stage only), the
-    steps are driven through a `LookAhead` and no part is timed on its own."""
+    steps are driven through a `LookAhead`; with `drafts`, each step verifies that many
+    rejected drafts (`Ring.verifying`); then no part is timed on its own."""
     ring = Ring(path, splits, eval_every, batch, args.prompt_tokens)
     count = args.warmup + args.steps
     lookahead = LookAhead(ring.stages[0], stream_id=0) if ahead else None
     step = ring.step if lookahead is None else ring.stepping_ahead(lookahead, count)
+    if drafts:
+        step = ring.verifying(drafts)
     for _ in range(args.warmup):
         step()
     laps: list[dict[str, float]] = []
@@ -271,20 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the workers' --eval-every values, e.g. 0,1,4 (default: the workers' default)",
     )
+    p.add_argument(
+        "--verify-drafts",
+        type=int_list(1),
+        default=(),
+        help="also steps that verify this many drafts, all rejected (e.g. 4,8): "
+        "the cost of a traversal whose drafts fail",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
     return p
 
 
-def worker_runs(stage_counts: tuple[int, ...]) -> list[tuple[str, int, bool]]:
-    """The worker's rows: name, stage count, whether stepping ahead."""
-    runs: list[tuple[str, int, bool]] = []
+def worker_runs(
+    stage_counts: tuple[int, ...], verify: tuple[int, ...]
+) -> list[tuple[str, int, bool, int]]:
+    """The worker's rows: name, stage count, whether stepping ahead, drafts verified."""
+    runs: list[tuple[str, int, bool, int]] = []
     for n in stage_counts:
         if n == 1:
-            runs += [("one stage", 1, False), ("one stage, stepping ahead", 1, True)]
+            runs += [("one stage", 1, False, 0), ("one stage, stepping ahead", 1, True, 0)]
         else:
-            runs.append((f"{n} stages in turn", n, False))
+            runs.append((f"{n} stages in turn", n, False, 0))
+        stages = "one stage" if n == 1 else f"{n} stages"
+        runs += [(f"{stages}, {k} rejected drafts verified", n, False, k) for k in verify]
     return runs
 
 
@@ -297,10 +334,10 @@ def measure_batch(
     released()
     message_bytes = 0
     for every in eval_every:
-        for name, stages, ahead in worker_runs(args.stages):
+        for name, stages, ahead, drafts in worker_runs(args.stages, args.verify_drafts):
             key = f"worker, {name}, eval every {every}"
             splits = splits_of(layers, stages)
-            total, parts, sent = ring_steps(path, splits, every, batch, args, ahead)
+            total, parts, sent = ring_steps(path, splits, every, batch, args, ahead, drafts)
             row[key], labels[key] = total, key
             if len(parts) > 1:
                 row |= {f"{key}: {part}": s for part, s in parts.items()}
