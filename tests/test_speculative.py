@@ -21,6 +21,7 @@ from mlx_cluster.contract.speculation import (
     PromptLookup,
     Speculation,
     StepCosts,
+    split_rows,
 )
 from mlx_cluster.worker.lookahead import LookAhead
 from tests.conftest import TINY_LAYERS, make_engine
@@ -82,6 +83,12 @@ def test_the_draft_length_weighs_acceptance_against_what_longer_steps_cost():
     assert 0.4 < half.acceptance < 0.6
     assert half.next(gpu, 1) >= 2 and half.next(cpu, 1) == 0  # pays on a GPU only
     assert gpu.ratio(2, 3) == 1.0  # never measured for 2 rows: worth a try
+
+
+def test_a_steps_tokens_split_back_into_rows():
+    assert split_rows("abcdef", [1, 3, 2]) == [["a"], ["b", "c", "d"], ["e", "f"]]
+    with pytest.raises(ValueError, match="do not split"):
+        split_rows("abc", [1, 1])
 
 
 def test_speculation_settings_are_checked():

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 from mlx_cluster.contract.errors import InvalidParam
 
 SpeculativeMethod = Literal["none", "prompt_lookup", "draft"]
 METHODS: tuple[str, ...] = get_args(SpeculativeMethod)
+T = TypeVar("T")
 MAX_DRAFT_TOKENS = 16
 LOOKUP_MAX_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
 LOOKUP_MIN_NGRAM = 1
@@ -58,6 +59,22 @@ class Speculation:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+
+def split_rows(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
+    """A step's tokens, flattened row after row, back into rows of `counts` tokens each
+    (a step that verified drafts gives a row several).
+
+    Raises:
+        ValueError: the counts do not add up to the tokens.
+    """
+    if sum(counts) != len(items) or any(count < 0 for count in counts):
+        raise ValueError(f"{len(items)} tokens do not split into rows of {list(counts)}")
+    rows, at = [], 0
+    for count in counts:
+        rows.append(list(items[at : at + count]))
+        at += count
+    return rows
 
 
 @dataclass

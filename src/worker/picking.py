@@ -80,13 +80,17 @@ class Picks:
         )
         return cls(tokens, packed, full, [p.params.top_logprobs for p in pickers], k)
 
+    def arrays(self) -> list[mx.array]:
+        """What evaluating the step computes."""
+        return [self.packed, *(f for f in self.full if f is not None)]
+
     def start(self) -> None:
         """Hand the step to the device without waiting for it."""
-        mx.async_eval(self.packed, [f for f in self.full if f is not None])
+        mx.async_eval(self.arrays())
 
     def read(self) -> list[SampledToken]:
         """Evaluate the step and read each row's token."""
-        mx.eval(self.packed, [f for f in self.full if f is not None])
+        mx.eval(self.arrays())
         values = cast(list[float], self.packed.tolist())
         rows, k = len(self.full), self.k
         ids, logprob = values[:rows], values[rows : 2 * rows]
@@ -174,7 +178,7 @@ def verify_rows(
         inputs = [token_ids[b, i : i + 1] for b in range(rows)] if processed else []
         positions = [offset + i + 1 for offset in offsets]
         steps.append(Picks.build(pickers, inputs, logits[:, i, :], positions))
-    mx.eval([step.packed for step in steps])
+    mx.eval([step.arrays() for step in steps])  # every position at once
     sampled = [step.read() for step in steps]
     fed = cast(list[list[int]], token_ids.tolist())
     kept: list[list[SampledToken]] = []

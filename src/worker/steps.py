@@ -13,6 +13,7 @@ import time
 import mlx.core as mx
 
 from mlx_cluster import tensor
+from mlx_cluster.contract import speculation
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.worker.runtime import WorkerRuntime
@@ -132,13 +133,8 @@ def verify_alone(
 
 def split_rows(reply: pb.ForwardResponse) -> list[list[pb.Sampled]]:
     """Row b's tokens of a sampling step's reply (one each unless it verified drafts)."""
-    sampled = list(reply.sampled)
-    if not reply.counts:
-        return [[token] for token in sampled]
-    rows, at = [], 0
-    for count in reply.counts:
-        rows.append(sampled[at : at + count])
-        at += count
-    if at != len(sampled):
-        raise InvalidArgument(f"the last stage answered {len(sampled)} tokens, its counts say {at}")
-    return rows
+    counts = list(reply.counts) or [1] * len(reply.sampled)
+    try:
+        return speculation.split_rows(reply.sampled, counts)
+    except ValueError as exc:
+        raise InvalidArgument(f"the last stage's answer: {exc}") from exc

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from mlx_cluster.contract.errors import RECOVERABLE, ClusterError
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.sampling import SampledToken
+from mlx_cluster.contract.speculation import split_rows
 from mlx_cluster.coordinator.engine.chain import MAX_RECOVERIES, Chain
 from mlx_cluster.coordinator.engine.events import StepEvent
 from mlx_cluster.coordinator.engine.request import RequestState
@@ -203,22 +204,21 @@ class Lane:
         members = {r.session_id: r for r in self.members}
         counts = list(event.counts) or [1] * len(event.session_ids)
         drafted = list(event.drafted) or [0] * len(event.session_ids)
-        if not len(counts) == len(drafted) == len(event.session_ids) or sum(counts) != len(
-            event.sampled
-        ):
+        try:
+            if not len(counts) == len(drafted) == len(event.session_ids):
+                raise ValueError(f"counts {counts} and drafts {drafted} for the rows")
+            rows = split_rows(event.sampled, counts)
+        except ValueError as exc:
             raise ClusterError(
-                f"a decode event for {len(event.session_ids)} rows carried {len(event.sampled)} "
-                f"tokens in counts {counts} (drafts {drafted})"
-            )
-        at = 0
-        for session_id, count, drafts in zip(event.session_ids, counts, drafted, strict=True):
+                f"a decode event for {len(event.session_ids)} rows does not add up: {exc}"
+            ) from exc
+        for session_id, tokens, drafts in zip(event.session_ids, rows, drafted, strict=True):
             request = members.get(session_id)
-            tokens, at = event.sampled[at : at + count], at + count
             if request is None:
                 continue
             for sampled in tokens:
                 request.stepped(SampledToken.from_proto(sampled))
-            request.drafted(drafts, min(count - 1, drafts))
+            request.drafted(drafts, min(len(tokens) - 1, drafts))
         for session_id in event.left:  # done, stopped or dropped: no step carries it now
             request = members.get(session_id)
             if request is not None:
