@@ -167,3 +167,56 @@ def parameter_count(model_dir: Path) -> int | None:
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     count = index.get("metadata", {}).get("total_parameters")
     return None if count is None else int(count)
+
+
+def ensure_successor_model(shape: str, dtype: str, cache_dir: Path) -> Path:
+    """A model of `shape` that, greedy, follows token t with t + 1, built if missing.
+
+    Made from the random model of that shape: every layer's attention output and MLP
+    output projections are zeroed, so the residual stream stays the token's embedding,
+    and row j of the LM head is the embedding of token j - 1. Random embeddings are
+    nearly orthogonal, so the largest logit after token t is t + 1's. Every layer still
+    computes what a real model's does: zeros cost the device what any weights cost. With
+    a prompt that holds runs of consecutive ids, prompt lookup's drafts are then right
+    as far as the run they copy (`speculative_workloads.successor_prompts`).
+    """
+    source = ensure_model(shape, dtype, None, cache_dir)
+    target = source.with_name(source.name + "-successor")
+    if (target / "config.json").is_file():
+        return target
+    staging = target.with_name(target.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("*.safetensors"))
+    shards = sorted(source.glob("*.safetensors"))
+    embedding = next(
+        w["model.embed_tokens.weight"]
+        for w in map(mx.load, map(str, shards))
+        if "model.embed_tokens.weight" in w
+    )
+    head = mx.roll(embedding, 1, axis=0)  # row j: token j - 1's embedding
+    for shard in shards:
+        weights = mx.load(str(shard))
+        for name, value in weights.items():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weights[name] = mx.zeros_like(value)
+            elif name.endswith("norm.weight"):
+                weights[name] = mx.ones_like(value)
+        if "lm_head.weight" in weights or "model.embed_tokens.weight" in weights:
+            weights["lm_head.weight"] = head  # its own head, even where the shape ties it
+            head_shard = shard.name
+        mx.save_safetensors(str(staging / shard.name), weights, metadata={"format": "mlx"})
+        del weights
+    for name, edit in (
+        ("config.json", lambda c: c | {"tie_word_embeddings": False}),
+        (
+            "model.safetensors.index.json",
+            lambda i: i | {"weight_map": i["weight_map"] | {"lm_head.weight": head_shard}},
+        ),
+    ):
+        (staging / name).write_text(
+            json.dumps(edit(json.loads((staging / name).read_text())), indent=4)
+        )
+    staging.rename(target)
+    gc.collect()
+    mx.clear_cache()
+    return target

@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
@@ -29,15 +29,17 @@ from mlx_lm.utils import load_config, load_model, load_tokenizer
 from benchmarks.baseline import timed_generate
 from benchmarks.cluster import WORKER_ARGS, EventRecorder, timed_tokens
 from benchmarks.host import OtherLoad, busy_warning
-from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
+from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model, ensure_successor_model
 from benchmarks.pipeline import default_json_path, host_info, positive_ints, say
 from benchmarks.speculative_workloads import (
+    EDIT_EVERY,
     WORKLOADS,
     Measurement,
     Run,
     Sample,
     chat_prompts,
     mismatches,
+    successor_prompts,
     summary,
     table,
 )
@@ -49,6 +51,7 @@ from mlx_cluster.coordinator.engine.startup import vocab_size
 from mlx_cluster.local import TRANSPORTS, gpu_list, local_workers
 from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
+from mlx_cluster.models.short_steps import ShortStepAttention
 
 QUICK_DEFAULTS = {"model_shape": "tiny", "dtype": "float32", "max_tokens": 24, "repeats": 1}
 PREFILL_STEP = Workload.prefill_step_size  # mlx-lm's prompt chunk (the prompts fit in one)
@@ -65,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-shape", choices=sorted(SHAPES), help="a random-weight model instead")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="with --model-shape")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="with --model-shape")
+    p.add_argument(
+        "--successor",
+        action="store_true",
+        help="with --model-shape (unquantized): its successor model, which follows "
+        "token t with t + 1, on token-id prompts that hold a run of ids to copy "
+        "(benchmarks/models.py ensure_successor_model)",
+    )
+    p.add_argument(
+        "--edit-every",
+        type=int,
+        default=EDIT_EVERY,
+        help="with --successor: the copied run has an edit (a rejected draft) every this "
+        "many ids (default: as often as the copy prompt renames its variable)",
+    )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="built models")
     p.add_argument("--workers", type=int, default=2, help="worker processes of the pipeline")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens at most per request")
@@ -99,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="GPU index for each worker, cycled (e.g. 0,1); default: all share what we see",
     )
+    p.add_argument(
+        "--short-step-attention",
+        choices=get_args(ShortStepAttention),
+        default=None,
+        help="the workers' --short-step-attention (default: theirs, by backend)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, short lengths (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="results file (default under /tmp)")
     return p
@@ -110,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.demo and args.model_shape:
         parser.error("--demo and --model-shape exclude each other")
+    if args.edit_every < 2:
+        parser.error(f"--edit-every must be at least 2, got {args.edit_every}")
     if args.quick:
         defaults = dict(QUICK_DEFAULTS)
         if args.demo:  # an explicit --demo wins over --quick's model
@@ -117,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
     args.demo = args.model_shape is None
+    if args.successor and (not args.model_shape or args.bits):
+        parser.error("--successor needs a --model-shape and no --bits")
     if args.demo:  # the demo's activations are DEMO_DTYPE whatever --dtype says
         args.dtype, args.bits = DEMO_DTYPE, None
     if args.max_tokens < 2:
@@ -204,8 +231,10 @@ async def measure_pipeline(
     engines = [("none", 0), *((m, k) for m in methods for k in args.num_draft_tokens)]
     results = {(n, m, k): Measurement(n, "pipeline", k, m) for n in prompts for m, k in engines}
     speculative = {"draft_model": str(draft_dir)} if draft_dir else {}
+    attention = args.short_step_attention
+    worker_args = [*WORKER_ARGS, *(["--short-step-attention", attention] if attention else [])]
     async with local_workers(
-        args.workers, WORKER_ARGS, transport=args.transport, gpus=args.gpus
+        args.workers, worker_args, transport=args.transport, gpus=args.gpus
     ) as processes:
         cluster = await Cluster.start(
             model_dir,
@@ -244,8 +273,14 @@ async def measure_pipeline(
 async def measure(args: argparse.Namespace) -> Run:
     shape = (args.model_shape, args.dtype, args.bits, args.cache_dir)
     model_dir = ensure_demo_model() if args.demo else ensure_model(*shape)
+    if args.successor:
+        model_dir = ensure_successor_model(args.model_shape, args.dtype, args.cache_dir)
     tokenizer = load_tokenizer(model_dir, eos_token_ids=load_config(model_dir).get("eos_token_id"))
-    prompts = chat_prompts(tokenizer)
+    prompts = (
+        successor_prompts(vocab_size(load_config(model_dir)), args.edit_every)
+        if args.successor
+        else chat_prompts(tokenizer)
+    )
     stops = [] if args.ignore_eos else sorted(tokenizer.eos_token_ids)
     sizes = ", ".join(f"{name}: {len(p)}" for name, p in prompts.items())
     say(f"model {model_dir}; prompt tokens {sizes}; stop tokens {stops}")
@@ -290,11 +325,14 @@ def document(args: argparse.Namespace, run: Run, rows: list[dict[str, Any]]) -> 
         "draft_model": {"arg": args.draft_model, "dir": str(run.draft_model_dir)}
         if run.draft_model_dir
         else None,
-        "workloads": {name: {"text": text} for name, text in WORKLOADS.items()},
+        "workloads": {"successor ids": successor_prompts.__doc__, "edit_every": args.edit_every}
+        if args.successor
+        else {name: {"text": text} for name, text in WORKLOADS.items()},
         "prompt_tokens": run.prompt_tokens,
         "stop_tokens": run.stop_tokens,
         "max_tokens": args.max_tokens,
         "workers": args.workers,
+        "short_step_attention": args.short_step_attention,
         "transport": args.transport,
         "worker_gpus": list(args.gpus),
         "repeats": args.repeats,

@@ -229,3 +229,25 @@ def mismatches(rows: list[dict[str, Any]]) -> list[str]:
         for spec in row["speculative"]
         if not spec["tokens_equal"]
     ]
+
+
+# The copy prompt's code is 310 tokens with 10 uses of the variable to rename: an edit
+# every 31 tokens. A successor workload edits its run as often by default.
+EDIT_EVERY = 32
+
+
+def successor_prompts(vocab_size: int, edit_every: int = EDIT_EVERY) -> dict[str, list[int]]:
+    """Token-id prompts for a successor model (`models.ensure_successor_model`), which
+    follows t with t + 1; every id below `vocab_size`.
+
+    **copy**: a run of up to 900 consecutive ids, every `edit_every`-th replaced by
+    another id, then the run's first ids again: the model goes on counting past them,
+    and prompt lookup drafts from the run, right up to its next edit (a rejected draft).
+    **no copy**: ids with no run, so lookup finds no continuation that the model follows.
+    """
+    length, start = min(900, vocab_size // 4), min(1000, vocab_size // 8)
+    run = [
+        start + i if i % edit_every != edit_every - 1 else start + length + i for i in range(length)
+    ]
+    spread = [start + 2 * length + (7919 * i) % length for i in range(length)]
+    return {"copy": [*run, *range(start, start + 10)], "no copy": spread}

@@ -35,9 +35,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple, cast
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import load_model
 
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
@@ -48,6 +49,7 @@ from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.models.demo import DEMO_DTYPE, ensure_demo_model
 from mlx_cluster.models.random_model import DTYPES
+from mlx_cluster.models.short_steps import ShortStepAttention
 from mlx_cluster.worker.capabilities import detect
 from mlx_cluster.worker.lookahead import LookAhead
 from mlx_cluster.worker.runtime import WorkerRuntime, WorkerSettings
@@ -71,7 +73,9 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
 # --- mlx-lm ----------------------------------------------------------------------
 
 
-def mlx_lm_steps(path: Path, batch: int, prompt: int, warmup: int, steps: int) -> dict[str, float]:
+def mlx_lm_steps(
+    path: Path, batch: int, prompt: int, warmup: int, steps: int, verify: tuple[int, ...] = ()
+) -> dict[str, float]:
     model, _ = load_model(path)
     tokens = prompt_tokens(batch, prompt)
     if batch == 1:
@@ -99,7 +103,19 @@ def mlx_lm_steps(path: Path, batch: int, prompt: int, warmup: int, steps: int) -
         y.item() if batch == 1 else y.tolist()
         y = following
     overlapped_s = (time.perf_counter() - started) / steps
-    return {"mlx-lm, each step waited for": sync_s, "mlx-lm, overlapped": overlapped_s}
+    seconds = {"mlx-lm, each step waited for": sync_s, "mlx-lm, overlapped": overlapped_s}
+    for k in verify:  # as mlx-lm's speculative step verifies k drafts, all rejected here
+
+        def verifying(k: int = k) -> None:
+            nonlocal y
+            fed = mx.concatenate([y, mx.repeat(y + 1, k, axis=1)], axis=1)
+            picked = mx.argmax(model(fed, cache=cache), axis=-1)
+            picked.tolist()
+            trim_prompt_cache(cache, k)
+            y = picked[:, :1]
+
+        seconds[f"mlx-lm, {k} rejected drafts verified"] = timed(verifying, warmup, steps)
+    return seconds
 
 
 # --- the worker's stages -----------------------------------------------------------
@@ -139,12 +155,22 @@ class Ring:
     with B sessions open, prefilled and stepped together."""
 
     def __init__(
-        self, path: Path, splits: list[tuple[int, int]], eval_every: int, batch: int, prompt: int
+        self,
+        path: Path,
+        splits: list[tuple[int, int]],
+        eval_every: int,
+        batch: int,
+        prompt: int,
+        short_steps: ShortStepAttention | None = None,
     ) -> None:
         layers = splits[-1][1]
         self.stages = []
         for start, end in splits:
-            settings = WorkerSettings(name=f"stage{len(self.stages)}", eval_every=eval_every)
+            settings = WorkerSettings(
+                name=f"stage{len(self.stages)}",
+                eval_every=eval_every,
+                short_step_attention=short_steps,
+            )
             stage = WorkerRuntime(settings, detect())
             stage.load(str(path), start, end, embedding=start == 0, head=end == layers)
             self.stages.append(stage)
@@ -244,12 +270,14 @@ def ring_steps(
     args: argparse.Namespace,
     ahead: bool = False,
     drafts: int = 0,
+    short_steps: ShortStepAttention | None = None,
 ) -> tuple[float, dict[str, float], int]:
     """Mean seconds of a step through `splits` and of each of its parts, and the bytes
     each stage sends the next (0 for one stage). With `ahead` (one stage only), the
     steps are driven through a `LookAhead`; with `drafts`, each step verifies that many
-    rejected drafts (`Ring.verifying`); then no part is timed on its own."""
-    ring = Ring(path, splits, eval_every, batch, args.prompt_tokens)
+    rejected drafts (`Ring.verifying`); then no part is timed on its own. `short_steps`:
+    the workers' short_step_attention (None: their default)."""
+    ring = Ring(path, splits, eval_every, batch, args.prompt_tokens, short_steps)
     count = args.warmup + args.steps
     lookahead = LookAhead(ring.stages[0], stream_id=0) if ahead else None
     step = ring.step if lookahead is None else ring.stepping_ahead(lookahead, count)
@@ -304,24 +332,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="also steps that verify this many drafts, all rejected (e.g. 4,8): "
         "the cost of a traversal whose drafts fail",
     )
+    p.add_argument(
+        "--short-step-attention",
+        type=lambda text: tuple(text.split(",")),
+        default=None,
+        help="the workers' --short-step-attention values for the --verify-drafts rows, "
+        "e.g. fused,whole_buffer,ops (default: the workers' default)",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
     return p
 
 
+class Run(NamedTuple):
+    """One of the worker's rows."""
+
+    name: str
+    stages: int
+    ahead: bool = False  # stepping ahead
+    drafts: int = 0  # rejected drafts verified at each step
+    short_steps: ShortStepAttention | None = None  # the workers' short_step_attention
+
+
 def worker_runs(
-    stage_counts: tuple[int, ...], verify: tuple[int, ...]
-) -> list[tuple[str, int, bool, int]]:
-    """The worker's rows: name, stage count, whether stepping ahead, drafts verified."""
-    runs: list[tuple[str, int, bool, int]] = []
+    stage_counts: tuple[int, ...], verify: tuple[int, ...], attention: tuple[str, ...] | None
+) -> list[Run]:
+    """The worker's rows."""
+    runs: list[Run] = []
     for n in stage_counts:
         if n == 1:
-            runs += [("one stage", 1, False, 0), ("one stage, stepping ahead", 1, True, 0)]
+            runs += [Run("one stage", 1), Run("one stage, stepping ahead", 1, ahead=True)]
         else:
-            runs.append((f"{n} stages in turn", n, False, 0))
+            runs.append(Run(f"{n} stages in turn", n))
         stages = "one stage" if n == 1 else f"{n} stages"
-        runs += [(f"{stages}, {k} rejected drafts verified", n, False, k) for k in verify]
+        for k in verify:
+            name = f"{stages}, {k} rejected drafts verified"
+            if attention is None:
+                runs.append(Run(name, n, drafts=k))
+            else:
+                runs += [
+                    Run(f"{name}, {how}", n, False, k, cast(ShortStepAttention, how))
+                    for how in attention
+                ]
     return runs
 
 
@@ -329,15 +382,17 @@ def measure_batch(
     path: Path, layers: int, batch: int, eval_every: tuple[int, ...], args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, str], int]:
     """One column of the table: seconds by row, the rows' labels, the message's bytes."""
-    row = mlx_lm_steps(path, batch, args.prompt_tokens, args.warmup, args.steps)
+    row = mlx_lm_steps(path, batch, args.prompt_tokens, args.warmup, args.steps, args.verify_drafts)
     labels = {name: name for name in row}
     released()
     message_bytes = 0
     for every in eval_every:
-        for name, stages, ahead, drafts in worker_runs(args.stages, args.verify_drafts):
-            key = f"worker, {name}, eval every {every}"
-            splits = splits_of(layers, stages)
-            total, parts, sent = ring_steps(path, splits, every, batch, args, ahead, drafts)
+        for run in worker_runs(args.stages, args.verify_drafts, args.short_step_attention):
+            key = f"worker, {run.name}, eval every {every}"
+            splits = splits_of(layers, run.stages)
+            total, parts, sent = ring_steps(
+                path, splits, every, batch, args, run.ahead, run.drafts, run.short_steps
+            )
             row[key], labels[key] = total, key
             if len(parts) > 1:
                 row |= {f"{key}: {part}": s for part, s in parts.items()}

@@ -162,3 +162,35 @@ def test_speculative_benchmark_drafts_with_a_draft_model(tmp_path: Path) -> None
     assert copy["drafted"] > 0 and copy["accepted"] >= 0.9 * copy["drafted"], copy
     labels = {m["label"] for m in results["measurements"]}
     assert {"pipeline lookup k=4", "pipeline draft k=4"} <= labels
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_speculative_benchmark_copies_with_a_successor_model(tmp_path: Path) -> None:
+    """The quick model made to count (t -> t + 1) copies the run in its prompt: most
+    drafts kept, the same tokens as without drafts; whole-buffer verification as on CUDA."""
+    out = tmp_path / "speculative.json"
+    run_benchmark(
+        "benchmarks.speculative",
+        "--quick",
+        "--successor",
+        "--ignore-eos",
+        "--short-step-attention",
+        "whole_buffer",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+        timeout=90,
+    )
+
+    results = json.loads(out.read_text())
+    assert results["short_step_attention"] == "whole_buffer"
+    copy, no_copy = (row["speculative"][0] for row in results["summary"])
+    assert copy["tokens_equal"] and no_copy["tokens_equal"]
+    assert copy["drafted"] > 0 and copy["accepted"] >= 0.6 * copy["drafted"], copy
+    (reference,) = (
+        m for m in results["measurements"] if m["engine"] == "mlx-lm" and m["workload"] == "copy"
+    )
+    tokens = reference["samples"][0]["tokens"]
+    assert tokens == list(range(tokens[0], tokens[0] + len(tokens)))  # it counts

@@ -14,6 +14,8 @@ draft model with the same vocabulary on the first worker (`draft`).
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
@@ -131,26 +133,36 @@ class PromptLookup:
 
 class StepCosts:
     """What decode steps of each shape cost lately, on one decode loop: seconds for
-    (rows, positions per row), a moving average. Speculation pays only where verifying
-    k more positions costs less than k more steps: on a GPU a few positions cost about
-    what one does; on a CPU each costs almost a whole step."""
+    (rows, positions per row), the median of the last few. Speculation pays only where
+    verifying k more positions costs less than k more steps: on a GPU a few positions
+    cost about what one does; on a CPU each costs almost a whole step.
 
-    WEIGHT = 0.2  # of the newest step in the average
+    The first step of a shape is not counted: it may build kernels or attention plans
+    for that shape (tens of milliseconds on CUDA) that later steps reuse. The median
+    ignores the odd slow step (a plan built again when a KV buffer grows).
+    """
+
+    KEPT = 9  # steps of each shape whose median is its cost
 
     def __init__(self) -> None:
-        self._seconds: dict[tuple[int, int], float] = {}
+        self._seconds: dict[tuple[int, int], deque[float]] = {}
 
     def add(self, rows: int, length: int, seconds: float) -> None:
         key = (rows, length)
-        before = self._seconds.get(key)
-        self._seconds[key] = (
-            seconds if before is None else before + self.WEIGHT * (seconds - before)
-        )
+        if key not in self._seconds:
+            self._seconds[key] = deque(maxlen=self.KEPT)  # the first step: not counted
+        else:
+            self._seconds[key].append(seconds)
+
+    def cost(self, rows: int, length: int) -> float | None:
+        """The step's cost in seconds; None until measured."""
+        kept = self._seconds.get((rows, length))
+        return statistics.median(kept) if kept else None
 
     def ratio(self, rows: int, length: int) -> float:
         """A step of `length` positions against one of 1, for `rows` rows; 1 until both
         were measured (so an untried length gets tried)."""
-        one, this = self._seconds.get((rows, 1)), self._seconds.get((rows, length))
+        one, this = self.cost(rows, 1), self.cost(rows, length)
         if one is None or this is None or one <= 0:
             return 1.0
         return this / one

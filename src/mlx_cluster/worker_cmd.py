@@ -27,7 +27,7 @@ class SettingFlag(NamedTuple):
 
     flag: str
     field: str
-    type: type[int] | type[float]
+    type: type[int] | type[float] | type[str]
     unit: int  # the field's value for 1 of the flag's (MiB -> bytes)
     help: str
 
@@ -63,6 +63,14 @@ SETTING_FLAGS = (
         1,
         "start computing a step every N layers while the rest is built, so the GPU "
         "works while Python builds (0: once, at the end)",
+    ),
+    SettingFlag(
+        "--short-step-attention",
+        "short_step_attention",
+        str,
+        1,
+        "how steps of a few positions (speculative verification) attend: fused (as "
+        "mlx-lm) or whole_buffer (shapes that repeat: CUDA's default)",
     ),
     SettingFlag(
         "--lease-grace-s",

@@ -18,6 +18,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
+from mlx_cluster.models.short_steps import ShortStepAttention, short_step_views
+
 
 class UnsupportedArchitecture(ValueError):
     """The model cannot be split by layers; the message says why."""
@@ -111,7 +113,11 @@ def _window(cache: Any) -> int | None:
 
 
 def run_layers(
-    layers: Sequence[nn.Module], hidden: mx.array, caches: Sequence[Any], eval_every: int = 0
+    layers: Sequence[nn.Module],
+    hidden: mx.array,
+    caches: Sequence[Any],
+    eval_every: int = 0,
+    short_steps: ShortStepAttention = "fused",
 ) -> mx.array:
     """Run hidden states [1, L, D] through consecutive decoder layers, extending their caches.
 
@@ -124,7 +130,9 @@ def run_layers(
             builds, which mlx-lm gets by queueing its next token before reading
             this one and a pipeline stage, whose next input comes over the wire,
             cannot. The same operations run either way; only when they start.
+        short_steps: how a step of a few positions attends (models/short_steps.py).
     """
+    caches = short_step_views(caches, hidden.shape[1], short_steps)
     masks: dict[int | None, Any] = {}
     h = hidden
     last = len(layers) - 1

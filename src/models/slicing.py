@@ -31,6 +31,7 @@ from mlx_cluster.models.architecture import (
     run_layers,
 )
 from mlx_cluster.models.shards import check_weights_present, shard_view
+from mlx_cluster.models.short_steps import ShortStepAttention
 
 
 def _parameter_bytes(module: nn.Module) -> int:
@@ -70,13 +71,14 @@ class LayerSlice:
     cache_templates: list[Any] = field(repr=False)
     weight_bytes: int = 0
     eval_every: int = 0  # start computing every this many layers (see run_layers); 0 = at the end
+    short_steps: ShortStepAttention = "fused"  # how steps of a few positions attend
 
     def make_caches(self) -> list[Any]:
         """Fresh, empty caches for this slice, of the kinds mlx-lm builds for these layers."""
         return [copy.deepcopy(c) for c in self.cache_templates]
 
     def __call__(self, hidden: mx.array, caches: list[Any]) -> mx.array:
-        return run_layers(self.layers, hidden, caches, self.eval_every)
+        return run_layers(self.layers, hidden, caches, self.eval_every, self.short_steps)
 
 
 def load_layer_slice(

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.errors import InvalidArgument
+from mlx_cluster.models.short_steps import ShortStepAttention, short_step_views
 from mlx_cluster.models.sources import resolve_model
 from mlx_cluster.worker.sessions import Session
 
@@ -72,14 +73,22 @@ def check_draft_model(draft: str, model: str, embedding: bool) -> Path:
 class DraftModel:
     """A whole small model that drafts tokens greedily for the sessions of one stage."""
 
-    def __init__(self, name: str, model: nn.Module) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, short_steps: ShortStepAttention = "fused"
+    ) -> None:
         self.name = name
         self.model = model
+        self.short_steps: ShortStepAttention = short_steps  # as the stage's
 
     @classmethod
-    def load(cls, name: str, path: Path) -> DraftModel:
+    def load(cls, name: str, path: Path, short_steps: ShortStepAttention = "fused") -> DraftModel:
         model, _ = load_model(path)
-        return cls(name, model)
+        return cls(name, model, short_steps)
+
+    def _run(self, tokens: list[int] | mx.array, cache: list[Any]) -> mx.array:
+        inputs = tokens if isinstance(tokens, mx.array) else mx.array([tokens], dtype=mx.uint32)
+        views = short_step_views(cache, inputs.shape[1], self.short_steps)
+        return self.model(inputs, cache=views)
 
     def drafts(self, session: Session, tokens: list[int], count: int) -> list[int]:
         """Up to `count` tokens that may follow `tokens` (the session's tokens so far)."""
@@ -92,7 +101,7 @@ class DraftModel:
             token = mx.argmax(logits[:, -1, :], axis=-1)
             drafted.append(token)
             if n + 1 < count:  # built lazily: one evaluation for the whole draft
-                logits = self.model(token[:, None], cache=state.cache)
+                logits = self._run(token[:, None], state.cache)
         values = cast(list[int], mx.concatenate(drafted).tolist())
         state.fed.extend(values[:-1])
         return values
@@ -120,9 +129,8 @@ class DraftModel:
         """Feed the tokens the cache has not seen; the logits after the last."""
         new = tokens[len(state.fed) :]
         for start in range(0, len(new) - PREFILL_CHUNK, PREFILL_CHUNK):
-            chunk = mx.array([new[start : start + PREFILL_CHUNK]], dtype=mx.uint32)
-            self.model(chunk, cache=state.cache)
+            self._run(new[start : start + PREFILL_CHUNK], state.cache)
             mx.eval([c.state for c in state.cache])
         tail = new[(max(len(new) - 1, 0) // PREFILL_CHUNK) * PREFILL_CHUNK :]
         state.fed.extend(new)
-        return self.model(mx.array([tail], dtype=mx.uint32), cache=state.cache)
+        return self._run(tail, state.cache)

@@ -159,9 +159,9 @@ class WorkerRuntime:
     ) -> Loaded:
         """The stage with a new, empty session store."""
         layer_slice.eval_every = self.settings.layer_eval_every(metal=mx.metal.is_available())
-        store = SessionStore(
-            capacity, layer_slice.make_caches, ttl, max_sessions=self.settings.max_sessions
-        )
+        layer_slice.short_steps = self.settings.short_steps()
+        most = self.settings.max_sessions
+        store = SessionStore(capacity, layer_slice.make_caches, ttl, max_sessions=most)
         batch = self.settings.batch_decode and can_batch(layer_slice.cache_templates)
         return Loaded(model, layer_slice, store, batch, edges)
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES, MIB
 from mlx_cluster.contract.worker_info import WorkerLimits
+from mlx_cluster.models.short_steps import ShortStepAttention, backend_default
 
 
 class WorkerSettings(BaseModel):
@@ -28,6 +29,9 @@ class WorkerSettings(BaseModel):
     # Start computing every this many layers of a step while the rest is built (0: at the
     # end); None: this backend's measured best (`layer_eval_every`).
     eval_every: int | None = Field(default=None, ge=0)
+    # How steps of a few positions (speculative verification) attend (models/short_steps.py);
+    # None: this backend's default.
+    short_step_attention: ShortStepAttention | None = None
     lease_grace_s: float = Field(default=2.0, ge=0)  # a lease's sessions outlive its call this long
     lease_heartbeat_s: float = Field(default=5.0, gt=0)  # a Lease call gets an event this often
 
@@ -42,6 +46,11 @@ class WorkerSettings(BaseModel):
         if self.eval_every is not None:
             return self.eval_every
         return 4 if metal else 1
+
+    def short_steps(self) -> ShortStepAttention:
+        """`short_step_attention`, or this backend's default: not the fused kernel on CUDA,
+        where a step of a new length builds a new cuDNN plan (benchmarks/RESULTS.md)."""
+        return self.short_step_attention or backend_default()
 
     @property
     def limits(self) -> WorkerLimits:

@@ -112,7 +112,8 @@ class Loaded:
         if not name or path is None:
             return dataclasses.replace(self, drafter=None)
         keep = current is not None and current.name == name
-        drafter = current if keep else DraftModel.load(name, path)
+        how = self.layer_slice.short_steps
+        drafter = current if keep else DraftModel.load(name, path, how)
         return dataclasses.replace(self, drafter=drafter)
 
     def draft(self, requests: list[tuple[str, list[int], int]]) -> list[list[int]]:
