@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cluster import NO_PREFIX_CACHE
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model
 from benchmarks.pipeline import eval_every_args, positive_ints
 from benchmarks.report import text_table
@@ -158,7 +159,11 @@ async def run_pipeline(
         gpus=gpus,
     ) as procs:
         cluster = await Cluster.start(
-            model_dir, [p.address for p in procs], batching=batching, ready_timeout=300
+            model_dir,
+            [p.address for p in procs],
+            batching=batching,
+            kv=NO_PREFIX_CACHE,
+            ready_timeout=300,
         )
         try:
 

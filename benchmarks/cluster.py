@@ -36,6 +36,9 @@ from mlx_cluster.coordinator.engine.events import Event, HopEvent, StepEvent
 from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]
+# Prompts measured again and again would start from what the runs before left cached:
+# every benchmark but benchmarks.prefix_cache measures without the prefix cache.
+NO_PREFIX_CACHE = {"prefix_cache_gb": 0}
 
 
 @dataclass
@@ -225,6 +228,7 @@ async def run_cluster(
                 model_dir,
                 [w.address for w in processes],
                 batching={"prefill_chunk": workload.prefill_step_size},
+                kv=NO_PREFIX_CACHE,
             )
             try:
                 recorder = EventRecorder([s.client.name for s in cluster.stages])

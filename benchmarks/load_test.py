@@ -386,7 +386,7 @@ async def serve(model: Path, opts: Options, budget: int) -> AsyncIterator[Served
         request_timeout_s=opts.request_timeout_s,
     )
     async with local_workers(opts.workers, ["--log-level", "WARNING"]) as procs:
-        kv = {"budget_tokens": budget, "max_session_tokens": budget}
+        kv = {"budget_tokens": budget, "max_session_tokens": budget, "prefix_cache_gb": 0}
         coordinator = await Cluster.start(model, [p.address for p in procs], kv=kv)
         server = HttpServer(create_app(coordinator, limits), "127.0.0.1", 0)
         await server.start()

@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from benchmarks.baseline import timed_generate
-from benchmarks.cluster import WORKER_ARGS, EventRecorder, timed_tokens
+from benchmarks.cluster import NO_PREFIX_CACHE, WORKER_ARGS, EventRecorder, timed_tokens
 from benchmarks.host import OtherLoad, busy_warning
 from benchmarks.models import DEFAULT_CACHE_DIR, SHAPES, ensure_model, ensure_successor_model
 from benchmarks.pipeline import default_json_path, host_info, positive_ints, say
@@ -241,6 +241,7 @@ async def measure_pipeline(
             [w.address for w in processes],
             batching={"prefill_chunk": PREFILL_STEP},
             speculative=speculative,
+            kv=NO_PREFIX_CACHE,
         )
         try:
             recorder = EventRecorder([s.client.name for s in cluster.stages])

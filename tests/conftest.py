@@ -19,6 +19,7 @@ from mlx_cluster.contract.rpc import CHANNEL_OPTIONS
 from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.coordinator.engine.startup import vocab_size
 from mlx_cluster.models.random_model import build_random_model
@@ -106,10 +107,12 @@ async def make_engine(
     clients: Sequence[WorkerClient],
     counts: Sequence[int],
     draft_model: Path | None = None,
+    prefix_cache_bytes: int = 0,
     **batching: Any,
 ) -> Engine:
     """Load `counts` layers on each client, in order (the first with `draft_model`, if
-    given); the Engine over them.
+    given); the Engine over them, keeping ended sessions as prefixes in up to
+    `prefix_cache_bytes` on each worker (0: none).
 
     `batching` are BatchingConfig fields (e.g. prefill_chunk=16, micro_batches=1).
     """
@@ -119,9 +122,12 @@ async def make_engine(
         str(model),
         [Stage(c, r) for c, r in zip(clients, ranges, strict=True)],
         draft_model=str(draft_model or ""),
+        prefix_cache_bytes=prefix_cache_bytes,
     )
     await stages.load_all()
-    return Engine(Chain(vocab_size(config), stages), BatchingConfig(**batching))
+    prefixes = PrefixIndex() if prefix_cache_bytes else None
+    chain = Chain(vocab_size(config), stages, prefixes=prefixes)
+    return Engine(chain, BatchingConfig(**batching))
 
 
 @pytest.fixture

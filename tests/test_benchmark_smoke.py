@@ -194,3 +194,33 @@ def test_speculative_benchmark_copies_with_a_successor_model(tmp_path: Path) -> 
     )
     tokens = reference["samples"][0]["tokens"]
     assert tokens == list(range(tokens[0], tokens[0] + len(tokens)))  # it counts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_prefix_cache_benchmark_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "prefix_cache.json"
+    run_benchmark(
+        "benchmarks.prefix_cache",
+        "--model-shape",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--prompt-tokens",
+        "300",
+        "--max-tokens",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "models"),
+        "--json",
+        str(out),
+        timeout=90,
+    )
+
+    results = json.loads(out.read_text())
+    cached, plain = results["runs"]
+    assert cached["prefix_cache_gb"] > 0 and plain["prefix_cache_gb"] == 0
+    turn1 = cached["turn1"]["prompt_tokens"]
+    assert turn1 >= 300 and cached["turn2"]["cached_tokens"] >= turn1 - 1
+    assert plain["turn2"]["cached_tokens"] == 0
+    assert results["turn2_tokens_equal"]

@@ -154,7 +154,8 @@ WORKERS_2 = "model: m\nworkers:\n  - {address: 'a:1'%s}\n  - {address: 'b:1'%s}\
         (
             "model: m\nworkers: ['a:1']\nkv: {max_tokens: 5}\n",
             "kv.max_tokens: unknown setting; expected one of: max_session_tokens, "
-            "max_sequence_length, memory_gb, memory_fraction, session_ttl_s, budget_tokens (got 5",
+            "max_sequence_length, memory_gb, memory_fraction, session_ttl_s, budget_tokens, "
+            "prefix_cache_gb (got 5",
         ),
         (
             "model: m\nworkers: ['a:1']\nbatching: {max_batchh: 8}\n",

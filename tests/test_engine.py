@@ -52,7 +52,7 @@ async def test_a_stage_that_keeps_failing_ends_as_the_workers_error_not_stage_fa
     engine = await make_engine(tiny_llama, clients, [4, 4])
     calls = 0
 
-    async def never_loaded(session_id: str, reserve_tokens: int = 0, sampling=None) -> None:
+    async def never_loaded(session_id: str, reserve_tokens=0, sampling=None, prefix=None) -> None:
         nonlocal calls
         calls += 1
         raise NotLoaded(f"worker {clients[1].name}: no layers loaded: call LoadLayers first")

@@ -137,6 +137,7 @@ async def test_generate_endpoint_plain_and_streamed(api):
             "tokens_per_second",
             "prefill_tokens_per_second",
             "total_ms",
+            "cached_prompt_tokens",
             "draft_tokens",
             "accepted_draft_tokens",
             "decode_steps",

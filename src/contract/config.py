@@ -117,6 +117,10 @@ class KVConfig(_Strict):
     memory_fraction: float = Field(default=0.5, gt=0, le=1)  # of free memory after weights
     session_ttl_s: float | None = Field(default=None, gt=0)  # idle TTL; None: each worker's own
     budget_tokens: int | None = Field(default=None, gt=0)  # each worker's KV; None: from memory
+    # Each worker keeps ended sessions' caches as prefixes for later requests (prefix
+    # cache), in at most this much memory, inside its KV budget and yielding to live
+    # sessions; 0 turns it off.
+    prefix_cache_gb: float = Field(default=2.0, ge=0)
 
 
 class LimitsConfig(_Strict):

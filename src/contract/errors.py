@@ -111,6 +111,14 @@ class Unauthenticated(ClusterError):
     kind = "unauthenticated"
 
 
+class PrefixNotFound(ClusterError):
+    """OpenSession from a prefix the worker does not keep (never kept, evicted, or the
+    worker restarted): the coordinator forgets it and prefills the whole prompt."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "prefix_not_found"
+
+
 class ProtocolMismatch(ClusterError):
     """A worker speaks another protocol version than this coordinator (raised by the client)."""
 
@@ -136,6 +144,7 @@ WIRE_ERRORS: tuple[type[ClusterError], ...] = (
     MessageTooLarge,
     WorkerUnavailable,
     Unauthenticated,
+    PrefixNotFound,
 )
 _BY_KIND = {cls.kind: cls for cls in WIRE_ERRORS}
 

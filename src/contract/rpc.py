@@ -15,7 +15,8 @@ from dataclasses import dataclass
 # 2: Info reports the worker's limits; sessions belong to a coordinator's Lease.
 # 3: the first stage embeds, the last samples; decoding runs as a ring (Decode).
 # 4: decode steps verify drafts (speculative decoding) and rewind rejected ones.
-PROTOCOL_VERSION = 4
+# 5: sessions end kept as prefixes, and open from them (prefix cache).
+PROTOCOL_VERSION = 5
 
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
 MIB = 1024 * 1024

@@ -63,6 +63,10 @@ class WorkerInfo:
     hidden_size: int = 0
     embedding: bool = False  # holds the token embedding: the first stage
     head: bool = False  # holds the final norm and LM head, and samples: the last stage
+    prefixes: int = 0  # prefixes kept for later sessions (prefix cache)
+    prefix_tokens: int = 0  # tokens they hold (part of the KV budget, evicted first)
+    prefix_bytes: int = 0
+    prefix_capacity_bytes: int = 0  # 0: this worker keeps none
 
     @property
     def layers(self) -> LayerRange | None:

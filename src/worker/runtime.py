@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from mlx_cluster import tensor
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
 from mlx_cluster.contract.rpc import PROTOCOL_VERSION
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
@@ -34,6 +33,7 @@ from mlx_cluster.worker.picking import (
     sample_rows,
     verify_rows,
 )
+from mlx_cluster.worker.prefixes import PrefixStore, can_keep
 from mlx_cluster.worker.sessions import SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
 from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
@@ -68,23 +68,7 @@ class WorkerRuntime:
     def info(self) -> WorkerInfo:
         """What Info reports; safe to call from any thread."""
         loaded = self.loaded
-        held: dict[str, Any] = {}
-        if loaded is not None:
-            s, totals = loaded.layer_slice, loaded.sessions.totals()
-            held = {
-                "model": loaded.model,
-                "layer_start": s.start,
-                "layer_end": s.end,
-                "model_num_layers": s.num_layers,
-                "weight_bytes": loaded.weight_bytes,
-                "kv_capacity_tokens": totals.capacity,
-                "kv_used_tokens": totals.used,
-                "sessions_open": totals.sessions,
-                "dtype": tensor.dtype_name(s.dtype),
-                "hidden_size": s.hidden_size,
-                "embedding": loaded.embedding,
-                "head": loaded.head,
-            }
+        held: dict[str, Any] = loaded.info_fields() if loaded is not None else {}
         settings = self.settings
         return WorkerInfo(
             settings.name, VERSION, PROTOCOL_VERSION, self.capabilities, settings.limits, **held
@@ -103,6 +87,7 @@ class WorkerRuntime:
         embedding: bool = False,
         head: bool = False,
         draft_model: str = "",
+        prefix_cache_bytes: int = 0,
     ) -> LoadedSlice:
         """Load layers [start, end) of `model`, with the embedding and/or the head if asked,
         in place of the stage held; open sessions end.
@@ -111,11 +96,12 @@ class WorkerRuntime:
         held is dropped, so a rejected load leaves the worker as it was; `on_unload` is
         called once it is dropped. The same stage held already keeps its weights. A
         budget or TTL of 0 keeps the worker's own default. The first stage may also hold
-        a `draft_model` sharing the model's vocabulary (worker/drafter.py).
+        a `draft_model` sharing the model's vocabulary (worker/drafter.py). Ended
+        sessions may be kept as prefixes in up to `prefix_cache_bytes` (worker/prefixes.py).
         """
         check_load_request(model, start, end, session_ttl_s)
         draft_path = check_draft_model(draft_model, model, embedding) if draft_model else None
-        capacity = kv_budget_tokens or self.settings.kv_budget_tokens
+        capacity = (kv_budget_tokens or self.settings.kv_budget_tokens, prefix_cache_bytes)
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.loaded
         if current is not None and current.holds(model, start, end, embedding, head):
@@ -154,14 +140,16 @@ class WorkerRuntime:
         model: str,
         layer_slice: LayerSlice,
         edges: ModelEdges | None,
-        capacity: int,
+        capacity: tuple[int, int],
         ttl: float,
     ) -> Loaded:
-        """The stage with a new, empty session store."""
+        """The stage with a new, empty session store (capacity: KV tokens, prefix bytes)."""
         layer_slice.eval_every = self.settings.layer_eval_every(metal=mx.metal.is_available())
         layer_slice.short_steps = self.settings.short_steps()
+        tokens, prefix_bytes = capacity
+        prefixes = PrefixStore(prefix_bytes if can_keep(layer_slice.cache_templates) else 0)
         most = self.settings.max_sessions
-        store = SessionStore(capacity, layer_slice.make_caches, ttl, max_sessions=most)
+        store = SessionStore(tokens, layer_slice.make_caches, ttl, most, prefixes=prefixes)
         batch = self.settings.batch_decode and can_batch(layer_slice.cache_templates)
         return Loaded(model, layer_slice, store, batch, edges)
 
@@ -183,11 +171,14 @@ class WorkerRuntime:
         reserve: int,
         lease_id: str = "",
         sampling: SamplingParams | None = None,
+        prefix: tuple[str, int, list[int]] | None = None,
     ) -> StoreTotals:
         """Open a session (ended with `lease_id`, if given); returns the totals after.
 
         The stage holding the head keeps the session's sampling state (`sampling`, or
-        greedy when None); other stages ignore `sampling`.
+        greedy when None); other stages ignore `sampling`. With `prefix` (id, length,
+        its tokens for the sampling state's processors) the session starts from a kept
+        prefix (PrefixNotFound if it is not kept here).
 
         Raises:
             InvalidParam: `sampling` does not fit the model (top_k, logit_bias ids).
@@ -198,15 +189,23 @@ class WorkerRuntime:
             params = sampling or SamplingParams()
             params.check(loaded.edges.vocab_size)
             picker = TokenPicker(params)
-        loaded.sessions.open(session_id, reserve, lease_id, picker)
+            if prefix and prefix[2]:
+                picker.feed(mx.array(prefix[2], dtype=mx.uint32))
+        loaded.sessions.open(session_id, reserve, lease_id, picker, prefix and prefix[:2])
         return loaded.sessions.totals()
 
     def truncate(self, session_id: str, length: int) -> int:
         return self.require_loaded().sessions.truncate(session_id, length)
 
-    def end_sessions(self, session_ids: list[str]) -> int:
-        """End sessions; unknown ids (or no slice held) are no error. Returns how many were open."""
-        return self.loaded.sessions.end(session_ids) if self.loaded else 0
+    def end_sessions(
+        self,
+        session_ids: list[str],
+        keep: Sequence[tuple[str, str, int]] = (),
+        drop_prefixes: Sequence[str] = (),
+    ) -> tuple[int, list[str]]:
+        """SessionStore.end_keeping; nothing to end while no slice is held."""
+        store = self.loaded.sessions if self.loaded else None
+        return store.end_keeping(session_ids, keep, drop_prefixes) if store else (0, [])
 
     def end_lease(self, lease_id: str) -> list[str]:
         """End the sessions of a lease no Lease call holds any more; returns their ids."""

@@ -60,8 +60,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
     await context.abort(exc.code, str(exc), trailing_metadata=metadata)
 
 
-def _check_ids(session_ids: Iterable[str]) -> list[str]:
-    return [check_id(sid) for sid in session_ids]
+def _check_ids(ids: Iterable[str], what: str = "session id") -> list[str]:
+    return [check_id(value, what) for value in ids]
 
 
 def _how_it_ended(exc: BaseException) -> str:
@@ -153,6 +153,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                 request.embedding,
                 request.head,
                 request.draft_model,
+                request.prefix_cache_bytes,
             )
         finally:  # a rejected load leaves the slice held, and so the status, as they were
             await self._set_serving(self.runtime.loaded is not None)
@@ -177,6 +178,10 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         sampling = None
         if request.HasField("sampling"):
             sampling = await self._check(context, SamplingParams.from_spec, request.sampling)
+        prefix = None
+        if request.prefix_id:
+            await self._check(context, check_id, request.prefix_id, "prefix id")
+            prefix = (request.prefix_id, request.prefix_length, list(request.history))
         totals = await self._run(
             context,
             self.runtime.open_session,
@@ -184,6 +189,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             request.reserve_tokens,
             request.lease_id,
             sampling,
+            prefix,
         )
         if request.lease_id:
             self._leases.opened_under(request.lease_id)
@@ -203,9 +209,13 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.EndSessionResponse:
         session_ids = await self._check(context, _check_ids, request.session_ids)
-        ended = await self._run(context, self.runtime.end_sessions, session_ids)
-        log.info("ended %d of sessions %s", ended, session_ids)
-        return pb.EndSessionResponse(ended=ended)
+        keep = [(k.session_id, k.prefix_id, k.length) for k in request.keep]
+        await self._check(context, _check_ids, [k[0] for k in keep])
+        await self._check(context, _check_ids, [k[1] for k in keep], "prefix id")
+        drop = await self._check(context, _check_ids, request.drop_prefixes, "prefix id")
+        ended, kept = await self._run(context, self.runtime.end_sessions, session_ids, keep, drop)
+        log.info("ended %d of sessions %s; kept as prefixes %s", ended, session_ids, kept)
+        return pb.EndSessionResponse(ended=ended, kept=kept)
 
     async def TruncateSession(
         self, request: pb.TruncateSessionRequest, context: grpc.aio.ServicerContext

@@ -5,7 +5,9 @@ only. The store knows nothing of gRPC: it raises contract errors, which the
 servicer turns into status codes.
 
 Accounting is in tokens: a session is charged max(reserved, cached) tokens,
-and the sum over sessions never exceeds the capacity.
+and the sum over sessions never exceeds the capacity. Prefixes kept for later
+sessions (worker/prefixes.py) hold the rest of the budget, and are evicted before a
+session is refused room.
 
 Only the compute thread changes the store. Info reads `totals()` from the event
 loop: the store keeps running totals under a lock, so that read is one
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,7 @@ from mlx_cluster.contract.errors import (
 )
 from mlx_cluster.contract.sampling import TokenPicker
 from mlx_cluster.worker.batching import BatchGroup
+from mlx_cluster.worker.prefixes import PrefixStore
 
 MAX_ID_LENGTH = 128
 # Caches whose last positions can always be forgotten exactly (a rotating cache cannot
@@ -110,10 +113,12 @@ class SessionStore:
         capacity: int,
         make_caches: Callable[[], list[Any]],
         idle_ttl_s: float,
-        clock: Callable[[], float] = time.monotonic,
         max_sessions: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        prefixes: PrefixStore | None = None,
     ) -> None:
         self.capacity = capacity
+        self.prefixes = prefixes or PrefixStore(0)
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
         self._make_caches = make_caches
@@ -141,10 +146,13 @@ class SessionStore:
         reserve: int,
         lease_id: str = "",
         picker: TokenPicker | None = None,
+        prefix: tuple[str, int] | None = None,
     ) -> Session:
         """Open a session with empty caches, reserving `reserve` tokens of the budget.
 
-        `picker` samples its tokens, on the worker holding the LM head.
+        `picker` samples its tokens, on the worker holding the LM head. With `prefix`
+        (a kept prefix's id, a length), its caches start with that prefix's first
+        `length` tokens (PrefixNotFound if it is not kept here).
         """
         check_id(session_id)
         if session_id in self._sessions:
@@ -154,10 +162,11 @@ class SessionStore:
                 f"{len(self._sessions)} sessions open, at most {self.max_sessions} allowed"
             )
         self._check_fits(session_id, reserve)
+        prefix_id, length = prefix or ("", 0)
+        # branched first: room made for it may evict that very prefix, not what it holds
+        caches = self.prefixes.branch(prefix_id, length) if prefix else self._make_caches()
         self._check_room(reserve, self.used)
-        session = Session(
-            session_id, self._make_caches(), reserved=reserve, lease_id=lease_id, picker=picker
-        )
+        session = Session(session_id, caches, reserve, length, lease_id=lease_id, picker=picker)
         session.last_used = self._clock()
         with self._lock:
             self._sessions[session_id] = session
@@ -276,6 +285,32 @@ class SessionStore:
                 session.group.remove(session, keep_caches=False)
         return ended
 
+    def end_keeping(
+        self,
+        session_ids: Sequence[str],
+        keep: Sequence[tuple[str, str, int]] = (),
+        drop_prefixes: Sequence[str] = (),
+    ) -> tuple[int, list[str]]:
+        """End sessions (unknown ids are no error), those in `keep` (session id, prefix
+        id, length) kept as prefixes where they fit; forget the prefixes named in
+        `drop_prefixes`. Returns how many of `session_ids` were open, and the prefixes kept."""
+        for prefix_id in drop_prefixes:
+            self.prefixes.drop(prefix_id)
+        kept = [pid for sid, pid, length in keep if self.keep_as_prefix(sid, pid, length)]
+        return self.end(list(session_ids)), kept
+
+    def keep_as_prefix(self, session_id: str, prefix_id: str, length: int) -> bool:
+        """End a session, keeping its first `length` cached tokens as prefix `prefix_id`
+        for later sessions; False if they could not be kept (the session ends anyway)."""
+        check_id(prefix_id, "prefix id")
+        session = self._sessions.get(session_id)
+        if session is None or not 0 < length <= session.offset:
+            self.end([session_id])
+            return False
+        caches = session.own_caches()
+        self.end([session_id])
+        return self.prefixes.keep(prefix_id, caches, length)
+
     def end_lease(self, lease_id: str) -> list[str]:
         """End the sessions opened under this lease; returns their ids."""
         return self._end_where(lambda s: s.lease_id == lease_id)
@@ -308,7 +343,9 @@ class SessionStore:
             )
 
     def _check_room(self, needed: int, others: int, step_sessions: int = 1) -> None:
-        """Raise unless `needed` tokens fit beside the `others` that other sessions hold."""
+        """Raise unless `needed` tokens fit beside the `others` that other sessions hold;
+        kept prefixes make room first."""
+        self.prefixes.evict_for(max(self.capacity - others - needed, 0))
         if others + needed > self.capacity:
             step = f"{step_sessions} sessions in this step, " if step_sessions > 1 else ""
             raise KVCapacityExceeded(

@@ -9,10 +9,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import mlx.core as mx
 
+from mlx_cluster import tensor
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
 from mlx_cluster.models.sources import resolve_model
@@ -52,6 +53,28 @@ class Loaded:
     @property
     def weight_bytes(self) -> int:
         return self.layer_slice.weight_bytes + (self.edges.weight_bytes if self.edges else 0)
+
+    def info_fields(self) -> dict[str, Any]:
+        """What Info reports of this stage and its sessions (WorkerInfo's fields)."""
+        s, totals, kept = self.layer_slice, self.sessions.totals(), self.sessions.prefixes.totals()
+        return {
+            "model": self.model,
+            "layer_start": s.start,
+            "layer_end": s.end,
+            "model_num_layers": s.num_layers,
+            "weight_bytes": self.weight_bytes,
+            "kv_capacity_tokens": totals.capacity,
+            "kv_used_tokens": totals.used,
+            "sessions_open": totals.sessions,
+            "dtype": tensor.dtype_name(s.dtype),
+            "hidden_size": s.hidden_size,
+            "embedding": self.embedding,
+            "head": self.head,
+            "prefixes": kept.prefixes,
+            "prefix_tokens": kept.tokens,
+            "prefix_bytes": kept.nbytes,
+            "prefix_capacity_bytes": kept.capacity_bytes,
+        }
 
     def holds(self, model: str, start: int, end: int, embedding: bool, head: bool) -> bool:
         held = (self.layer_slice.start, self.layer_slice.end, self.embedding, self.head)

@@ -53,7 +53,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits", "embedding", "head")
+    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits", "embedding", "head", "prefixes", "prefix_tokens", "prefix_bytes", "prefix_capacity_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,10 @@ class InfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -88,10 +92,14 @@ class InfoResponse(_message.Message):
     limits: WorkerLimits
     embedding: bool
     head: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
+    prefixes: int
+    prefix_tokens: int
+    prefix_bytes: int
+    prefix_capacity_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., prefixes: _Optional[int] = ..., prefix_tokens: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head", "draft_model")
+    __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head", "draft_model", "prefix_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +108,7 @@ class LoadLayersRequest(_message.Message):
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -108,7 +117,8 @@ class LoadLayersRequest(_message.Message):
     embedding: bool
     head: bool
     draft_model: str
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., draft_model: _Optional[str] = ...) -> None: ...
+    prefix_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., draft_model: _Optional[str] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadLayersResponse(_message.Message):
     __slots__ = ("info", "memory_used_bytes", "reloaded")
@@ -156,16 +166,22 @@ class SamplingSpec(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., top_logprobs: _Optional[int] = ..., full_logprobs: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "reserve_tokens", "lease_id", "sampling")
+    __slots__ = ("session_id", "reserve_tokens", "lease_id", "sampling", "prefix_id", "prefix_length", "history")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reserve_tokens: int
     lease_id: str
     sampling: SamplingSpec
-    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingSpec, _Mapping]] = ...) -> None: ...
+    prefix_id: str
+    prefix_length: int
+    history: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., reserve_tokens: _Optional[int] = ..., lease_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingSpec, _Mapping]] = ..., prefix_id: _Optional[str] = ..., prefix_length: _Optional[int] = ..., history: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("kv_used_tokens", "kv_capacity_tokens")
@@ -273,17 +289,33 @@ class DecodeEvent(_message.Message):
     drafted: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., drafted: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class KeepPrefix(_message.Message):
+    __slots__ = ("session_id", "prefix_id", "length")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prefix_id: str
+    length: int
+    def __init__(self, session_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
+
 class EndSessionRequest(_message.Message):
-    __slots__ = ("session_ids",)
+    __slots__ = ("session_ids", "keep", "drop_prefixes")
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    DROP_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     session_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep: _containers.RepeatedCompositeFieldContainer[KeepPrefix]
+    drop_prefixes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., keep: _Optional[_Iterable[_Union[KeepPrefix, _Mapping]]] = ..., drop_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
-    __slots__ = ("ended",)
+    __slots__ = ("ended", "kept")
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     ended: int
-    def __init__(self, ended: _Optional[int] = ...) -> None: ...
+    kept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ended: _Optional[int] = ..., kept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TruncateSessionRequest(_message.Message):
     __slots__ = ("session_id", "length")

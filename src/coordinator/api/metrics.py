@@ -64,6 +64,23 @@ class Metrics:
         self.sessions = Gauge(
             "mlx_cluster_worker_sessions_open", "open sessions", ["worker"], registry=r
         )
+        self.cached = Counter(
+            "mlx_cluster_prompt_tokens_cached",
+            "prompt tokens a kept prefix gave (prefix cache)",
+            registry=r,
+        )
+        self.prefix_lookups = Counter(
+            "mlx_cluster_prefix_cache_lookups", "prompts looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "mlx_cluster_prefix_cache_hits", "prompts that started from a kept prefix", registry=r
+        )
+        self.prefix_bytes = Gauge(
+            "mlx_cluster_worker_prefix_cache_bytes",
+            "bytes of kept prefixes",
+            ["worker"],
+            registry=r,
+        )
         self.worker_up = Gauge(
             "mlx_cluster_worker_up", "1 if the worker answered", ["worker"], registry=r
         )
@@ -76,6 +93,9 @@ class Metrics:
         self.drafted.inc(perf.draft_tokens)
         self.accepted.inc(perf.accepted_draft_tokens)
         self.decode_steps.inc(perf.decode_steps)
+        self.cached.inc(perf.cached_prompt_tokens)
+        self.prefix_lookups.inc(perf.prefix_lookup)
+        self.prefix_hits.inc(perf.cached_prompt_tokens > 0)
 
     def observe(self, event: Event) -> None:
         """Record one step on one worker (seconds); network = round trip minus compute."""
@@ -97,6 +117,7 @@ class Metrics:
             self.kv_used.labels(worker).set(info.kv_used_tokens)
             self.kv_capacity.labels(worker).set(info.kv_capacity_tokens)
             self.sessions.labels(worker).set(info.sessions_open)
+            self.prefix_bytes.labels(worker).set(info.prefix_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,11 +48,13 @@ class Envelope:
         }
 
 
-def usage(perf: Performance) -> dict[str, int]:
+def usage(perf: Performance) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens a kept prefix gave as its cached tokens."""
     return {
         "prompt_tokens": perf.prompt_tokens,
         "completion_tokens": perf.completion_tokens,
         "total_tokens": perf.prompt_tokens + perf.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": perf.cached_prompt_tokens},
     }
 
 
@@ -62,13 +64,14 @@ def usage_chunk(env: Envelope, perf: Performance) -> dict[str, Any]:
 
 
 def performance(perf: Performance) -> dict[str, float]:
-    """Timings, and the drafts: verified, accepted, decode steps and tokens per step
-    (0 when no decode step ran)."""
+    """Timings, the prompt tokens a kept prefix gave, and the drafts: verified, accepted,
+    decode steps and tokens per step (0 when no decode step ran)."""
     return {
         "ttft_ms": round(perf.ttft_s * 1000, 3),
         "tokens_per_second": round(perf.tokens_per_second, 3),
         "prefill_tokens_per_second": round(perf.prefill_tokens_per_second, 3),
         "total_ms": round(perf.total_s * 1000, 3),
+        "cached_prompt_tokens": perf.cached_prompt_tokens,
         "draft_tokens": perf.draft_tokens,
         "accepted_draft_tokens": perf.accepted_draft_tokens,
         "decode_steps": perf.decode_steps,

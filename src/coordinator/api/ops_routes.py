@@ -88,6 +88,12 @@ def _stage_entry(stage: StageHealth) -> dict[str, Any]:
         },
         kv_tokens={"used": info.kv_used_tokens, "capacity": info.kv_capacity_tokens},
         sessions_open=info.sessions_open,
+        prefix_cache={
+            "prefixes": info.prefixes,
+            "tokens": info.prefix_tokens,
+            "bytes": info.prefix_bytes,
+            "capacity_bytes": info.prefix_capacity_bytes,
+        },
         last_round_trip_ms=_ms(stage.round_trip_s),
         last_step_network_ms=_ms(stage.step_network_s),
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,14 @@ from mlx_cluster.contract.errors import (
     RECOVERABLE,
     ClusterError,
     KVCapacityExceeded,
+    PrefixNotFound,
     WorkerUnavailable,
 )
 from mlx_cluster.coordinator.engine.admission import Admission
-from mlx_cluster.coordinator.engine.client import ForwardStream, WorkerClient
+from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
+from mlx_cluster.coordinator.engine.forward_stream import Streams
+from mlx_cluster.coordinator.engine.prefixes import PrefixIndex, keep_prefix
 from mlx_cluster.coordinator.engine.request import RequestState
 from mlx_cluster.coordinator.engine.ring import Ring
 from mlx_cluster.coordinator.engine.stages import StageManager
@@ -66,38 +69,6 @@ class StepTiming:
     compute: float = 0.0  # the workers' own compute
 
 
-class Streams:
-    """One Forward stream to each stage, opened lazily, reopened when a stage's worker
-    changes or its call has ended (a failed worker's stream is never used again).
-
-    Steps on one stream are answered in order, so each user that steps on its own
-    (a decode lane) holds its own Streams.
-    """
-
-    def __init__(self, stages: StageManager) -> None:
-        self._stages = stages
-        self._open: dict[int, tuple[WorkerClient, ForwardStream]] = {}
-        self._closing: set[asyncio.Task[None]] = set()  # streams to replaced workers
-
-    def __getitem__(self, index: int) -> tuple[WorkerClient, ForwardStream]:
-        client = self._stages.stages[index].client
-        current = self._open.get(index)
-        if current is not None and current[0] is client and not current[1].done:
-            return current
-        if current is not None:  # the old worker's stream: close it in the background
-            closing = asyncio.create_task(current[1].close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-        opened = (client, client.open_stream(None))
-        self._open[index] = opened
-        return opened
-
-    async def close(self) -> None:
-        streams = [stream for _, stream in self._open.values()]
-        self._open = {}
-        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-
-
 class Chain:
     """The stages in layer order; sessions, prompt steps and decode rings for requests."""
 
@@ -108,8 +79,10 @@ class Chain:
         admission: Admission | None = None,
         events: EventBus | None = None,
         liveness: LivenessConfig | None = None,
+        prefixes: PrefixIndex | None = None,
     ) -> None:
         self.vocab_size = vocab_size
+        self.prefixes = prefixes  # what the stages keep of ended sessions; None: nothing
         self.stages = stages
         self.admission = admission or Admission()
         self.events = events or EventBus()
@@ -135,13 +108,28 @@ class Chain:
         """
         await self._open_admitted(request, timeout)
 
-    async def end(self, request: RequestState) -> None:
-        """End the request's session on every stage (a failed end is retried by the client).
+    async def end(self, request: RequestState, keep: bool = False) -> None:
+        """End the request's session on every stage (a failed end is retried by the client);
+        with `keep` (and a prefix index), keep what its caches hold as a prefix.
 
         Waits at most `liveness.end_wait_s`: a worker that does not answer never holds
         the caller; its end goes on in the background.
         """
-        await self._end(request.session_id)
+        if keep and self.prefixes is not None and request.offset > 0 and not request.failed:
+            clients = [s.client for s in self.stages.stages]
+            await self._wait(keep_prefix(clients, self.prefixes, request))
+        else:
+            await self._end(request.session_id)
+
+    async def _wait(self, work: Awaitable[Any], notify: bool = True) -> None:
+        """Run `work` (ending sessions) at most `end_wait_s`; the rest in the background.
+        With `notify`, waiting requests learn when it is done (room freed, or not: retried)."""
+        ending = asyncio.ensure_future(work)
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        if notify:
+            ending.add_done_callback(lambda _: self.admission.notify())
+        await asyncio.wait([ending], timeout=self.liveness.end_wait_s)
 
     async def _open_admitted(self, request: RequestState, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +140,10 @@ class Chain:
             try:
                 await self._open(request)
                 return
+            except PrefixNotFound:  # a stage no longer keeps it: forget it, start over
+                if self.prefixes is not None and request.prefix is not None:
+                    self.prefixes.forget(request.prefix.prefix.prefix_id)
+                request.start_from(None)
             except KVCapacityExceeded as full:
                 await self.admission.wait_for_room(full, deadline, seen)
             except StageFailed as failure:
@@ -166,11 +158,27 @@ class Chain:
         stages = list(self.stages.stages)
         clients = [s.client for s in stages]
         last = len(clients) - 1
+        prefix = request.prefix
+        history = list(request.prompt[: prefix.length]) if prefix else []
+        processed = bool(request.params.logits_processors())
+
+        def start(i: int) -> tuple[str, int, list[int]] | None:
+            if prefix is None:  # the last stage's processors see every token: the prefix's too
+                return None
+            return (
+                prefix.prefix.prefix_id,
+                prefix.length,
+                history if i == last and processed else [],
+            )
+
         try:  # the last stage samples: it alone needs the sampling parameters
             results = await asyncio.gather(
                 *(
                     c.open_session(
-                        session_id, request.reserve_tokens, request.params if i == last else None
+                        session_id,
+                        request.reserve_tokens,
+                        request.params if i == last else None,
+                        start(i),
                     )
                     for i, c in enumerate(clients)
                 ),
@@ -193,14 +201,8 @@ class Chain:
     ) -> None:
         if clients is None:
             clients = [s.client for s in self.stages.stages]
-        ending = asyncio.gather(
-            *(c.end_sessions([session_id]) for c in clients), return_exceptions=True
-        )
-        self._ending.add(ending)
-        ending.add_done_callback(self._ending.discard)
-        if notify:  # once every stage has freed the room (or failed to: retried later)
-            ending.add_done_callback(lambda _: self.admission.notify())
-        await asyncio.wait([ending], timeout=self.liveness.end_wait_s)
+        ends = (c.end_sessions([session_id]) for c in clients)
+        await self._wait(asyncio.gather(*ends, return_exceptions=True), notify)
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -373,6 +375,8 @@ class Chain:
             )
             try:
                 await self.stages.replace(failure.index, failure.client, failure.cause)
+                if self.prefixes is not None:  # the new worker keeps none of them
+                    self.prefixes.clear()
                 for row in rows:
                     await self._replay(streams, row)
                 return
@@ -383,6 +387,7 @@ class Chain:
 
     async def _replay(self, streams: Streams, row: RequestState) -> None:
         await self._end(row.session_id)
+        row.prefix = None  # its history holds the prefix's tokens: every stage replays them
         await self._open(row)
         offset = 0
         for chunk in row.history:

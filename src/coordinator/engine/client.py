@@ -15,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import mlx.core as mx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlx_cluster import tensor
 from mlx_cluster.contract.auth import TlsFiles, token_metadata
 from mlx_cluster.contract.config import LivenessConfig
 from mlx_cluster.contract.errors import (
@@ -32,7 +29,6 @@ from mlx_cluster.contract.errors import (
     InvalidArgument,
     ProtocolMismatch,
     WorkerUnavailable,
-    error_from_status,
 )
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
@@ -47,9 +43,8 @@ from mlx_cluster.contract.rpc import (
     client_channel_options,
 )
 from mlx_cluster.contract.sampling import SamplingParams
-from mlx_cluster.contract.streams import close_call, ended_status
 from mlx_cluster.contract.worker_info import LoadedSlice, WorkerInfo
-from mlx_cluster.coordinator.engine.events import HopTiming
+from mlx_cluster.coordinator.engine.forward_stream import ForwardStream, error_from_rpc
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -59,8 +54,6 @@ END_RETRY_FIRST_S = 0.5
 END_RETRY_MAX_S = 30.0
 # Pause before calling Lease again after the call ended: well inside the worker's grace.
 LEASE_RETRY_S = 0.5
-# A closed Forward stream's worker has this long to end the call before it is cancelled.
-STREAM_CLOSE_WAIT_S = 1.0
 
 
 class WorkerClient:
@@ -125,7 +118,7 @@ class WorkerClient:
         try:
             reply = await call()
         except grpc.aio.AioRpcError as exc:
-            raise _error_from_rpc(exc, self.name) from exc
+            raise error_from_rpc(exc, self.name) from exc
         if self._unended:  # the worker answers again: end what it could not end before
             self._retry_now.set()
         return reply
@@ -177,10 +170,11 @@ class WorkerClient:
         embedding: bool = False,
         head: bool = False,
         draft_model: str = "",
+        prefix_cache_bytes: int = 0,
     ) -> LoadedSlice:
         """Load layers [start, end) of `model` (and the embedding, the head: the first and last
-        stage's; the first may hold a `draft_model` too); the worker ends every session it
-        had open."""
+        stage's; the first may hold a `draft_model` too), keeping ended sessions' prefixes
+        in up to `prefix_cache_bytes`; the worker ends every session it had open."""
         request = pb.LoadLayersRequest(
             model=model,
             start=start,
@@ -190,6 +184,7 @@ class WorkerClient:
             embedding=embedding,
             head=head,
             draft_model=draft_model,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         reply = await self._call(
             lambda: self._stub.LoadLayers(
@@ -201,16 +196,25 @@ class WorkerClient:
         return loaded
 
     async def open_session(
-        self, session_id: str, reserve_tokens: int = 0, sampling: SamplingParams | None = None
+        self,
+        session_id: str,
+        reserve_tokens: int = 0,
+        sampling: SamplingParams | None = None,
+        prefix: tuple[str, int, list[int]] | None = None,
     ) -> None:
         """Open a session under this client's lease (held from the first session on); the
-        stage that holds the head samples its tokens by `sampling` (None: greedy)."""
+        stage that holds the head samples its tokens by `sampling` (None: greedy). With
+        `prefix` (a kept prefix's id, the length to start from, and for the stage that
+        samples its tokens), its caches start from that prefix."""
         self._hold_lease()
         request = pb.OpenSessionRequest(
             session_id=session_id, reserve_tokens=reserve_tokens, lease_id=self.lease_id
         )
         if sampling is not None:
             request.sampling.CopyFrom(sampling.to_spec())
+        if prefix is not None:
+            request.prefix_id, request.prefix_length = prefix[0], prefix[1]
+            request.history.extend(prefix[2])
         await self._call(
             lambda: self._stub.OpenSession(
                 request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
@@ -229,6 +233,24 @@ class WorkerClient:
             if self._end_retry is None or self._end_retry.done():
                 self._end_retry = asyncio.create_task(self._retry_ends())
             raise
+
+    async def keep_prefixes(self, keep: list[tuple[str, str, int]], drop: list[str]) -> list[str]:
+        """End sessions kept as prefixes (session id, prefix id, length) where the worker
+        has room, and forget the prefixes `drop`; returns the prefixes kept. A failed call
+        ends the sessions later, as `end_sessions` does."""
+        request = pb.EndSessionRequest(drop_prefixes=drop)
+        for session_id, prefix_id, length in keep:
+            request.keep.add(session_id=session_id, prefix_id=prefix_id, length=length)
+        try:
+            reply = await self._call(
+                lambda: self._stub.EndSession(
+                    request, timeout=SESSION_DEADLINE_S, metadata=self._metadata()
+                )
+            )
+        except ClusterError:
+            await self.end_sessions([k[0] for k in keep])
+            raise
+        return list(reply.kept)
 
     async def _end(self, session_ids: list[str]) -> int:
         request = pb.EndSessionRequest(session_ids=session_ids)
@@ -302,97 +324,3 @@ class WorkerClient:
         relay = Route(tuple(route), step_timeout_s, self._tls_name, draft_step_timeout_s)
         metadata = (*self._metadata(), *relay.metadata())
         return self._stub.Decode(metadata=metadata)
-
-
-class ForwardStream:
-    """One persistent bidirectional Forward stream: write a step, read its answer.
-
-    Several tasks may step on one stream: each step holds the stream from its write
-    to its answer, so steps are answered in the order they were sent.
-    """
-
-    def __init__(self, client: WorkerClient, call: grpc.aio.StreamStreamCall) -> None:
-        self._client = client
-        self._call = call
-        self._step_id = 0
-        self._turn = asyncio.Lock()
-
-    @property
-    def done(self) -> bool:
-        """The call has ended (closed, failed or cancelled): no step can go through."""
-        return self._call.done()
-
-    async def step(
-        self,
-        session_ids: list[str],
-        hidden: mx.array | None,
-        offsets: list[int],
-        last_position_only: bool = False,
-        token_ids: mx.array | None = None,
-    ) -> tuple[mx.array, HopTiming]:
-        """Send hidden states [B, L, D] through the worker's layers, or token ids [B, L] to
-        the first stage (which embeds them); the stage that samples keeps the token ids.
-
-        Returns:
-            The worker's output and where this step's time went.
-        """
-        t0 = time.perf_counter()
-        request = pb.ForwardRequest(
-            session_ids=session_ids, offsets=offsets, last_position_only=last_position_only
-        )
-        if hidden is not None:
-            tensor.encode(hidden, out=request.hidden)
-        if token_ids is not None:
-            tensor.encode(token_ids, out=request.token_ids)
-        t1 = time.perf_counter()
-        async with self._turn:
-            self._step_id += 1
-            request.step_id = self._step_id
-            reply = await self._exchange(request)
-        t2 = time.perf_counter()
-        if reply.step_id != request.step_id:
-            self._call.cancel()
-            raise ClusterError(
-                f"worker {self._client.name}: answer to step {reply.step_id}, "
-                f"expected {request.step_id}"
-            )
-        try:
-            out = tensor.decode(reply.hidden)
-        except ValueError as exc:
-            raise InvalidArgument(f"worker {self._client.name} sent a bad tensor: {exc}") from exc
-        timing = HopTiming(t1 - t0, t2 - t1, reply.compute_seconds, time.perf_counter() - t2)
-        self._client.last_step_network_s = timing.network
-        return out, timing
-
-    async def _exchange(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
-        """Write one step and read its answer; a step cut short ends the call.
-
-        (A step cancelled between its write and its answer would leave that answer for
-        the next step to read: the call is cancelled instead, so it is never used again.)
-        """
-        try:
-            await self._call.write(request)
-            reply = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise _error_from_rpc(exc, self._client.name) from exc
-        except asyncio.InvalidStateError:  # the call ended before this write: say why
-            raise await self._stream_error() from None
-        except BaseException:
-            self._call.cancel()
-            raise
-        if reply is grpc.aio.EOF:
-            raise await self._stream_error()
-        return reply
-
-    async def _stream_error(self) -> ClusterError:
-        code, details, metadata = await ended_status(self._call)
-        return error_from_status(code, details, self._client.name, metadata)
-
-    async def close(self) -> None:
-        """Half-close and let the worker end the call; cancels it if it does not."""
-        await close_call(self._call, STREAM_CLOSE_WAIT_S)
-
-
-def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: str) -> ClusterError:
-    """The contract error a failed call carries: its class from the kind the worker sent."""
-    return error_from_status(exc.code(), exc.details() or "", worker, exc.trailing_metadata())

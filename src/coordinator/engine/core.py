@@ -23,6 +23,7 @@ from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.contract.speculation import DraftStats, Speculation
 from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.lanes import Lane, StepProfile
+from mlx_cluster.coordinator.engine.prefixes import PromptReuse
 from mlx_cluster.coordinator.engine.request import RequestState
 
 STEP_TIMEOUT_S = 300.0  # one step through every worker; a worker that hangs fails it
@@ -71,13 +72,16 @@ class Engine:
         timeout: float | None = None,
         stop_tokens: Sequence[int] = (),
         stats: DraftStats | None = None,
+        reuse: PromptReuse | None = None,
     ) -> AsyncGenerator[SampledToken, None]:
         """Yield up to params.max_tokens new tokens, each with its logprob (and what else
         `params` asks for); after one of `stop_tokens`, no more. No stop strings.
 
         Callers check the request first (generation.check_request). `timeout` bounds
         the wait for KV room; the caller's own deadline bounds the rest. `stats`, if
-        given, counts the request's drafts as they are verified.
+        given, counts the request's drafts as they are verified; `reuse` says how many
+        prompt tokens came from a kept prefix (prefix cache). A request that ends well
+        is kept as a prefix for later ones, where the chain keeps prefixes.
         """
         if not prompt:
             raise InvalidArgument("prompt must hold at least one token")
@@ -90,8 +94,12 @@ class Engine:
             stop_tokens,
             params.speculative or self.speculative,
             stats,
+            self.chain.prefixes.match(prompt) if self.chain.prefixes is not None else None,
         )
         await self.chain.open(request, timeout)
+        if reuse is not None:
+            reuse.looked_up = self.chain.prefixes is not None
+            reuse.cached_tokens = request.prefix.length if request.prefix else 0
         lane: Lane | None = None
         try:
             lane = await self._take_lane()
@@ -103,7 +111,7 @@ class Engine:
         finally:
             # One shielded coroutine, so that even when the caller is cancelled the lane
             # lets go of the request before its session ends, never after.
-            await asyncio.shield(self._finish(request, lane))
+            await asyncio.shield(self._finish(request, lane, keep=lane is not None))
 
     async def _take_lane(self) -> Lane:
         """The lane a new request joins: the emptiest, once one of `max_batch` places is
@@ -114,7 +122,7 @@ class Engine:
         await self._places.acquire()
         return min(self.lanes, key=len)
 
-    async def _finish(self, request: RequestState, lane: Lane | None) -> None:
+    async def _finish(self, request: RequestState, lane: Lane | None, keep: bool) -> None:
         if lane is not None:
             await lane.release(request)
             if lane in self.lanes:
@@ -122,7 +130,7 @@ class Engine:
             else:
                 await lane.close()
                 self._retired.add(lane.profile)
-        await self.chain.end(request)
+        await self.chain.end(request, keep)
 
     async def close(self) -> None:
         await asyncio.gather(*(lane.close() for lane in self.lanes))

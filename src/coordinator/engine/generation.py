@@ -18,6 +18,7 @@ from mlx_cluster.contract.errors import InvalidParam
 from mlx_cluster.contract.sampling import SamplingParams, check_token_ids
 from mlx_cluster.contract.speculation import DraftStats
 from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.prefixes import PromptReuse
 
 
 def check_request(prompt: Sequence[int], params: SamplingParams, vocab_size: int) -> None:
@@ -43,6 +44,8 @@ class Performance:
     draft_tokens: int = 0  # drafted tokens verified
     accepted_draft_tokens: int = 0  # of those, kept
     decode_steps: int = 0  # pipeline traversals that carried the request
+    cached_prompt_tokens: int = 0  # prompt tokens a kept prefix gave (prefix cache)
+    prefix_lookup: bool = False  # the cluster keeps prefixes: the prompt was looked up
 
     def count_drafts(self, stats: DraftStats) -> None:
         """Take the engine's count of the request's drafts and decode steps."""
@@ -131,8 +134,8 @@ async def generate_text(
     stops = StopMatcher(params.stop)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
     finish, stopped = "length", False
-    drafts = DraftStats()
-    tokens = engine.generate_tokens(prompt, params, timeout, sorted(eos), stats=drafts)
+    drafts, reuse = DraftStats(), PromptReuse()
+    tokens = engine.generate_tokens(prompt, params, timeout, sorted(eos), drafts, reuse)
     async with contextlib.aclosing(tokens) as steps:
         async for sampled in steps:
             token = sampled.token
@@ -160,4 +163,5 @@ async def generate_text(
         finish = "stop" if stopped else finish
     perf.total_s = time.perf_counter() - started
     perf.count_drafts(drafts)
+    perf.cached_prompt_tokens, perf.prefix_lookup = reuse.cached_tokens, reuse.looked_up
     yield TextChunk(tail, finish_reason=finish, performance=perf)

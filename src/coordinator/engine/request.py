@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.contract.speculation import DraftStats, Speculation
+from mlx_cluster.coordinator.engine.prefixes import PrefixMatch
 
 # What a request's queue carries: a token, an error, or the end.
 Item = SampledToken | BaseException | None
@@ -43,6 +44,10 @@ class RequestState:
     leaving: bool = False  # the caller let go: leave at the next token boundary
     ended: bool = False  # its last item (the end, or an error) is queued
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once no lane carries it
+    prompt: tuple[int, ...] = ()
+    chunk: int = 1  # prompt tokens a prefill step takes at most
+    prefix: PrefixMatch | None = None  # a kept prefix its session starts from
+    failed: bool = False  # ended by an error
 
     @classmethod
     def new(
@@ -53,24 +58,39 @@ class RequestState:
         stop_tokens: Sequence[int] = (),
         speculation: Speculation | None = None,
         stats: DraftStats | None = None,
+        prefix: PrefixMatch | None = None,
     ) -> RequestState:
-        """A request for `prompt`: all but its last token prefilled in `chunk`-token steps.
+        """A request for `prompt`: all but its last token prefilled in `chunk`-token steps,
+        after the first `prefix.length` if it starts from a kept prefix.
 
         (mlx-lm's generate_step does the same: the last prompt token makes the first
         decode step, whose logits give the first new token.)
         """
-        tokens = mx.array(list(prompt), dtype=mx.uint32)
-        size, head = max(chunk, 1), len(prompt) - 1
-        return cls(
+        request = cls(
             params=params,
             max_tokens=params.max_tokens,
             reserve_tokens=len(prompt) + params.max_tokens,
-            to_prefill=[tokens[i : min(i + size, head)] for i in range(0, head, size)],
+            to_prefill=[],
             pending=int(prompt[-1]),
             stop_tokens=tuple(stop_tokens),
             speculation=speculation or Speculation(),
             stats=stats,
+            prompt=tuple(prompt),
+            chunk=max(chunk, 1),
         )
+        request.start_from(prefix)
+        return request
+
+    def start_from(self, prefix: PrefixMatch | None) -> None:
+        """Before its session opens: start from `prefix` (its tokens count as cached, in
+        the steps that cached them) or, with None, from nothing."""
+        tokens = mx.array(list(self.prompt), dtype=mx.uint32)
+        self.prefix, self.history, self.offset = prefix, [], 0
+        for size in prefix.chunks() if prefix else []:
+            self.advance(tokens[self.offset : self.offset + size])
+        head = len(self.prompt) - 1
+        steps = range(self.offset, head, self.chunk)
+        self.to_prefill = [tokens[i : min(i + self.chunk, head)] for i in steps]
 
     @property
     def remaining(self) -> int:
@@ -130,6 +150,7 @@ class RequestState:
             self.out.put_nowait(None)
 
     def fail(self, error: BaseException) -> None:
+        self.failed = True
         if not self.ended:
             self.ended = True
             self.out.put_nowait(error)

@@ -56,9 +56,11 @@ class StageManager:
         standbys: list[WorkerClient] | None = None,
         liveness: LivenessConfig | None = None,
         draft_model: str = "",
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.model_ref = model_ref  # what workers are told to load
         self.draft_model = draft_model  # the first stage's, for speculative decoding
+        self.prefix_cache_bytes = prefix_cache_bytes  # each worker's, for ended sessions
         self.stages = stages
         self.standbys = list(standbys or [])
         self.liveness = liveness or LivenessConfig()
@@ -112,6 +114,7 @@ class StageManager:
             embedding=r.start == 0,  # the first stage embeds, the last samples
             head=r.end == r.total,
             draft_model=self.draft_model if r.start == 0 else "",
+            prefix_cache_bytes=self.prefix_cache_bytes,
         )
 
     # --- failover ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.cluster import READY_TIMEOUT_S, Cluster
 from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.models.inspect import model_facts
 from mlx_cluster.models.sources import resolve_model
@@ -135,13 +136,17 @@ async def start_from_config(
             standbys,
             config.liveness,
             config.speculative.draft_model or "",
+            int(config.kv.prefix_cache_gb * GB),
         )
         await stages.load_all()
         tokenizer = await asyncio.to_thread(
             load_tokenizer, model, eos_token_ids=model_config.get("eos_token_id")
         )
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
-        chain = Chain(vocab_size(model_config), stages, admission, liveness=config.liveness)
+        prefixes = PrefixIndex() if config.kv.prefix_cache_gb > 0 else None
+        chain = Chain(
+            vocab_size(model_config), stages, admission, liveness=config.liveness, prefixes=prefixes
+        )
         engine = Engine(chain, config.batching, speculative=config.speculative.speculation())
         return Cluster(model, engine, tokenizer, plan, config)
     except BaseException:
