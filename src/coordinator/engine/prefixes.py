@@ -84,10 +84,10 @@ def _block_keys(tokens: Sequence[int]) -> list[int]:
     return keys
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
+def _common(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """The length of a's and b's common prefix, given that it is at least `start`."""
+    end = min(len(a), len(b))
+    return next((i for i in range(start, end) if a[i] != b[i]), end)
 
 
 class PrefixIndex:
@@ -108,22 +108,24 @@ class PrefixIndex:
         """The kept prefix that shares most of `prompt`, and how much of it to reuse."""
         usable = len(prompt) - 1  # the last prompt token is fed by the first decode step
         candidates: set[str] = set()
+        shared = 0  # tokens every candidate shares with the prompt: its whole blocks
         for key in _block_keys(prompt):
             holders = self._by_block.get(key)
             if not holders:
                 break
-            candidates = holders
+            candidates, shared = holders, shared + BLOCK
         if not candidates:  # no whole block in common: the shorter prefixes, token by token
             candidates = {p for p, kept in self._prefixes.items() if len(kept.tokens) < BLOCK}
             candidates |= set(itertools.islice(reversed(self._prefixes), 8))
         best: PrefixMatch | None = None
         for prefix_id in candidates:
             kept = self._prefixes[prefix_id]
-            length = min(_common(kept.tokens, prompt), usable)
+            length = min(_common(kept.tokens, prompt, shared), usable)
             if length >= MIN_REUSE and (best is None or length > best.length):
                 best = PrefixMatch(kept, length)
-        if best is not None:
-            self._prefixes.move_to_end(best.prefix.prefix_id)
+        if best is None or best.prefix.tokens[: best.length] != tuple(prompt[: best.length]):
+            return None  # (the second: blocks whose hashes collide, checked once)
+        self._prefixes.move_to_end(best.prefix.prefix_id)
         return best
 
     def add(self, kept: KeptPrefix) -> list[str]:
