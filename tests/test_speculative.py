@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 
@@ -23,6 +24,7 @@ from mlx_cluster.contract.speculation import (
     StepCosts,
     split_rows,
 )
+from mlx_cluster.worker import ring
 from mlx_cluster.worker.lookahead import LookAhead
 from tests.conftest import TINY_LAYERS, make_engine
 from tests.test_golden import assert_same, reference
@@ -280,3 +282,26 @@ async def test_a_draft_model_with_another_vocabulary_is_refused_at_load(
 async def test_a_request_for_a_draft_model_the_cluster_lacks_is_refused():
     with pytest.raises(ValueError, match="needs a draft model"):
         Speculation("draft", 4)
+
+
+async def test_a_long_contexts_lookup_is_indexed_off_the_event_loop_with_the_same_tokens(
+    model_factory, start_workers, monkeypatch
+):
+    """Rows whose context passes THREAD_CONTEXT tokens are built in a thread (a 100k-token
+    context takes ~0.15 s to index); here every row is, and nothing changes."""
+    monkeypatch.setattr(ring, "THREAD_CONTEXT", 0)
+    built = []
+    from_proto = ring.Row.from_proto.__func__  # type: ignore[attr-defined]
+
+    def recorded(cls, row):  # type: ignore[no-untyped-def]
+        built.append(threading.current_thread() is not threading.main_thread())
+        return from_proto(cls, row)
+
+    monkeypatch.setattr(ring.Row, "from_proto", classmethod(recorded))
+    model = model_factory("llama")
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    engine = await make_engine(model, await start_workers(2), [4, 4])
+    got, stats = await run(engine, PROMPT, params, LOOKUP)
+    assert_same(got, reference(model, PROMPT, params))
+    assert_drafts_tested(stats)
+    assert built and all(built)  # every row was indexed in a worker thread
