@@ -18,6 +18,13 @@ from dataclasses import dataclass
 # 5: sessions end kept as prefixes, and open from them (prefix cache).
 PROTOCOL_VERSION = 5
 
+try:  # the package's version, which Info (and Ollama's /api/version) report
+    from importlib.metadata import version as _dist_version
+
+    PACKAGE_VERSION = _dist_version("mlx-cluster")
+except Exception:  # running from a source tree without an install
+    PACKAGE_VERSION = "0.0.0+source"
+
 # A prefill chunk of 2048 tokens of an 8192-wide bf16 model is 32 MiB; leave room.
 MIB = 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * MIB

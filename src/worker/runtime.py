@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from mlx_cluster.contract.errors import ClusterError, InvalidArgument, NotLoaded
-from mlx_cluster.contract.rpc import PROTOCOL_VERSION
+from mlx_cluster.contract.rpc import PACKAGE_VERSION, PROTOCOL_VERSION
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
@@ -40,13 +40,6 @@ from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-try:
-    from importlib.metadata import version as _dist_version
-
-    VERSION = _dist_version("mlx-cluster")
-except Exception:  # running from a source tree without an install
-    VERSION = "0.0.0+source"
 
 
 class WorkerRuntime:
@@ -71,7 +64,12 @@ class WorkerRuntime:
         held: dict[str, Any] = loaded.info_fields() if loaded is not None else {}
         settings = self.settings
         return WorkerInfo(
-            settings.name, VERSION, PROTOCOL_VERSION, self.capabilities, settings.limits, **held
+            settings.name,
+            PACKAGE_VERSION,
+            PROTOCOL_VERSION,
+            self.capabilities,
+            settings.limits,
+            **held,
         )
 
     # --- loading ---------------------------------------------------------------

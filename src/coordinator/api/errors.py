@@ -29,6 +29,7 @@ from mlx_cluster.contract.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+OLLAMA_PREFIX = "/api/"  # Ollama's routes: its error shape
 HTTP_CODES = {404: "not_found", 413: "request_too_large"}  # error codes of plain HTTP errors
 
 
@@ -126,28 +127,38 @@ def _field_path(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _respond(request: Request, error: ApiError) -> JSONResponse:
+    """The error in the shape of the API the request called: Ollama's `{"error": message}`
+    under /api/, OpenAI's everywhere else."""
+    if request.url.path.startswith(OLLAMA_PREFIX):
+        where = f" ({error.param})" if error.param and error.param not in error.message else ""
+        body = {"error": f"{error.message}{where}"}
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return error.response()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure of `app` through api_error."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _respond(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = HTTP_CODES.get(exc.status_code, "invalid_request")
-        return ApiError(exc.status_code, str(exc.detail), code=kind).response()
+        return _respond(request, ApiError(exc.status_code, str(exc.detail), code=kind))
 
     # Handlers for Exception run in Starlette's outermost middleware, which logs and
     # re-raises: the expected errors get handlers of their own.
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return _respond(request, exc)
 
     @app.exception_handler(ClusterError)
     async def on_cluster_error(request: Request, exc: ClusterError) -> JSONResponse:
-        return api_error(exc).response()
+        return _respond(request, api_error(exc))
 
     @app.exception_handler(Exception)
     async def on_any(request: Request, exc: Exception) -> JSONResponse:
-        return api_error(exc).response()
+        return _respond(request, api_error(exc))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -31,6 +33,25 @@ BUFFER_CHUNKS = 64
 
 Item = TextChunk | Exception | None  # a chunk, the failure that ended it, or the end
 Render = Callable[[TextChunk, bool], list[dict[str, Any]]]  # (chunk, first) -> events
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a stream's events go on the wire: server-sent events (OpenAI's streams) or
+    newline-delimited JSON (Ollama's)."""
+
+    media_type: str
+    frame: Callable[[dict[str, Any] | str], str]  # one event
+    error: Callable[[Exception], dict[str, Any]]  # the event of the failure that ended it
+    done: str | None = None  # the stream's last event, if it has one
+
+
+def _ndjson(event: dict[str, Any] | str) -> str:
+    return json.dumps(event) + "\n"
+
+
+SSE = Framing("text/event-stream", fmt.sse, lambda exc: api_error(exc).body(), "[DONE]")
+NDJSON = Framing("application/x-ndjson", _ndjson, lambda exc: {"error": api_error(exc).message})
 
 
 class Relay:
@@ -99,18 +120,21 @@ class Relay:
             raise RuntimeError("the generation ended without a chunk")
         return item
 
-    async def events(self, first: TextChunk, render: Render) -> AsyncIterator[str]:
+    async def events(
+        self, first: TextChunk, render: Render, framing: Framing = SSE
+    ) -> AsyncIterator[str]:
         """The stream's events: `first`, the buffered chunks, an error event if one
-        ended it, then [DONE]."""
+        ended it, then the framing's last event."""
         for event in render(first, True):
-            yield fmt.sse(event)
+            yield framing.frame(event)
         while (item := await self._buffer.get()) is not None:
             if isinstance(item, Exception):
-                yield fmt.sse(api_error(item).body())
+                yield framing.frame(framing.error(item))
                 break
             for event in render(item, False):
-                yield fmt.sse(event)
-        yield fmt.sse("[DONE]")
+                yield framing.frame(event)
+        if framing.done is not None:
+            yield framing.frame(framing.done)
 
     @contextlib.asynccontextmanager
     async def sending(self) -> AsyncIterator[None]:
@@ -128,10 +152,12 @@ class Relay:
 
 
 class RelayedResponse(StreamingResponse):
-    """A server-sent event stream from a Relay; a stream cut off closes its connection."""
+    """An event stream from a Relay; a stream cut off closes its connection."""
 
-    def __init__(self, relay: Relay, first: TextChunk, render: Render) -> None:
-        super().__init__(relay.events(first, render), media_type="text/event-stream")
+    def __init__(
+        self, relay: Relay, first: TextChunk, render: Render, framing: Framing = SSE
+    ) -> None:
+        super().__init__(relay.events(first, render, framing), media_type=framing.media_type)
         self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

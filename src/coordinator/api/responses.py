@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from mlx_cluster.coordinator.api import openai_format as fmt
 from mlx_cluster.coordinator.api.errors import ApiError, api_error
 from mlx_cluster.coordinator.api.metrics import Metrics
-from mlx_cluster.coordinator.api.relay import Relay, RelayedResponse, Render
+from mlx_cluster.coordinator.api.relay import SSE, Framing, Relay, RelayedResponse, Render
 from mlx_cluster.coordinator.engine.generation import TextChunk
 
 Chunks = AsyncGenerator[TextChunk, None]
@@ -117,7 +117,9 @@ async def answer(
     return await stream(generation, render)
 
 
-async def stream(generation: Generation, render: Render) -> StreamingResponse:
+async def stream(
+    generation: Generation, render: Render, framing: Framing = SSE
+) -> StreamingResponse:
     """Start a stream: failures before the first chunk are HTTP errors, later ones events."""
     relay = Relay(generation.chunks, generation.deadline, generation.send_timeout_s)
     try:
@@ -127,4 +129,4 @@ async def stream(generation: Generation, render: Render) -> StreamingResponse:
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise api_error(exc) from exc
-    return RelayedResponse(relay, first, render)
+    return RelayedResponse(relay, first, render, framing)
