@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import grpc
 import httpx
 import mlx.core as mx
@@ -401,6 +402,21 @@ async def test_api_keys_with_the_openai_client(keyed_api):
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
     assert reply.choices[0].finish_reason in {"stop", "length"}
+
+
+async def test_api_keys_with_the_anthropic_client_in_x_api_key(keyed_api):
+    url, _ = keyed_api
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="sk-wrong", max_retries=0) as bad:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await bad.messages.create(**body)
+    assert info.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "Incorrect API key provided."},
+    }
+    async with anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0) as good:
+        reply = await good.messages.create(**body)
+    assert reply.stop_reason in {"end_turn", "max_tokens"}
 
 
 async def test_api_keys_leave_health_and_root_open(keyed_api):

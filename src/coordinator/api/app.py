@@ -2,8 +2,8 @@
 
 `create_app` builds the shared ApiState, installs the error handlers and the
 middleware, and includes one router per API family: OpenAI's routes
-(openai_routes), Ollama's (ollama_routes), /generate (generate_route), and /, /health,
-/metrics
+(openai_routes), Anthropic's Messages (anthropic_routes), Ollama's (ollama_routes),
+/generate (generate_route), and /, /health, /metrics
 (ops_routes). Requests are settled in settle, errors mapped in errors.
 """
 
@@ -15,7 +15,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from mlx_cluster.contract.config import LimitsConfig
-from mlx_cluster.coordinator.api import generate_route, ollama_routes, openai_routes, ops_routes
+from mlx_cluster.coordinator.api import (
+    anthropic_routes,
+    generate_route,
+    ollama_routes,
+    openai_routes,
+    ops_routes,
+)
 from mlx_cluster.coordinator.api.auth import ApiKeyAuth
 from mlx_cluster.coordinator.api.errors import install_error_handlers
 from mlx_cluster.coordinator.api.middleware import RequestContext, RequestLimits
@@ -49,6 +55,7 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    for module in (ops_routes, openai_routes, generate_route, ollama_routes):
+    routers = (ops_routes, openai_routes, anthropic_routes, ollama_routes, generate_route)
+    for module in routers:
         app.include_router(module.router)
     return app

@@ -1,9 +1,11 @@
-"""API keys on the HTTP API: `Authorization: Bearer KEY`, as OpenAI clients send it.
+"""API keys on the HTTP API: `Authorization: Bearer KEY`, as OpenAI clients send it, or
+`x-api-key: KEY`, as Anthropic's clients do.
 
 A plain ASGI middleware in front of every route. `GET /` and `GET /health` stay
 open (liveness checks and load balancers carry no key); everything else, the
 Prometheus `/metrics` included (it names workers and their memory), needs a key.
-A refusal is a 401 in OpenAI's error shape that never repeats the key sent.
+A refusal is a 401 in the shape of the API called (errors.shaped) that never repeats
+the key sent.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from collections.abc import Sequence
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_cluster.contract.auth import secret_matches
-from mlx_cluster.coordinator.api.errors import ApiError
+from mlx_cluster.coordinator.api.errors import ApiError, shaped
 
 OPEN_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")})
 
 MISSING = (
     "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
-    "(Authorization: Bearer YOUR_KEY)."
+    "(Authorization: Bearer YOUR_KEY), or in an x-api-key header."
 )
 WRONG = "Incorrect API key provided."
 
@@ -41,11 +43,14 @@ class ApiKeyAuth:
         if scope["type"] != "http" or (scope["method"], scope["path"]) in OPEN_ROUTES:
             await self.app(scope, receive, send)
             return
-        sent = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
-        scheme, _, key = sent.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            await _refusal(MISSING).response()(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            key = headers.get(b"x-api-key", b"").decode("latin-1")
+        path = scope["path"]
+        if not key.strip():
+            await shaped(path, _refusal(MISSING))(scope, receive, send)
         elif not secret_matches(key.strip(), self.keys):
-            await _refusal(WRONG).response()(scope, receive, send)
+            await shaped(path, _refusal(WRONG))(scope, receive, send)
         else:
             await self.app(scope, receive, send)

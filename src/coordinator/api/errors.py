@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 OLLAMA_PREFIX = "/api/"  # Ollama's routes: its error shape
+ANTHROPIC_PREFIX = "/v1/messages"  # Anthropic's Messages API: its error shape
 HTTP_CODES = {404: "not_found", 413: "request_too_large"}  # error codes of plain HTTP errors
 
 
@@ -127,14 +128,35 @@ def _field_path(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _respond(request: Request, error: ApiError) -> JSONResponse:
-    """The error in the shape of the API the request called: Ollama's `{"error": message}`
-    under /api/, OpenAI's everywhere else."""
-    if request.url.path.startswith(OLLAMA_PREFIX):
+# Anthropic's error types by HTTP status (its Messages API's shape).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
+
+
+def shaped(path: str, error: ApiError) -> JSONResponse:
+    """The error in the shape of the API at `path`: Ollama's `{"error": message}` under
+    /api/, Anthropic's under /v1/messages, OpenAI's everywhere else."""
+    if path.startswith(OLLAMA_PREFIX):
         where = f" ({error.param})" if error.param and error.param not in error.message else ""
-        body = {"error": f"{error.message}{where}"}
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
-    return error.response()
+        body: dict[str, Any] = {"error": f"{error.message}{where}"}
+    elif path.startswith(ANTHROPIC_PREFIX):
+        kind = ANTHROPIC_TYPES.get(error.status, "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": error.message}}
+    else:
+        return error.response()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _respond(request: Request, error: ApiError) -> JSONResponse:
+    return shaped(request.url.path, error)
 
 
 def install_error_handlers(app: FastAPI) -> None:

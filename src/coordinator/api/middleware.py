@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
-from mlx_cluster.coordinator.api.errors import HTTP_CODES, ApiError
+from mlx_cluster.coordinator.api.errors import HTTP_CODES, ApiError, shaped
 from mlx_cluster.coordinator.api.metrics import Metrics
 from mlx_cluster.coordinator.api.schemas import max_messages
 
@@ -92,7 +92,7 @@ class RequestLimits:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             refusal = ApiError(413, self._message(int(declared)), code=HTTP_CODES[413])
-            await refusal.response()(scope, receive, send)
+            await shaped(scope["path"], refusal)(scope, receive, send)
             return
         received = 0
 

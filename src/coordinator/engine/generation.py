@@ -81,6 +81,7 @@ class TextChunk:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended it
     performance: Performance | None = None  # on the last chunk
 
 
@@ -90,13 +91,15 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = list(stops)
         self.pending = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; returns (text safe to emit, whether a stop string was reached)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.pending = self.pending[:at], ""
             return out, True
         hold = max((self._overlap(s) for s in self.stops), default=0)
         cut = len(self.pending) - hold
@@ -164,4 +167,4 @@ async def generate_text(
     perf.total_s = time.perf_counter() - started
     perf.count_drafts(drafts)
     perf.cached_prompt_tokens, perf.prefix_lookup = reuse.cached_tokens, reuse.looked_up
-    yield TextChunk(tail, finish_reason=finish, performance=perf)
+    yield TextChunk(tail, finish_reason=finish, stop_sequence=stops.matched, performance=perf)
