@@ -51,7 +51,7 @@ async def http(serve_cluster):
     [
         ({**CHAT, "temperature": 3}, "temperature", "less than or equal to 2"),
         ({**CHAT, "top_p": 0}, "top_p", "greater than 0"),
-        ({**CHAT, "n": 2}, "n", "only n=1 is supported, got 2"),
+        ({**CHAT, "n": 9}, "n", "n must be at most 8, got 9"),
         ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({**CHAT, "stop": [""]}, "stop", "non-empty"),
         ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
@@ -172,8 +172,8 @@ async def test_session_larger_than_the_kv_budget_is_400_with_both_numbers(serve_
     await stage.client.load_layers(str(cluster.model), r.start, r.end, 64, head=True)
     needed = len(cluster.encode("hi", chat=True)) + 100
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        for stream in (False, True):
-            body = {**CHAT, "max_tokens": 100, "stream": stream}
+        for stream, n in ((False, 1), (True, 1), (False, 3), (True, 3)):  # n: each choice's
+            body = {**CHAT, "max_tokens": 100, "stream": stream, "n": n}
             reply = await http.post("/v1/chat/completions", json=body)
             error = assert_error(reply, 400, f"needs {needed} tokens", "KV budget is 64")
             assert error["code"] == "context_length_exceeded"

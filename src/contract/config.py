@@ -133,6 +133,7 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(default=300.0, gt=0)  # a request ends by then, sends included
     send_timeout_s: float = Field(default=10.0, gt=0)  # a stream left unread this long ends
     max_messages: int = Field(default=1024, gt=0)  # chat messages in one request
+    max_choices: int = Field(default=8, ge=1, le=64)  # n: choices of one prompt
     # HTTP request body, counted while it arrives; None = 2x max_prompt_bytes + 1 MiB
     # (JSON escapes double non-ASCII text; the rest of the request fits in the MiB).
     max_body_bytes: int | None = Field(default=None, gt=0)

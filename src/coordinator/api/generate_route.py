@@ -20,8 +20,8 @@ router = APIRouter()
 async def generate(request: GenerateRequest, state: State) -> dict[str, Any] | StreamingResponse:
     prepared = await settle_generate(request, state.cluster, state.limits)
     return await answer(
-        state.generate(prepared),
+        [state.generate(prepared)],
         request.stream,
-        fmt.generate_response,
+        lambda choices: fmt.generate_response(choices[0]),
         lambda chunk, first: fmt.generate_chunk(chunk),
     )

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
@@ -131,22 +131,27 @@ def completion_logprobs(
 # --- one choice, whole or streamed -------------------------------------------------------
 
 
-def _whole(env: Envelope, chunks: Sequence[TextChunk], **fields: Any) -> dict[str, Any]:
-    """A whole generation's response: one choice holding `fields`, then usage and timings."""
-    last = chunks[-1]
-    assert last.performance is not None
-    choice = {"index": 0, **fields, "finish_reason": last.finish_reason}
-    return env.wrap(
-        env.kind,
-        [choice],
-        usage=usage(last.performance),
-        performance=performance(last.performance),
-    )
+def _whole(
+    env: Envelope,
+    choices: Sequence[Sequence[TextChunk]],
+    fields: Callable[[Sequence[TextChunk]], dict[str, Any]],
+) -> dict[str, Any]:
+    """A whole response: choice i holds `fields` of its chunks; then the usage and
+    timings over them all (Performance.of_choices)."""
+    perfs = [chunks[-1].performance for chunks in choices]
+    assert all(p is not None for p in perfs)
+    total = Performance.of_choices(cast(list[Performance], perfs))
+    body = [
+        {"index": i, **fields(chunks), "finish_reason": chunks[-1].finish_reason}
+        for i, chunks in enumerate(choices)
+    ]
+    return env.wrap(env.kind, body, usage=usage(total), performance=performance(total))
 
 
 def _piece(env: Envelope, chunk: TextChunk, **fields: Any) -> dict[str, Any]:
-    """One stream chunk: one choice holding `fields`; timings ride on the last."""
-    choice = {"index": 0, **fields, "finish_reason": chunk.finish_reason}
+    """One stream chunk: the choice it belongs to, holding `fields`; timings ride on the
+    last chunk of each choice."""
+    choice = {"index": chunk.choice, **fields, "finish_reason": chunk.finish_reason}
     extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
     return env.wrap(env.chunk_object, [choice], **extra)
 
@@ -155,13 +160,15 @@ def _piece(env: Envelope, chunk: TextChunk, **fields: Any) -> dict[str, Any]:
 
 
 def chat_response(
-    env: Envelope, chunks: Sequence[TextChunk], token_text: TokenText, logprobs: bool
+    env: Envelope, choices: Sequence[Sequence[TextChunk]], token_text: TokenText, logprobs: bool
 ) -> dict[str, Any]:
     return _whole(
         env,
-        chunks,
-        message={"role": "assistant", "content": "".join(c.text for c in chunks)},
-        logprobs=chat_logprobs(chunks, token_text) if logprobs else None,
+        choices,
+        lambda chunks: {
+            "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+            "logprobs": chat_logprobs(chunks, token_text) if logprobs else None,
+        },
     )
 
 
@@ -184,16 +191,18 @@ def chat_chunk(
 
 def completion_response(
     env: Envelope,
-    chunks: Sequence[TextChunk],
+    choices: Sequence[Sequence[TextChunk]],
     token_text: TokenText,
     logprobs: bool,
     echo: str = "",
 ) -> dict[str, Any]:
     return _whole(
         env,
-        chunks,
-        text=echo + "".join(c.text for c in chunks),
-        logprobs=completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
+        choices,
+        lambda chunks: {
+            "text": echo + "".join(c.text for c in chunks),
+            "logprobs": completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
+        },
     )
 
 

@@ -47,7 +47,7 @@ async def chat(request: ChatCompletionRequest, state: State) -> dict[str, Any] |
     env = fmt.Envelope("chat.completion", state.cluster.model_id)
     text, logprobs = state.token_text, request.logprobs
     return await answer(
-        state.generate(prepared),
+        await state.generate_choices(prepared),
         request.stream,
         lambda chunks: fmt.chat_response(env, chunks, text, logprobs),
         lambda chunk, first: fmt.chat_chunk(env, chunk, text, logprobs, first),
@@ -64,7 +64,7 @@ async def completions(
     text, logprobs = state.token_text, request.logprobs is not None
     echo = state.cluster.tokenizer.decode(prepared.tokens) if request.echo else ""
     return await answer(
-        state.generate(prepared),
+        await state.generate_choices(prepared),
         request.stream,
         lambda chunks: fmt.completion_response(env, chunks, text, logprobs, echo),
         lambda chunk, first: fmt.completion_chunk(

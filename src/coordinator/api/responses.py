@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from mlx_cluster.coordinator.api import openai_format as fmt
 from mlx_cluster.coordinator.api.errors import ApiError, api_error
 from mlx_cluster.coordinator.api.metrics import Metrics
 from mlx_cluster.coordinator.api.relay import SSE, Framing, Relay, RelayedResponse, Render
-from mlx_cluster.coordinator.engine.generation import TextChunk
+from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
 Chunks = AsyncGenerator[TextChunk, None]
 
@@ -91,30 +92,80 @@ async def collect(chunks: Chunks) -> list[TextChunk]:
         raise api_error(exc) from exc
 
 
+async def _collect_all(generations: list[Generation]) -> list[list[TextChunk]]:
+    """Every generation's chunks, run at once; the first failure ends them all, and is
+    the one raised."""
+    if len(generations) == 1:
+        return [await collect(generations[0].chunks)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(collect(g.chunks)) for g in generations]
+    except* ApiError as failures:
+        raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _merged(generations: list[Generation]) -> Chunks:
+    """The chunks of n generations as they come, each marked with its choice."""
+    queue: asyncio.Queue[TextChunk | int | Exception] = asyncio.Queue()
+
+    async def pump(choice: int, chunks: Chunks) -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put(dataclasses.replace(chunk, choice=choice))
+            await queue.put(choice)  # this one is done
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, g.chunks)) for i, g in enumerate(generations)]
+    try:
+        for _ in range(len(tasks)):
+            while not isinstance(item := await queue.get(), int):
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def answer(
-    generation: Generation,
+    generations: list[Generation],
     streaming: bool,
-    whole: Callable[[list[TextChunk]], dict[str, Any]],
+    whole: Callable[[list[list[TextChunk]]], dict[str, Any]],
     piece: Callable[[TextChunk, bool], dict[str, Any]],
     usage: fmt.Envelope | None = None,
 ) -> dict[str, Any] | StreamingResponse:
-    """A generation as one JSON body (`whole`), or as a stream of events (`piece`).
+    """A request's generations (its n completions of one prompt) as one JSON body
+    (`whole`, given each one's chunks), or as one stream of events (`piece`, whose
+    chunks carry their `choice`).
 
     Args:
-        piece: the event for one chunk, given whether it is the first.
+        piece: the event for one chunk, given whether it is the first of its choice.
         usage: if given, the stream's last chunk is followed by a usage-only chunk
             in this envelope (OpenAI's stream_options.include_usage).
     """
     if not streaming:
-        return whole(await collect(generation.chunks))
+        return whole(await _collect_all(generations))
+    started: set[int] = set()
+    finished: list[Performance] = []
 
-    def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
-        events = [piece(chunk, first)]
-        if usage is not None and chunk.performance is not None:
-            events.append(fmt.usage_chunk(usage, chunk.performance))
+    def render(chunk: TextChunk, _: bool) -> list[dict[str, Any]]:
+        events = [piece(chunk, chunk.choice not in started)]
+        started.add(chunk.choice)
+        if chunk.performance is not None:
+            finished.append(chunk.performance)
+            if usage is not None and len(finished) == len(generations):
+                events.append(fmt.usage_chunk(usage, Performance.of_choices(finished)))
         return events
 
-    return await stream(generation, render)
+    if len(generations) == 1:
+        return await stream(generations[0], render)
+    first = generations[0]
+    return await stream(
+        Generation(_merged(generations), first.deadline, first.send_timeout_s), render
+    )
 
 
 async def stream(

@@ -1,8 +1,7 @@
 """Request bodies of the HTTP API, validated once, turned into SamplingParams.
 
 Field names and defaults follow OpenAI's API. Fields OpenAI clients send that
-we do not use (user, tools, ...) are accepted and ignored; fields we cannot
-honour in a way a client would rely on (n > 1) are refused with a 400.
+we do not use (user, tools, ...) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -55,16 +54,9 @@ class _Request(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1)] = 1  # choices of the prompt (at most limits.max_choices)
     stream: bool = False
     speculative: SpeculativeRequest | None = None  # extension: None = the server's default
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported, got {n}")
-        return n
 
     @field_validator("stop")
     @classmethod

@@ -35,6 +35,7 @@ class Prepared:
     tokens: list[int]
     params: SamplingParams
     started: float  # loop time the request began settling: its deadline counts from here
+    choices: int = 1  # n: completions of the prompt
 
 
 async def settle_chat(
@@ -86,6 +87,10 @@ async def settle_generate(
 ) -> Prepared:
     """The prompt encoded (as one chat message with `chat`), then `settle`."""
     started = asyncio.get_running_loop().time()
+    if request.n != 1:
+        raise ApiError(
+            400, f"/generate gives one completion: n must be 1, got {request.n}", param="n"
+        )
     _check_prompt_size(_utf8_size(request.prompt, "prompt"), request, cluster, limits)
     tokens = await asyncio.to_thread(cluster.encode, request.prompt, request.chat)
     return settle(request, tokens, cluster, limits, started)
@@ -100,6 +105,8 @@ def settle(
 ) -> Prepared:
     """Check the prompt against the limits and the context window; settle max_tokens."""
     context = cluster.context_length
+    if request.n > limits.max_choices:
+        raise ApiError(400, f"n must be at most {limits.max_choices}, got {request.n}", param="n")
     if not tokens:
         raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
     _check_token_count(len(tokens), "", request, cluster, limits)
@@ -111,7 +118,7 @@ def settle(
         check_request(tokens, params, cluster.vocab_size)
     except InvalidParam as exc:
         raise ApiError(400, str(exc), param=exc.param) from exc
-    return Prepared(tokens, params, started)
+    return Prepared(tokens, params, started, request.n)
 
 
 def _max_tokens(request: _Request, prompt: int, context: int, limits: LimitsConfig) -> int:

@@ -6,6 +6,7 @@ it with the `State` dependency.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -37,6 +38,25 @@ class ApiState:
         chunks = self.cluster.generate(prepared.tokens, prepared.params, timeout=timeout)
         metered_chunks = metered(chunks, deadline, self.drain, self.metrics)
         return Generation(metered_chunks, deadline, self.limits.send_timeout_s)
+
+    async def generate_choices(self, prepared: Prepared) -> list[Generation]:
+        """A generation for each of the request's n completions. Choice i of a seeded
+        request is seeded seed + i. The prompt is prefilled once first, where the
+        cluster keeps prefixes, and every completion starts from it."""
+        if prepared.choices == 1:
+            return [self.generate(prepared)]
+        self.drain.refuse_new()
+        await self.cluster.keep_prompt(prepared.tokens, timeout=self.limits.request_timeout_s)
+        seed, params = prepared.params.seed, prepared.params
+        return [
+            self.generate(
+                dataclasses.replace(
+                    prepared,
+                    params=dataclasses.replace(params, seed=None if seed is None else seed + i),
+                )
+            )
+            for i in range(prepared.choices)
+        ]
 
     def token_text(self, token: int) -> str:
         return str(self.cluster.tokenizer.decode([token]))

@@ -139,6 +139,10 @@ class Cluster:
         tokens = self.encode(prompt, chat)
         return generate_text(self.engine, self.tokenizer, tokens, params, timeout)
 
+    async def keep_prompt(self, prompt: Sequence[int], timeout: float | None = None) -> None:
+        """Engine.keep_prompt: the prompt prefilled once for the completions that follow."""
+        await self.engine.keep_prompt(prompt, timeout)
+
     async def close(self) -> None:
         await self.engine.close()
         await self.stage_manager.close()

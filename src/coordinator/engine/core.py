@@ -113,6 +113,27 @@ class Engine:
             # lets go of the request before its session ends, never after.
             await asyncio.shield(self._finish(request, lane, keep=lane is not None))
 
+    async def keep_prompt(self, prompt: Sequence[int], timeout: float | None = None) -> None:
+        """Prefill all but the prompt's last token once and keep it as a prefix, so that
+        the requests for it that follow (n completions of one prompt) prefill nothing.
+        Nothing where the chain keeps no prefixes, or keeps this one already."""
+        if self.chain.prefixes is None or len(prompt) < 2:
+            return
+        match = self.chain.prefixes.match(prompt)
+        chunk = self.batching.prefill_chunk
+        request = RequestState.new(prompt, SamplingParams(max_tokens=1), chunk, prefix=match)
+        if not request.to_prefill:
+            return
+        await self.chain.open(request, timeout)
+        streams = self.chain.streams()
+        request.failed = True  # until every chunk is cached on every stage
+        try:
+            await self.chain.prefill(streams, request, request.to_prefill)
+            request.failed = False
+        finally:
+            await streams.close()
+            await self.chain.end(request, keep=True)
+
     async def _take_lane(self) -> Lane:
         """The lane a new request joins: the emptiest, once one of `max_batch` places is
         free; with batching off, a lane of its own."""

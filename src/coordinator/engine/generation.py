@@ -53,6 +53,23 @@ class Performance:
         self.accepted_draft_tokens = stats.accepted
         self.decode_steps = stats.traversals
 
+    @classmethod
+    def of_choices(cls, choices: Sequence[Performance]) -> Performance:
+        """One request's figures over its n completions of one prompt: the prompt counted
+        once, the completions' tokens and drafts summed, its first token the earliest."""
+        first = choices[0]
+        return cls(
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in choices),
+            ttft_s=min(c.ttft_s for c in choices),
+            total_s=max(c.total_s for c in choices),
+            draft_tokens=sum(c.draft_tokens for c in choices),
+            accepted_draft_tokens=sum(c.accepted_draft_tokens for c in choices),
+            decode_steps=sum(c.decode_steps for c in choices),
+            cached_prompt_tokens=first.cached_prompt_tokens,
+            prefix_lookup=first.prefix_lookup,
+        )
+
     @property
     def prefill_tokens_per_second(self) -> float:
         return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
@@ -82,6 +99,7 @@ class TextChunk:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
     stop_sequence: str | None = None  # on the last chunk: the stop string that ended it
+    choice: int = 0  # which of a request's n completions it belongs to
     performance: Performance | None = None  # on the last chunk
 
 
