@@ -16,24 +16,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_cluster.coordinator.api.errors import ApiError
-from mlx_cluster.coordinator.api.schemas import ChatCompletionRequest
-
-
-class ContentBlock(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    text: str | None = None
+from mlx_cluster.coordinator.api.schemas import ChatCompletionRequest, ContentPart
 
 
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["user", "assistant"]
-    content: str | list[ContentBlock]
+    content: str | list[ContentPart]
 
 
-def _text(content: str | list[ContentBlock], where: str) -> str:
+def _text(content: str | list[ContentPart], where: str) -> str:
     """The text of `content`; a block of another type is a 400 naming it."""
     if isinstance(content, str):
         return content
@@ -54,7 +47,7 @@ class MessagesRequest(BaseModel):
     model: Annotated[str, Field(min_length=1)]
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)]
-    system: str | list[ContentBlock] | None = None
+    system: str | list[ContentPart] | None = None
     stop_sequences: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
