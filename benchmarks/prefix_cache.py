@@ -86,12 +86,6 @@ async def timed_turn(
     return first, tokens, reuse.cached_tokens
 
 
-async def settle(cluster: Cluster) -> None:
-    """Until the ended requests' prefixes are kept (ends finish in the background)."""
-    while cluster.engine.chain._ending:
-        await asyncio.sleep(0.01)
-
-
 async def conversation(
     model_dir: Path, addresses: list[str], cache_gb: float, tokenizer: TokenizerWrapper, args: Any
 ) -> dict[str, Any]:
@@ -109,7 +103,7 @@ async def conversation(
         ]
         turn1 = chat(tokenizer, messages)
         ttft1, answer, _ = await timed_turn(cluster, turn1, args.max_tokens)
-        await settle(cluster)
+        await cluster.engine.chain.ends_done()  # turn 1's prefix kept
         messages += [
             {"role": "assistant", "content": tokenizer.decode(answer)},
             {"role": "user", "content": QUESTIONS[1]},

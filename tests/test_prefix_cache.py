@@ -55,12 +55,6 @@ async def run(engine, prompt, params=PARAMS) -> tuple[list[SampledToken], int]:
     return tokens, reuse.cached_tokens
 
 
-async def settled(engine) -> None:
-    """Wait until the ended requests' prefixes are kept (ends finish in the background)."""
-    while engine.chain._ending:
-        await asyncio.sleep(0.01)
-
-
 def filled(length: int, value: float = 1.0) -> KVCache:
     cache = KVCache()
     cache.update_and_fetch(mx.full((1, 2, length, 4), value), mx.full((1, 2, length, 4), value))
@@ -145,7 +139,7 @@ async def test_a_conversations_next_turn_prefills_only_what_is_new(
     got1, cached1 = await run(engine, turn1)
     assert cached1 == 0
     assert_same(got1, reference(model, turn1, PARAMS))
-    await settled(engine)
+    await engine.chain.ends_done()
     turn2 = [*turn1, *(s.token for s in got1), 99, 23]
     got2, cached2 = await run(engine, turn2)
     assert cached2 == len(turn1) + NEW_TOKENS - 1  # the last new token was never fed
@@ -164,7 +158,7 @@ async def test_requests_share_a_prefix_at_once_and_sampling_is_unchanged(
     cached = await make_engine(model, await start_workers(2), [4, 4], prefix_cache_bytes=64 * MIB)
     plain = await make_engine(model, await start_workers(2), [4, 4])
     await run(cached, [*SYSTEM, 1])
-    await settled(cached)
+    await cached.chain.ends_done()
     seeded = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.8, seed=11, top_k=20)
     prompts = [[*SYSTEM, 40, 41, 42], [*SYSTEM, 60, 61]]
     results = await asyncio.gather(*(run(cached, p, seeded) for p in prompts))
@@ -187,14 +181,14 @@ async def test_a_prefix_gone_from_a_worker_is_forgotten_and_the_prompt_prefilled
     model = model_factory("llama")
     engine = await make_engine(model, await start_workers(2), [3, 5], prefix_cache_bytes=64 * MIB)
     await run(engine, [*SYSTEM, 1])
-    await settled(engine)
+    await engine.chain.ends_done()
     assert len(engine.chain.prefixes) == 1
     await engine.chain.stages.load_all()  # the same slices again: sessions and prefixes go
     prompt = [*SYSTEM, 2, 3]
     got, reused = await run(engine, prompt)
     assert reused == 0
     assert_same(got, reference(model, prompt, PARAMS))
-    await settled(engine)
+    await engine.chain.ends_done()
     _, reused = await run(engine, [*SYSTEM, 4])  # the new request's prefix is kept
     assert reused >= len(SYSTEM)
 
@@ -209,7 +203,7 @@ async def test_live_sessions_evict_prefixes_and_the_next_turn_still_answers(
     engine = await make_engine(model, clients, [4, 4], prefix_cache_bytes=64 * MIB)
     first = [*SYSTEM, 1]
     got, _ = await run(engine, first)
-    await settled(engine)
+    await engine.chain.ends_done()
     other = [(3 * i) % 170 + 5 for i in range(240)]  # with the kept prefix: past 400
     assert_same((await run(engine, other))[0], reference(model, other, PARAMS))
     infos = [await c.info() for c in clients]
@@ -268,7 +262,7 @@ async def test_a_worker_killed_during_a_turn_that_started_from_a_prefix_changes_
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     turn1 = [*SYSTEM, 3]
     first = [c.token async for c in cluster.generate(turn1, params) if c.token is not None]
-    await settled(cluster.engine)
+    await cluster.engine.chain.ends_done()
     turn2 = [*turn1, *first, 8, 9]
     want = [t for t, _ in generate_step(mx.array(turn2), model, max_tokens=48)]
     tokens: list[int] = []

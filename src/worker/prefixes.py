@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,7 +43,6 @@ class Prefix:
     caches: list[Any]
     length: int
     nbytes: int
-    used: float
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,8 @@ def _nbytes(caches: list[Any]) -> int:
 class PrefixStore:
     """Kept prefixes, least recently used first, within `capacity_bytes` (0: keep none)."""
 
-    def __init__(self, capacity_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._clock = clock
         self._prefixes: OrderedDict[str, Prefix] = OrderedDict()
         self._tokens = 0
         self._nbytes = 0
@@ -122,8 +118,7 @@ class PrefixStore:
         self.drop(prefix_id)
         while self._nbytes + nbytes > self.capacity_bytes:
             self._evict_one()
-        prefix = Prefix(prefix_id, [_branch(c, length) for c in caches], length, nbytes, 0.0)
-        prefix.used = self._clock()
+        prefix = Prefix(prefix_id, [_branch(c, length) for c in caches], length, nbytes)
         with self._lock:
             self._prefixes[prefix_id] = prefix
             self._tokens += length
@@ -145,8 +140,7 @@ class PrefixStore:
             )
         if length > prefix.length:
             raise PrefixNotFound(f"prefix {prefix_id!r} holds {prefix.length} tokens, not {length}")
-        prefix.used = self._clock()
-        self._prefixes.move_to_end(prefix_id)
+        self._prefixes.move_to_end(prefix_id)  # the most recently used
         return [_branch(c, length) for c in prefix.caches]
 
     def drop(self, prefix_id: str) -> bool:

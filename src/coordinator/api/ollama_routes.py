@@ -24,15 +24,20 @@ from mlx_cluster.coordinator.api.ollama_schemas import (
 from mlx_cluster.coordinator.api.relay import NDJSON
 from mlx_cluster.coordinator.api.responses import collect, stream
 from mlx_cluster.coordinator.api.schemas import ChatCompletionRequest
-from mlx_cluster.coordinator.api.settle import settle_chat, settle_completion
+from mlx_cluster.coordinator.api.settle import Prepared, settle_chat, settle_completion
 from mlx_cluster.coordinator.api.state import ApiState, State
 from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
 router = APIRouter(prefix="/api")
+DETAILS = {"format": "mlx", "family": "", "parameter_size": "", "quantization_level": ""}
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
 
 
 def _ns(seconds: float) -> int:
@@ -63,7 +68,9 @@ def _chunk(model: str, chat: bool, text: str, last: TextChunk | None = None) -> 
     return body
 
 
-async def _answer(state: ApiState, prepared: Any, model: str, chat: bool, streaming: bool) -> Any:
+async def _answer(
+    state: ApiState, prepared: Prepared, model: str, chat: bool, streaming: bool
+) -> dict[str, Any] | StreamingResponse:
     generation = state.generate(prepared)
     if not streaming:
         chunks = await collect(generation.chunks)
@@ -99,19 +106,10 @@ async def generate(
     return await _answer(state, prepared, request.model, False, request.stream)
 
 
-def _details() -> dict[str, Any]:
-    return {
-        "format": "mlx",
-        "family": "",
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-
-
 @router.get("/tags")
 async def tags(state: State) -> dict[str, Any]:
     cluster = state.cluster
-    modified = datetime.fromtimestamp(cluster.created, UTC).isoformat().replace("+00:00", "Z")
+    modified = _iso(datetime.fromtimestamp(cluster.created, UTC))
     return {
         "models": [
             {
@@ -120,7 +118,7 @@ async def tags(state: State) -> dict[str, Any]:
                 "modified_at": modified,
                 "size": 0,
                 "digest": "",
-                "details": _details(),
+                "details": DETAILS,
             }
         ]
     }
@@ -149,7 +147,7 @@ def _shown(state: ApiState) -> dict[str, Any]:
         "modelfile": "",
         "parameters": "",
         "template": template,
-        "details": _details(),
+        "details": DETAILS,
         "model_info": {"general.context_length": cluster.context_length},
         "capabilities": ["completion"],
         "modified_at": _now(),

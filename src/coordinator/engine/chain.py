@@ -121,6 +121,11 @@ class Chain:
         else:
             await self._end(request.session_id)
 
+    async def ends_done(self) -> None:
+        """Until every end in progress is done, the prefixes it keeps filed."""
+        while self._ending:
+            await asyncio.wait(list(self._ending))
+
     async def _wait(self, work: Awaitable[Any], notify: bool = True) -> None:
         """Run `work` (ending sessions) at most `end_wait_s`; the rest in the background.
         With `notify`, waiting requests learn when it is done (room freed, or not: retried)."""
@@ -159,17 +164,14 @@ class Chain:
         clients = [s.client for s in stages]
         last = len(clients) - 1
         prefix = request.prefix
-        history = list(request.prompt[: prefix.length]) if prefix else []
-        processed = bool(request.params.logits_processors())
+        # the last stage's processors see every token: the prefix's too
+        processed = prefix is not None and bool(request.params.logits_processors())
+        history = list(request.prompt[: prefix.length]) if prefix and processed else []
 
         def start(i: int) -> tuple[str, int, list[int]] | None:
-            if prefix is None:  # the last stage's processors see every token: the prefix's too
+            if prefix is None:
                 return None
-            return (
-                prefix.prefix.prefix_id,
-                prefix.length,
-                history if i == last and processed else [],
-            )
+            return (prefix.prefix.prefix_id, prefix.length, history if i == last else [])
 
         try:  # the last stage samples: it alone needs the sampling parameters
             results = await asyncio.gather(

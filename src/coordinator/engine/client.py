@@ -248,7 +248,8 @@ class WorkerClient:
                 )
             )
         except ClusterError:
-            await self.end_sessions([k[0] for k in keep])
+            if keep:
+                await self.end_sessions([k[0] for k in keep])
             raise
         return list(reply.kept)
 

@@ -158,12 +158,10 @@ class PrefixIndex:
                 if not holders:
                     del self._by_block[key]
 
-    def clear(self) -> list[str]:
-        """Forget every prefix (the stages changed); returns their ids."""
-        ids = list(self._prefixes)
+    def clear(self) -> None:
+        """Forget every prefix (the stages changed)."""
         self._prefixes.clear()
         self._by_block.clear()
-        return ids
 
 
 async def keep_prefix(
