@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import ollama
 import openai
 import pytest
 from mlx_lm import load as mlx_load
@@ -189,3 +191,126 @@ async def test_tools_for_a_template_without_tools_are_a_400_saying_so(serve_clus
     error = caught.value.body
     assert error["param"] == "tools" and "does not support tools" in error["message"]
     assert "does not render tools" in error["message"]
+
+
+# --- Anthropic ---------------------------------------------------------------------------
+
+CLAUDE_TOOL = {
+    "name": "get_weather",
+    "description": WEATHER_TOOL["function"]["description"],
+    "input_schema": WEATHER_TOOL["function"]["parameters"],
+}
+CLAUDE_HISTORY = [
+    *QUESTION,
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": CALL_ARGUMENTS}
+        ],
+    },
+    {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": TOOL_RESULT}],
+    },
+]
+
+
+def claude(url: str) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=url, api_key="-", max_retries=0)
+
+
+async def test_anthropic_tool_use_whole_and_streamed(tools_api):
+    url, _ = tools_api
+    request: dict[str, Any] = {
+        "model": MODEL, "messages": QUESTION, "tools": [CLAUDE_TOOL], "max_tokens": 64,
+        "extra_body": {"temperature": 0},
+    }  # fmt: skip
+    async with claude(url) as client:
+        whole = await client.messages.create(**request)
+        async with client.messages.stream(**request) as events:
+            kinds = [(e.type, getattr(e, "delta", None)) async for e in events]
+            streamed = await events.get_final_message()
+    for message in (whole, streamed):
+        (block,) = message.content
+        assert block.type == "tool_use" and block.id.startswith("toolu_")
+        assert block.name == "get_weather" and block.input == CALL_ARGUMENTS
+        assert message.stop_reason == "tool_use"
+    deltas = [delta.type for kind, delta in kinds if kind == "content_block_delta"]
+    assert deltas == ["input_json_delta"]
+
+
+async def test_anthropic_tool_results_render_through_the_template(tools_api):
+    url, _ = tools_api
+    async with claude(url) as client:
+        reply = await client.messages.create(
+            model=MODEL, messages=CLAUDE_HISTORY, tools=[CLAUDE_TOOL], max_tokens=64,
+            extra_body={"temperature": 0},
+        )  # fmt: skip
+        (block,) = reply.content
+        assert block.type == "text" and block.text == RESULT_ANSWER
+        assert reply.stop_reason == "end_turn"
+        refused = await client.messages.create(
+            model=MODEL, messages=QUESTION, tools=[CLAUDE_TOOL], max_tokens=64,
+            tool_choice={"type": "none"}, extra_body={"temperature": 0},
+        )  # fmt: skip
+        assert [b.text for b in refused.content if b.type == "text"] == [NO_TOOLS_ANSWER]
+
+
+BAD_CLAUDE_REQUESTS = [
+    ({"tool_choice": {"type": "any"}}, "tool_choice", "not supported yet"),
+    ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
+     "tool_choice.disable_parallel_tool_use", "not supported yet"),
+    ({"tools": [{**CLAUDE_TOOL, "strict": True}]}, "tools.0.strict", "not supported yet"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0", ""),
+    ({"tools": [{"name": "get_weather"}]}, "tools.0.input_schema", "required"),
+    ({"messages": [*CLAUDE_HISTORY[:2], {"role": "user", "content": [{"type": "tool_result"}]}]},
+     "messages.2.content.0.tool_use_id", "required"),
+    ({"messages": [QUESTION[0], {"role": "assistant", "content": [{"type": "tool_use"}]}]},
+     "messages.1.content.0.id", "required"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking", "does not think"),
+]  # fmt: skip
+
+
+async def test_anthropic_tool_errors_name_the_field_in_anthropics_shape(tools_api):
+    url, _ = tools_api
+    async with httpx.AsyncClient(base_url=url) as http:
+        for extra, named, says in BAD_CLAUDE_REQUESTS:
+            body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "tools": [CLAUDE_TOOL]}
+            reply = await http.post("/v1/messages", json=body | extra)
+            assert reply.status_code == 400, (extra, reply.text)
+            error = reply.json()
+            assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+            assert named in error["error"]["message"] and says in error["error"]["message"]
+
+
+# --- Ollama ------------------------------------------------------------------------------
+
+OLLAMA_HISTORY = [
+    *QUESTION,
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": CALL_ARGUMENTS}}],
+    },
+    {"role": "tool", "content": TOOL_RESULT, "tool_name": "get_weather"},
+]
+
+
+async def test_ollama_tool_calls_whole_and_streamed(tools_api):
+    url, _ = tools_api
+    client = ollama.AsyncClient(host=url)
+    greedy = {"temperature": 0, "num_predict": 64}
+    whole = await client.chat(MODEL, messages=QUESTION, tools=[WEATHER_TOOL], options=greedy)
+    calls = []
+    async for chunk in await client.chat(
+        MODEL, messages=QUESTION, tools=[WEATHER_TOOL], options=greedy, stream=True
+    ):
+        calls += chunk.message.tool_calls or []
+        assert not chunk.message.content
+    for call in [*whole.message.tool_calls, *calls]:
+        assert call.function.name == "get_weather" and call.function.arguments == CALL_ARGUMENTS
+    assert len(whole.message.tool_calls) == len(calls) == 1 and whole.message.content == ""
+    answer = await client.chat(MODEL, messages=OLLAMA_HISTORY, tools=[WEATHER_TOOL], options=greedy)
+    assert answer.message.content == RESULT_ANSWER and not answer.message.tool_calls
+    shown = await client.show(MODEL)
+    assert shown.capabilities == ["completion", "tools"]
