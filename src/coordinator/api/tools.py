@@ -92,13 +92,18 @@ class CalledFunction(BaseModel):
         return {"name": self.name, "arguments": _as_object(self.arguments)}
 
 
-def _as_object(arguments: str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(arguments, dict):
-        return arguments
-    try:
-        value = json.loads(arguments)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"arguments must be a JSON object: {exc}") from exc
+def _as_object(arguments: object) -> dict[str, Any]:
+    """`arguments` as a JSON object: itself, or parsed from JSON text.
+
+    Raises:
+        ValueError: neither an object nor the JSON text of one.
+    """
+    value = arguments
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments must be a JSON object: {exc}") from exc
     if not isinstance(value, dict):
         raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
     return value
