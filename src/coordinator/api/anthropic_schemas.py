@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_cluster.coordinator.api.errors import ApiError
 from mlx_cluster.coordinator.api.schemas import ChatCompletionRequest, ContentPart
-from mlx_cluster.coordinator.api.tools import FunctionName
+from mlx_cluster.coordinator.api.tools import FunctionName, unenforceable
 
 TOOL_ID_PREFIX = "toolu_"
 
@@ -72,10 +72,7 @@ class AnthropicToolChoice(BaseModel):
 
     def as_openai(self) -> str | dict[str, Any]:
         if self.disable_parallel_tool_use:
-            param = "tool_choice.disable_parallel_tool_use"
-            raise ApiError(
-                400, f"{param}: not supported yet: it needs constrained decoding", param=param
-            )
+            raise unenforceable("tool_choice.disable_parallel_tool_use", "one call at most")
         if self.type == "tool":
             return {"type": "function", "function": {"name": self.name or ""}}
         return {"auto": "auto", "none": "none", "any": "required"}[self.type]
@@ -203,11 +200,7 @@ class MessagesRequest(BaseModel):
     def _tools(self) -> list[dict[str, Any]] | None:
         for index, tool in enumerate(self.tools or []):
             if tool.strict:
-                param = f"tools.{index}.strict"
-                raise ApiError(
-                    400, f"{param}: strict tools are not supported yet: they need constrained "
-                    "decoding", param=param,
-                )  # fmt: skip
+                raise unenforceable(f"tools.{index}.strict", "a strict tool")
         return [tool.as_openai() for tool in self.tools] if self.tools else None
 
     def as_chat(self, template_options: dict[str, Any] | None = None) -> ChatCompletionRequest:

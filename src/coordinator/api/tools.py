@@ -124,6 +124,12 @@ class ToolCallIn(BaseModel):
 # --- settling ----------------------------------------------------------------------------
 
 
+def unenforceable(param: str, what: str) -> ApiError:
+    """The 400 for `what` only constrained decoding can enforce."""
+    message = f"{param}: {what} is not supported yet: it needs constrained decoding"
+    return ApiError(400, message, param=param)
+
+
 def require_unconstrained(choice: ToolChoice, param: str = "tool_choice") -> None:
     """Raises: ApiError 400 for a tool choice only constrained decoding can enforce.
 
@@ -133,12 +139,7 @@ def require_unconstrained(choice: ToolChoice, param: str = "tool_choice") -> Non
     if choice in ("none", "auto"):
         return
     which = "a call" if choice == "required" else "a call of one named function"
-    raise ApiError(
-        400,
-        f"{param}: forcing {which} is not supported yet: it needs constrained decoding "
-        "(let the model choose, or offer no tools)",
-        param=param,
-    )
+    raise unenforceable(param, f"forcing {which} (let the model choose, or offer no tools)")
 
 
 def offered_tools(
@@ -160,11 +161,7 @@ def offered_tools(
     require_unconstrained(choice or "auto")
     for index, tool in enumerate(tools):
         if tool.function.strict:
-            param = f"tools.{index}.function.strict"
-            raise ApiError(
-                400, f"{param}: strict tools are not supported yet: they need constrained "
-                "decoding", param=param,
-            )  # fmt: skip
+            raise unenforceable(f"tools.{index}.function.strict", "a strict tool")
     require_tools(tokenizer)
     return [tool.model_dump(exclude_none=True) for tool in tools]
 
