@@ -15,7 +15,11 @@ from typing import Any
 import jinja2
 from jinja2 import meta
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from transformers.utils.chat_template_utils import _compile_jinja_template
+
+try:  # the environment transformers renders templates with (its extensions and tags)
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+except ImportError:  # a transformers without it: a plain environment reads most templates
+    _compile_jinja_template = None  # type: ignore[assignment]
 
 from mlx_cluster.coordinator.api.errors import ApiError
 
@@ -37,8 +41,11 @@ def template_variables(tokenizer: TokenizerWrapper) -> frozenset[str] | None:
         return None
     names: set[str] = set()
     for source in sources:
-        # Parsed by the environment transformers renders with (its extensions, its tags).
-        environment = _compile_jinja_template(source).environment
+        environment = (
+            _compile_jinja_template(source).environment
+            if _compile_jinja_template is not None
+            else jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        )
         try:
             names |= meta.find_undeclared_variables(environment.parse(source))
         except jinja2.TemplateSyntaxError:
