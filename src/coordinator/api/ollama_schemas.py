@@ -5,8 +5,9 @@ user message (and the `system` one) or, with `raw`, a completion of the prompt
 as it is. Ollama's `options` map onto the same sampling fields; options that
 only tune Ollama's own runtime (threads, GPU layers, memory mapping, the context
 it allocates) change nothing here and are accepted; any other option, and the
-fields not supported yet (`format`, `tools`, `images`, `suffix`, `template`,
-`context`), are refused with a 400 naming them, never ignored.
+fields not supported yet (`tools`, `images`, `suffix`, `template`, `context`),
+are refused with a 400 naming them, never ignored. `format` ("json" or a JSON
+schema) becomes a response_format.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlx_cluster.contract.errors import InvalidParam
 from mlx_cluster.coordinator.api.errors import ApiError
+from mlx_cluster.coordinator.api.response_format import ollama_format
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -83,12 +86,16 @@ class _OllamaRequest(BaseModel):
 
     def _fields(self) -> dict[str, Any]:
         """Our request fields for `options`, `stream` and `model`."""
-        self._refuse({"format": self.format, "think": self.think})
+        self._refuse({"think": self.think})
         fields: dict[str, Any] = {
             "model": self.model,
             "stream": self.stream,
             "temperature": DEFAULT_TEMPERATURE,
         }
+        try:
+            fields["response_format"] = ollama_format(self.format)
+        except InvalidParam as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
         for name, value in (self.options or {}).items():
             if name in SAMPLING_OPTIONS:
                 fields[SAMPLING_OPTIONS[name]] = value
