@@ -172,7 +172,9 @@ def test_the_mask_depends_on_the_history_only_whatever_was_rolled_back(tiny_llam
 # --- through the pipeline --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", [[3, 5], [1, 5, 2]], ids=["2-workers", "3-workers"])
+@pytest.mark.parametrize(
+    "split", [[8], [3, 5], [1, 5, 2]], ids=["1-worker", "2-workers", "3-workers"]
+)
 async def test_constrained_tokens_are_mlx_lms_with_the_same_mask(tiny_llama, start_workers, split):
     prompt = prompt_of(tiny_llama)
     want = reference(tiny_llama, prompt, constrained())

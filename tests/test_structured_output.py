@@ -89,7 +89,7 @@ async def test_json_schema_output_validates_in_20_of_20_seeded_samples(serve_clu
     await client.close()
 
 
-async def test_json_object_on_completions_and_a_streamed_schema_on_chat(serve_cluster):
+async def test_a_json_object_on_completions(serve_cluster):
     url, _ = await serve_cluster()
     client = client_for(url)
     done = await client.completions.create(
@@ -101,10 +101,30 @@ async def test_json_object_on_completions_and_a_streamed_schema_on_chat(serve_cl
     )
     assert done.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(done.choices[0].text), dict)
+    await client.close()
+
+
+async def test_n_seeded_choices_and_a_stream_all_validate(serve_cluster):
+    url, _ = await serve_cluster()
+    client = client_for(url)
+    whole = await client.chat.completions.create(
+        model="tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=300,
+        temperature=0.9,
+        seed=7,
+        n=3,
+        response_format=PERSON_FORMAT,  # type: ignore[arg-type]
+    )
+    assert [c.finish_reason for c in whole.choices] == ["stop"] * 3
+    texts = [c.message.content or "" for c in whole.choices]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(texts)) == 3
     stream = await client.chat.completions.create(
         model="tiny",
         messages=ASK,  # type: ignore[arg-type]
-        max_tokens=200,
+        max_tokens=300,
         temperature=0.7,
         seed=4,
         stream=True,
