@@ -85,11 +85,10 @@ class GrammarProcessor:
         """Bring the matcher to `generated`; False if it holds a token the grammar refuses
         (a draft past the first one rejected: its samples are not kept)."""
         consumed = self._consumed
-        common = 0
-        for held, new in zip(consumed, generated, strict=False):
-            if held != new:
-                break
-            common += 1
+        common = len(consumed)
+        if generated[:common] != consumed:  # rolled back: find where they part
+            pairs = enumerate(zip(consumed, generated, strict=False))
+            common = next((i for i, (a, b) in pairs if a != b), min(common, len(generated)))
         if common < len(consumed):
             self._matcher.rollback(len(consumed) - common)
             del consumed[common:]
