@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Workload.prefill_step_size,
         help="prompt chunk size, on both sides (default mlx-lm's)",
     )
+    p.add_argument(
+        "--cluster-prefill-step-size",
+        type=int,
+        default=None,
+        help="the cluster's prompt chunk, if not --prefill-step-size (e.g. its own default, 512)",
+    )
     p.add_argument("--echo-iterations", type=int, default=200, help="round trips per size")
     p.add_argument(
         "--transport",
@@ -187,7 +193,7 @@ def message_sizes(workload: Workload, hidden_size: int, dtype: mx.Dtype) -> dict
     chunk."""
     sizes = {"decode": ring_request_bytes(hidden_size, dtype)}
     for length in workload.prompt_lengths:
-        chunk = min(length - 1, workload.prefill_step_size)
+        chunk = min(length - 1, workload.cluster_chunk)
         sizes[f"prefill@{length}"] = forward_request_bytes(chunk, hidden_size, dtype)
     return sizes
 
@@ -222,11 +228,16 @@ async def measure(args: argparse.Namespace) -> Run:
     )
     config = json.loads((model_dir / "config.json").read_text())
     workload = Workload(
-        config["vocab_size"], args.decode_tokens, args.prompt_lengths, args.prefill_step_size
+        config["vocab_size"],
+        args.decode_tokens,
+        args.prompt_lengths,
+        args.prefill_step_size,
+        cluster_prefill_step_size=args.cluster_prefill_step_size,
     )
     sizes = message_sizes(workload, config["hidden_size"], DTYPES[args.dtype])
     count = parameter_count(model_dir)
     say(f"model {model_dir}" + (f" ({count / 1e6:.0f}M parameters)" if count else ""))
+    say(f"prompt chunks: mlx-lm {workload.prefill_step_size}, cluster {workload.cluster_chunk}")
     baseline = None
     if not args.skip_baseline:
         say("baseline: single-process mlx-lm")

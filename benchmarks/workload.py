@@ -27,8 +27,14 @@ class Workload:
     vocab_size: int  # prompt ids are drawn from [0, vocab_size)
     decode_tokens: int  # new tokens of the decode run
     prompt_lengths: tuple[int, ...]  # prefill runs, one per length
-    prefill_step_size: int = 2048  # prompt chunk, on both sides (mlx-lm's default)
+    prefill_step_size: int = 2048  # mlx-lm's prompt chunk (its default)
     seed: int = 0
+    cluster_prefill_step_size: int | None = None  # the cluster's; None: the same
+
+    @property
+    def cluster_chunk(self) -> int:
+        """The cluster's prompt chunk."""
+        return self.cluster_prefill_step_size or self.prefill_step_size
 
     def prompt(self, length: int) -> list[int]:
         """A prompt of `length` random token ids; the same ones for the same length and seed."""

@@ -50,6 +50,26 @@ def tiny_llama(model_factory: Callable[..., Path]) -> Path:
     return model_factory("llama")
 
 
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama trained to answer tests/trained_models.py's weather question with a
+    tool call (Hermes-style `<tool_call>` JSON; mlx-lm reads it with json_tools)."""
+    from tests.trained_models import build_tool_model
+
+    path, _ = build_tool_model(tmp_path_factory.mktemp("tool-model"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama trained to answer a greeting with a `<think>` block, then an answer
+    (or the answer alone when the template turns thinking off)."""
+    from tests.trained_models import build_thinking_model
+
+    path, _ = build_thinking_model(tmp_path_factory.mktemp("thinking-model"))
+    return path
+
+
 class WorkerPool:
     """In-process gRPC workers on port 0; `await pool(n)` starts n and returns clients."""
 

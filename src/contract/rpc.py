@@ -16,7 +16,8 @@ from dataclasses import dataclass
 # 3: the first stage embeds, the last samples; decoding runs as a ring (Decode).
 # 4: decode steps verify drafts (speculative decoding) and rewind rejected ones.
 # 5: sessions end kept as prefixes, and open from them (prefix cache).
-# 6: sessions may sample under a grammar (SamplingSpec.grammar, constrained decoding).
+# 6: prompt chunks relay from worker to worker, pipelined; failures may come in band;
+#    sessions may sample under a grammar (SamplingSpec.grammar, constrained decoding).
 PROTOCOL_VERSION = 6
 
 try:  # the package's version, which Info (and Ollama's /api/version) report
@@ -148,6 +149,10 @@ TLS_NAME_KEY = "mlx-cluster-tls-name"
 # Trailing metadata of a relayed call that failed further down: the failed stage's index,
 # counted from the stage called (0). Absent: the stage called failed itself.
 STAGE_KEY = "mlx-cluster-stage"
+# A Forward call with this invocation metadata gets a failed step's error in band (a
+# StepFailure answer): callers that write steps ahead of their answers need it, since a
+# write racing the end of a call turns its status into gRPC's own INTERNAL.
+FAILURES_IN_BAND_KEY = "mlx-cluster-failures-in-band"
 # A relayed step with no deadline from the caller: a stage further down that takes
 # longer is lost (a prompt chunk on a slow CPU stays well inside it).
 DEFAULT_STEP_TIMEOUT_S = 600.0

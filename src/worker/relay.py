@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
@@ -28,15 +30,17 @@ from mlx_cluster.contract.logs import REQUEST_ID_HEADER
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import (
+    FAILURES_IN_BAND_KEY,
     MAX_MESSAGE_BYTES,
     SESSION_DEADLINE_S,
     Route,
     client_channel_options,
     failed_stage,
 )
-from mlx_cluster.contract.streams import close_call, ended_status
+from mlx_cluster.contract.streams import close_call, ended_status, failure_status
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A closed stream's next stage has this long to end the call before it is cancelled.
 CLOSE_WAIT_S = 1.0
@@ -94,7 +98,12 @@ class Peers:
         The route's step timeout is per stage: a step may take that long for each stage
         of the route, so the stage nearest to one that stalls notices first and names it.
         """
-        metadata = (*self._auth, (REQUEST_ID_HEADER, request_id), *route.onward().metadata())
+        metadata = (
+            *self._auth,
+            (REQUEST_ID_HEADER, request_id),
+            (FAILURES_IN_BAND_KEY, "1"),  # steps go ahead of their answers
+            *route.onward().metadata(),
+        )
         address = route.addresses[0]
         call = self._stub(address, route.tls_name).Forward(metadata=metadata)
         stages = len(route.addresses)
@@ -133,8 +142,26 @@ class Peers:
         self._channels, self._stubs = [], {}
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A step sent to the next stage and not yet answered."""
+
+    step_id: int
+    at: float  # perf_counter() when it was sent
+    length: int  # its positions per row
+    # A decode step gets the route's step timeout; one that verifies drafts, or a prompt
+    # chunk (which samples nothing), the larger one.
+    long: bool
+
+
+def _length(request: pb.ForwardRequest) -> int:
+    tensor = request.token_ids if request.HasField("token_ids") else request.hidden
+    return tensor.shape[1] if len(tensor.shape) > 1 else 0
+
+
 class NextStage:
-    """One Forward stream to the next stage: a step is written, then its answer read."""
+    """One Forward stream to the next stage: steps written in order, their answers read in
+    the same order."""
 
     def __init__(
         self,
@@ -143,38 +170,78 @@ class NextStage:
         timeouts_s: tuple[float, float],
         unreachable: Callable[[str], None] | None = None,
     ) -> None:
-        """`timeouts_s`: for a step, and for a step that verifies drafts."""
+        """`timeouts_s`: for a decode step, and for one that verifies drafts or a prompt
+        chunk."""
         self.address = address
         self._call = call
         self._timeouts_s = timeouts_s
         self._unreachable = unreachable  # told when the next stage cannot be reached
         self._step_id = 0
+        self._sent: deque[_Sent] = deque()  # steps sent, not yet answered, oldest first
 
     async def step(self, request: pb.ForwardRequest) -> tuple[pb.ForwardResponse, float]:
-        """Send one step on; returns the answer and the seconds it took.
+        """Send one step on and wait for its answer; returns it and the seconds it took.
 
         Raises:
             RelayFailed: the next stage, or one after it, failed or did not answer in time.
         """
+        await self.send(request)
+        return await self.answer()
+
+    async def send(self, request: pb.ForwardRequest) -> None:
+        """Send one step on; its answer comes from `answer`, after those of the steps sent
+        before it (steps may be sent ahead of their answers: the next stage pipelines them).
+
+        Raises:
+            RelayFailed: the next stage could not take it.
+        """
         self._step_id += 1
         request.step_id = self._step_id
-        started = time.perf_counter()
-        timeout_s = self._timeouts_s[1 if request.verify else 0]
+        long = request.verify or not request.sample
+        sent = _Sent(request.step_id, time.perf_counter(), _length(request), long)
+        self._sent.append(sent)
+        await self._io(self._call.write(request), sent)
+
+    async def answer(self) -> tuple[pb.ForwardResponse, float]:
+        """The answer of the oldest step sent and not answered, and the seconds since it was
+        sent; a step gets its timeout from when the answer before it came.
+
+        Raises:
+            RelayFailed: the next stage, or one after it, failed or did not answer in time.
+        """
+        sent = self._sent.popleft()
+        reply = await self._io(self._call.read(), sent)
+        if reply is grpc.aio.EOF:
+            raise await self._ended()
+        if reply.HasField("failure"):
+            self._call.cancel()
+            raise self._failed(*failure_status(reply.failure))
+        if reply.step_id != sent.step_id:
+            self._call.cancel()
+            raise RelayFailed(
+                ClusterError(
+                    f"worker at {self.address}: answer to step {reply.step_id}, "
+                    f"expected {sent.step_id}"
+                ),
+                1,
+            )
+        return reply, time.perf_counter() - sent.at
+
+    async def _io(self, work: Awaitable[T], sent: _Sent) -> T:
+        """A write or read on the call for step `sent`; its failures as RelayFailed."""
+        timeout_s = self._timeouts_s[1 if sent.long else 0]
         try:
             async with asyncio.timeout(timeout_s):
-                await self._call.write(request)
-                reply = await self._call.read()
+                return await work
         except grpc.aio.AioRpcError as exc:
             raise self._failed(exc.code(), exc.details(), exc.trailing_metadata()) from exc
         except asyncio.InvalidStateError:  # the call ended before this write
             raise await self._ended() from None
         except TimeoutError as exc:
             self._call.cancel()
-            tensor = request.token_ids if request.HasField("token_ids") else request.hidden
-            length = tensor.shape[1] if len(tensor.shape) > 1 else 0
-            setting = "prefill_hop_timeout_s" if request.verify else "decode_hop_timeout_s"
+            setting = "prefill_hop_timeout_s" if sent.long else "decode_hop_timeout_s"
             lost = WorkerUnavailable(
-                f"worker at {self.address} did not answer a {length}-token step "
+                f"worker at {self.address} did not answer a {sent.length}-token step "
                 f"within {timeout_s:g} s (liveness.{setting} per stage)"
             )
             lost.code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -182,18 +249,6 @@ class NextStage:
         except BaseException:
             self._call.cancel()  # a step cut short: its answer must never be read as the next
             raise
-        if reply is grpc.aio.EOF:
-            raise await self._ended()
-        if reply.step_id != request.step_id:
-            self._call.cancel()
-            raise RelayFailed(
-                ClusterError(
-                    f"worker at {self.address}: answer to step {reply.step_id}, "
-                    f"expected {request.step_id}"
-                ),
-                1,
-            )
-        return reply, time.perf_counter() - started
 
     async def _ended(self) -> RelayFailed:
         return self._failed(*await ended_status(self._call))

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -27,10 +27,12 @@ from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY, Route
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.contract.streams import failures_in_band, step_failure
 from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
 from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed
+from mlx_cluster.worker.relayed_steps import Compute, relay_steps
 from mlx_cluster.worker.ring import EVENTS_AHEAD, DecodeLoop
 from mlx_cluster.worker.ring_steps import RingSteps
 from mlx_cluster.worker.runtime import WorkerRuntime
@@ -62,6 +64,30 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
 
 def _check_ids(ids: Iterable[str], what: str = "session id") -> list[str]:
     return [check_id(value, what) for value in ids]
+
+
+async def _checked_steps(
+    requests: AsyncIterator[pb.ForwardRequest],
+) -> AsyncIterator[pb.ForwardRequest]:
+    """A Forward call's steps, their session ids checked; a malformed one raises."""
+    iterator = aiter(requests)
+    while True:
+        try:
+            request = await anext(iterator)
+        except StopAsyncIteration:
+            await asyncio.sleep(CANCEL_SETTLE_S)
+            return
+        except Exception as exc:  # bytes that are no ForwardRequest
+            log.warning("undecodable Forward message: %r", exc)
+            raise InvalidArgument("malformed ForwardRequest") from exc
+        _check_ids(request.session_ids)
+        yield request
+
+
+def _step_failure(exc: ClusterError) -> pb.StepFailure:
+    """`exc` in band; a failure further down the ring names its stage."""
+    stage = exc.stage if isinstance(exc, RelayFailed) else 0
+    return step_failure(exc.code, str(exc), exc.kind, stage)
 
 
 def _how_it_ended(exc: BaseException) -> str:
@@ -226,23 +252,6 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
 
     # --- the streams -------------------------------------------------------------
 
-    async def _relay(
-        self,
-        context: grpc.aio.ServicerContext,
-        next_stage: NextStage,
-        request: pb.ForwardRequest,
-        stream_id: int,
-    ) -> pb.ForwardResponse:
-        """This stage's part of a step, then the rest of the ring's; the end's answer."""
-        onward, compute_s = await self._answer(
-            context, self._compute.submit(steps.step_onward, self.runtime, request, stream_id)
-        )
-        reply, relay_s = await self._answer(context, next_stage.step(onward))
-        reply.step_id = request.step_id
-        reply.relay_seconds = relay_s - reply.compute_seconds
-        reply.compute_seconds += compute_s
-        return reply
-
     def _open_next(self, context: grpc.aio.ServicerContext) -> NextStage | None:
         route = Route.of_call(context.invocation_metadata())
         if not route.addresses:
@@ -258,25 +267,25 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         _bind_request_id(context)  # once per stream, not per step
         stream_id = next(self._stream_ids)
         next_stage = self._open_next(context)
-        requests = aiter(request_iterator)
+        requests = _checked_steps(request_iterator)
+        if next_stage is None:
+            answers = self._steps_here(requests, stream_id)
+        else:
+            answers = relay_steps(requests, self._onward(stream_id), next_stage)
         try:
-            while True:
+            async with contextlib.aclosing(answers):
                 try:
-                    request = await anext(requests)
-                except StopAsyncIteration:
-                    await asyncio.sleep(CANCEL_SETTLE_S)
-                    break
-                except Exception as exc:  # bytes that are no ForwardRequest
-                    log.warning("undecodable Forward message: %r", exc)
-                    await _abort(context, InvalidArgument("malformed ForwardRequest"))
-                await self._check(context, _check_ids, request.session_ids)
-                if next_stage is None:
-                    pending = self._compute.submit(
-                        steps.step_here, self.runtime, request, stream_id
-                    )
-                    yield await self._answer(context, pending)
-                else:
-                    yield await self._relay(context, next_stage, request, stream_id)
+                    async for reply in answers:
+                        yield reply
+                except (ClusterError, ValueError) as exc:
+                    failure = exc if isinstance(exc, ClusterError) else InvalidArgument(str(exc))
+                    if not failures_in_band(context.invocation_metadata()):
+                        await _abort(context, failure)
+                    self._compute.post(self.runtime.end_stream, stream_id, _how_it_ended(exc))
+                    if next_stage is not None:
+                        next_stage.cancel()
+                    yield pb.ForwardResponse(failure=_step_failure(failure))
+                    return  # the call ends OK: its caller reads the failure first
         except BaseException as exc:
             self._compute.post(self.runtime.end_stream, stream_id, _how_it_ended(exc))
             if next_stage is not None:
@@ -284,6 +293,21 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
             raise
         if next_stage is not None:
             await next_stage.close()
+
+    async def _steps_here(
+        self, requests: AsyncIterator[pb.ForwardRequest], stream_id: int
+    ) -> AsyncGenerator[pb.ForwardResponse, None]:
+        """Steps that end here, one at a time."""
+        async for request in requests:
+            yield await self._compute.submit(steps.step_here, self.runtime, request, stream_id)
+
+    def _onward(self, stream_id: int) -> Compute:
+        """This stage's part of a relayed step, on the compute thread."""
+
+        def compute(request: pb.ForwardRequest) -> Awaitable[tuple[pb.ForwardRequest, float]]:
+            return self._compute.submit(steps.step_onward, self.runtime, request, stream_id)
+
+        return compute
 
     # --- the decode loop ----------------------------------------------------------
 

@@ -240,20 +240,34 @@ class Sampled(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds", "counts")
+    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds", "counts", "failure")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     compute_seconds: float
     sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
     relay_seconds: float
     counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    failure: StepFailure
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., failure: _Optional[_Union[StepFailure, _Mapping]] = ...) -> None: ...
+
+class StepFailure(_message.Message):
+    __slots__ = ("code", "kind", "message", "stage")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    kind: str
+    message: str
+    stage: int
+    def __init__(self, code: _Optional[int] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class DecodeRow(_message.Message):
     __slots__ = ("session_id", "offset", "token", "max_tokens", "stop_tokens", "draft_tokens", "context", "draft_with_model")

@@ -23,5 +23,5 @@ async def generate(request: GenerateRequest, state: State) -> dict[str, Any] | S
         [state.generate(prepared)],
         request.stream,
         lambda choices: fmt.generate_response(choices[0]),
-        lambda chunk, first: fmt.generate_chunk(chunk),
+        lambda chunk, first: [fmt.generate_chunk(chunk)],
     )

@@ -14,18 +14,22 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.rpc import PACKAGE_VERSION
+from mlx_cluster.coordinator.api.chat_template import capabilities, thinking_options
 from mlx_cluster.coordinator.api.errors import ApiError
 from mlx_cluster.coordinator.api.ollama_schemas import (
     OllamaChatRequest,
     OllamaGenerateRequest,
 )
 from mlx_cluster.coordinator.api.relay import NDJSON
+from mlx_cluster.coordinator.api.reply_parts import Content, Part, Reasoning, Reply, ReplySplitter
 from mlx_cluster.coordinator.api.responses import collect, stream
 from mlx_cluster.coordinator.api.schemas import ChatCompletionRequest
 from mlx_cluster.coordinator.api.settle import Prepared, settle_chat, settle_completion
 from mlx_cluster.coordinator.api.state import ApiState, State
+from mlx_cluster.coordinator.api.tools import ToolCall
 from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
 router = APIRouter(prefix="/api")
@@ -57,10 +61,27 @@ def _timings(perf: Performance) -> dict[str, Any]:
     }
 
 
-def _chunk(model: str, chat: bool, text: str, last: TextChunk | None = None) -> dict[str, Any]:
-    """One of Ollama's chunks: `message` for a chat, `response` for a generation."""
+def _chunk(
+    model: str, chat: bool, parts: list[Part], last: TextChunk | None = None
+) -> dict[str, Any]:
+    """One of Ollama's chunks: `message` for a chat, `response` for a generation, with
+    the thinking and (in a chat) the tool calls of `parts`."""
     body: dict[str, Any] = {"model": model, "created_at": _now()}
-    body |= {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+    content = "".join(p.text for p in parts if isinstance(p, Content))
+    thinking = "".join(p.text for p in parts if isinstance(p, Reasoning))
+    calls = [p for p in parts if isinstance(p, ToolCall)]
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        body["message"] = message
+    else:
+        body["response"] = content
+        body |= {"thinking": thinking} if thinking else {}
     body["done"] = last is not None
     if last is not None and last.performance is not None:
         body["done_reason"] = last.finish_reason or "stop"
@@ -72,22 +93,32 @@ async def _answer(
     state: ApiState, prepared: Prepared, model: str, chat: bool, streaming: bool
 ) -> dict[str, Any] | StreamingResponse:
     generation = state.generate(prepared)
+    splitter = ReplySplitter(state.cluster.tokenizer, prepared.reply)
     if not streaming:
         chunks = await collect(generation.chunks)
-        return _chunk(model, chat, "".join(c.text for c in chunks), chunks[-1])
+        reply = Reply.of(splitter, chunks)
+        parts: list[Part] = [Reasoning(reply.reasoning), Content(reply.content), *reply.calls]
+        return _chunk(model, chat, parts, chunks[-1])
 
     def render(chunk: TextChunk, first: bool) -> list[dict[str, Any]]:
-        if chunk.finish_reason is None:
-            return [_chunk(model, chat, chunk.text)]
-        tail = [_chunk(model, chat, chunk.text)] if chunk.text else []
-        return [*tail, _chunk(model, chat, "", chunk)]
+        done = chunk.finish_reason is not None
+        parts = splitter.feed(chunk.text, last=done)
+        if not done:
+            return [_chunk(model, chat, parts)]
+        tail = [_chunk(model, chat, parts)] if parts else []
+        return [*tail, _chunk(model, chat, [], chunk)]
 
     return await stream(generation, render, NDJSON)
 
 
+def _template_options(state: ApiState, think: bool | str | None) -> dict[str, Any]:
+    return {} if think is None else thinking_options(state.cluster.tokenizer, think, "think")
+
+
 @router.post("/chat", response_model=None)
 async def chat(request: OllamaChatRequest, state: State) -> dict[str, Any] | StreamingResponse:
-    prepared = await settle_chat(request.as_chat(), state.cluster, state.limits)
+    settled = request.as_chat(_template_options(state, request.think))
+    prepared = await settle_chat(settled, state.cluster, state.limits)
     return await _answer(state, prepared, request.model, True, request.stream)
 
 
@@ -98,7 +129,7 @@ async def generate(
     if not request.prompt and not request.system:  # Ollama's way to load a model: it is
         return {"model": request.model, "created_at": _now(), "response": "", "done": True,
                 "done_reason": "load"}  # fmt: skip
-    settled = request.as_request()
+    settled = request.as_request(None if request.raw else _template_options(state, request.think))
     if isinstance(settled, ChatCompletionRequest):
         prepared = await settle_chat(settled, state.cluster, state.limits)
     else:
@@ -149,9 +180,16 @@ def _shown(state: ApiState) -> dict[str, Any]:
         "template": template,
         "details": DETAILS,
         "model_info": {"general.context_length": cluster.context_length},
-        "capabilities": ["completion"],
+        "capabilities": _capabilities(cluster.tokenizer),
         "modified_at": _now(),
     }
+
+
+def _capabilities(tokenizer: TokenizerWrapper) -> list[str]:
+    """Ollama's names for what the model can do."""
+    can = capabilities(tokenizer)
+    names = {"tools": "tools", "reasoning": "thinking"}
+    return ["completion", *(names[name] for name, able in can.items() if able and name in names)]
 
 
 @router.get("/version")

@@ -1,18 +1,20 @@
 """Ollama's request bodies, turned into the OpenAI-shaped requests the API settles.
 
-`/api/chat` becomes a chat completion, `/api/generate` a chat completion of one
-user message (and the `system` one) or, with `raw`, a completion of the prompt
-as it is. Ollama's `options` map onto the same sampling fields; options that
-only tune Ollama's own runtime (threads, GPU layers, memory mapping, the context
-it allocates) change nothing here and are accepted; any other option, and the
-fields not supported yet (`tools`, `images`, `suffix`, `template`, `context`),
-are refused with a 400 naming them, never ignored. `format` ("json" or a JSON
-schema) becomes a response_format.
+`/api/chat` becomes a chat completion (its `tools`, and messages' `tool_calls`,
+`tool_name` and `thinking` too), `/api/generate` a chat completion of one user
+message (and the `system` one) or, with `raw`, a completion of the prompt as it
+is. `think` turns the template's thinking on or off, or sets its effort
+(chat_template.thinking_options). Ollama's `options` map onto the same sampling
+fields; options that only tune Ollama's own runtime (threads, GPU layers, memory
+mapping, the context it allocates) change nothing here and are accepted; any
+other option, and the fields not supported yet (`images`, `suffix`, `template`,
+`context`), are refused with a 400 naming them, never ignored. `format` ("json"
+or a JSON schema) becomes a response_format.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,14 +60,43 @@ RUNTIME_OPTIONS = frozenset(
 )
 
 
+class OllamaFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None  # its place among the message's calls
+
+
+class OllamaToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: str
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None  # a tool message: the tool that answered
     thinking: str | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "function": call.function.model_dump(exclude={"index"})}
+                for call in self.tool_calls
+            ]
+        if self.tool_name is not None:
+            message["name"] = self.tool_name
+        if self.thinking is not None:
+            message["reasoning_content"] = self.thinking
+        return message
 
 
 class _OllamaRequest(BaseModel):
@@ -76,7 +107,7 @@ class _OllamaRequest(BaseModel):
     options: dict[str, Any] | None = None
     format: Any = None
     keep_alive: Any = None  # how long Ollama keeps a model loaded: the cluster always does
-    think: bool | str | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
 
     def _refuse(self, unsupported: dict[str, Any]) -> None:
         """400 for the first field given that this API does not support yet."""
@@ -84,9 +115,9 @@ class _OllamaRequest(BaseModel):
             if value not in (None, False, "", []):
                 raise ApiError(400, f"{name} is not supported yet", param=name)
 
-    def _fields(self) -> dict[str, Any]:
-        """Our request fields for `options`, `stream` and `model`."""
-        self._refuse({"think": self.think})
+    def _fields(self, template_options: dict[str, Any] | None) -> dict[str, Any]:
+        """Our request fields for `options`, `stream`, `model`, `format` and the chat
+        template's variables `think` sets."""
         fields: dict[str, Any] = {
             "model": self.model,
             "stream": self.stream,
@@ -96,6 +127,8 @@ class _OllamaRequest(BaseModel):
             fields["response_format"] = ollama_format(self.format)
         except InvalidParam as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
+        if template_options:
+            fields["chat_template_kwargs"] = template_options
         for name, value in (self.options or {}).items():
             if name in SAMPLING_OPTIONS:
                 fields[SAMPLING_OPTIONS[name]] = value
@@ -114,24 +147,26 @@ def _validated(cls: type[_Request], fields: dict[str, Any]) -> Any:
     except ValueError as exc:
         errors: list[Any] = list(getattr(exc, "errors", lambda: [])())
         first: dict[str, Any] = dict(errors[0]) if errors else {}
-        name = str(first.get("loc", ("",))[0])
+        loc = [str(part) for part in first.get("loc", ("",))]
         ours = {v: k for k, v in SAMPLING_OPTIONS.items()} | {"max_tokens": "num_predict"}
-        param = f"options.{ours[name]}" if name in ours else name or None
+        param = f"options.{ours[loc[0]]}" if loc[0] in ours else ".".join(loc) or None
         raise ApiError(400, f"{param}: {first.get('msg', exc)}", param=param) from exc
 
 
 class OllamaChatRequest(_OllamaRequest):
     messages: list[OllamaMessage] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI's shape, checked as OpenAI's
 
-    def as_chat(self) -> ChatCompletionRequest:
-        self._refuse({"tools": self.tools})
+    def as_chat(self, template_options: dict[str, Any] | None = None) -> ChatCompletionRequest:
+        """The chat completion of this request; `template_options` are the chat
+        template's variables its `think` sets."""
         for message in self.messages:
-            self._refuse({"images": message.images, "tool_calls": message.tool_calls})
+            self._refuse({"images": message.images})
         if not self.messages:
             raise ApiError(400, "messages must hold at least one message", param="messages")
-        messages = [{"role": m.role, "content": m.content} for m in self.messages]
-        return _validated(ChatCompletionRequest, {**self._fields(), "messages": messages})
+        fields = self._fields(template_options)
+        fields |= {"messages": [m.as_chat() for m in self.messages], "tools": self.tools}
+        return _validated(ChatCompletionRequest, fields)
 
 
 class OllamaGenerateRequest(_OllamaRequest):
@@ -143,8 +178,11 @@ class OllamaGenerateRequest(_OllamaRequest):
     context: list[int] | None = None
     images: list[str] | None = None
 
-    def as_request(self) -> ChatCompletionRequest | CompletionRequest:
-        """A completion of the prompt as it is (`raw`), else a chat of its messages."""
+    def as_request(
+        self, template_options: dict[str, Any] | None = None
+    ) -> ChatCompletionRequest | CompletionRequest:
+        """A completion of the prompt as it is (`raw`), else a chat of its messages;
+        `template_options` are the chat template's variables its `think` sets."""
         unsupported = {
             "suffix": self.suffix,
             "template": self.template,
@@ -155,7 +193,10 @@ class OllamaGenerateRequest(_OllamaRequest):
         if not self.prompt:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         if self.raw:
-            return _validated(CompletionRequest, {**self._fields(), "prompt": self.prompt})
+            if self.think is not None:
+                raise ApiError(400, "think needs the chat template, not raw", param="think")
+            return _validated(CompletionRequest, {**self._fields(None), "prompt": self.prompt})
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages = [*system, {"role": "user", "content": self.prompt}]
-        return _validated(ChatCompletionRequest, {**self._fields(), "messages": messages})
+        fields = {**self._fields(template_options), "messages": messages}
+        return _validated(ChatCompletionRequest, fields)

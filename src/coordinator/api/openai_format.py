@@ -6,6 +6,7 @@ Timing figures ride along in a `performance` field, which OpenAI clients ignore.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -14,6 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from mlx_cluster.coordinator.api.reply_parts import (
+    Content,
+    Part,
+    Reasoning,
+    Reply,
+    ReplySplitter,
+    Splitters,
+)
+from mlx_cluster.coordinator.api.tools import ToolCall
 from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
 
 TokenText = Callable[[int], str]
@@ -134,24 +144,27 @@ def completion_logprobs(
 def _whole(
     env: Envelope,
     choices: Sequence[Sequence[TextChunk]],
-    fields: Callable[[Sequence[TextChunk]], dict[str, Any]],
+    fields: Callable[[int, Sequence[TextChunk]], dict[str, Any]],
 ) -> dict[str, Any]:
-    """A whole response: choice i holds `fields` of its chunks; then the usage and
-    timings over them all (Performance.of_choices)."""
+    """A whole response: choice i holds `fields` of its chunks (which may give its
+    finish_reason); then the usage and timings over them all (Performance.of_choices)."""
     perfs = [chunks[-1].performance for chunks in choices]
     assert all(p is not None for p in perfs)
     total = Performance.of_choices(cast(list[Performance], perfs))
     body = [
-        {"index": i, **fields(chunks), "finish_reason": chunks[-1].finish_reason}
+        {"index": i, "finish_reason": chunks[-1].finish_reason} | fields(i, chunks)
         for i, chunks in enumerate(choices)
     ]
     return env.wrap(env.kind, body, usage=usage(total), performance=performance(total))
 
 
-def _piece(env: Envelope, chunk: TextChunk, **fields: Any) -> dict[str, Any]:
+def _piece(
+    env: Envelope, chunk: TextChunk, finish_reason: str | None = None, **fields: Any
+) -> dict[str, Any]:
     """One stream chunk: the choice it belongs to, holding `fields`; timings ride on the
     last chunk of each choice."""
-    choice = {"index": chunk.choice, **fields, "finish_reason": chunk.finish_reason}
+    reason = finish_reason or chunk.finish_reason
+    choice = {"index": chunk.choice, **fields, "finish_reason": reason}
     extra = {"performance": performance(chunk.performance)} if chunk.performance else {}
     return env.wrap(env.chunk_object, [choice], **extra)
 
@@ -159,31 +172,76 @@ def _piece(env: Envelope, chunk: TextChunk, **fields: Any) -> dict[str, Any]:
 # --- chat ------------------------------------------------------------------------------
 
 
+def _call(call: ToolCall, streamed: bool = False) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments_json}
+    body = {"id": call.id, "type": "function", "function": function}
+    return {"index": call.index, **body} if streamed else body
+
+
+def _message(reply: Reply) -> dict[str, Any]:
+    """The assistant's message: content, reasoning_content where the model reasoned,
+    tool_calls where it called (content then null if it wrote nothing else)."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.calls:
+        message["content"] = reply.content or None
+        message["tool_calls"] = [_call(call) for call in reply.calls]
+    return message
+
+
 def chat_response(
-    env: Envelope, choices: Sequence[Sequence[TextChunk]], token_text: TokenText, logprobs: bool
+    env: Envelope,
+    choices: Sequence[Sequence[TextChunk]],
+    splitters: Splitters,
+    token_text: TokenText,
+    logprobs: bool,
 ) -> dict[str, Any]:
-    return _whole(
-        env,
-        choices,
-        lambda chunks: {
-            "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+    def fields(choice: int, chunks: Sequence[TextChunk]) -> dict[str, Any]:
+        splitter = splitters[choice]
+        return {
+            "message": _message(Reply.of(splitter, chunks)),
             "logprobs": chat_logprobs(chunks, token_text) if logprobs else None,
-        },
-    )
+            "finish_reason": splitter.finish_reason(chunks[-1]),
+        }
+
+    return _whole(env, choices, fields)
 
 
-def chat_chunk(
-    env: Envelope, chunk: TextChunk, token_text: TokenText, logprobs: bool, first: bool
-) -> dict[str, Any]:
-    delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if first else {}
-    if not first and (chunk.text or chunk.finish_reason is None):
-        delta["content"] = chunk.text
-    return _piece(
+def _delta(part: Part) -> dict[str, Any]:
+    if isinstance(part, Reasoning):
+        return {"reasoning_content": part.text}
+    if isinstance(part, Content):
+        return {"content": part.text}
+    return {"tool_calls": [_call(part, streamed=True)]}
+
+
+def chat_chunks(
+    env: Envelope,
+    chunk: TextChunk,
+    splitter: ReplySplitter,
+    token_text: TokenText,
+    logprobs: bool,
+    first: bool,
+) -> list[dict[str, Any]]:
+    """The stream chunks of one generated chunk: a delta for each part it completes (at
+    least one); the last carries its logprobs, finish reason and timings."""
+    done = chunk.finish_reason is not None
+    deltas = [_delta(part) for part in splitter.feed(chunk.text, last=done)]
+    if not deltas:
+        deltas = [{} if done and not first else {"content": ""}]
+    if first:
+        deltas[0] = {"role": "assistant"} | deltas[0]
+    quiet = dataclasses.replace(chunk, finish_reason=None, performance=None)
+    events = [_piece(env, quiet, delta=delta, logprobs=None) for delta in deltas[:-1]]
+    last = _piece(
         env,
         chunk,
-        delta=delta,
+        splitter.finish_reason(chunk),
+        delta=deltas[-1],
         logprobs=chat_logprobs([chunk], token_text) if logprobs else None,
     )
+    return [*events, last]
 
 
 # --- text completions --------------------------------------------------------------------
@@ -199,7 +257,7 @@ def completion_response(
     return _whole(
         env,
         choices,
-        lambda chunks: {
+        lambda _, chunks: {
             "text": echo + "".join(c.text for c in chunks),
             "logprobs": completion_logprobs(chunks, token_text, len(echo)) if logprobs else None,
         },

@@ -12,6 +12,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from mlx_cluster.coordinator.api import openai_format as fmt
+from mlx_cluster.coordinator.api.chat_template import capabilities
+from mlx_cluster.coordinator.api.reply_parts import Splitters
 from mlx_cluster.coordinator.api.responses import answer
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
@@ -36,6 +38,7 @@ async def models(state: State) -> dict[str, Any]:
                 "created": cluster.created,
                 "owned_by": "mlx-cluster",
                 "context_length": cluster.context_length,
+                "capabilities": capabilities(cluster.tokenizer),
             }
         ],
     }
@@ -46,11 +49,14 @@ async def chat(request: ChatCompletionRequest, state: State) -> dict[str, Any] |
     prepared = await settle_chat(request, state.cluster, state.limits)
     env = fmt.Envelope("chat.completion", state.cluster.model_id)
     text, logprobs = state.token_text, request.logprobs
+    splitters = Splitters(state.cluster.tokenizer, prepared.reply)
     return await answer(
         await state.generate_choices(prepared),
         request.stream,
-        lambda chunks: fmt.chat_response(env, chunks, text, logprobs),
-        lambda chunk, first: fmt.chat_chunk(env, chunk, text, logprobs, first),
+        lambda chunks: fmt.chat_response(env, chunks, splitters, text, logprobs),
+        lambda chunk, first: fmt.chat_chunks(
+            env, chunk, splitters[chunk.choice], text, logprobs, first
+        ),
         _usage_envelope(env, request.stream_options),
     )
 
@@ -67,9 +73,9 @@ async def completions(
         await state.generate_choices(prepared),
         request.stream,
         lambda chunks: fmt.completion_response(env, chunks, text, logprobs, echo),
-        lambda chunk, first: fmt.completion_chunk(
-            env, chunk, text, logprobs, echo if first else ""
-        ),
+        lambda chunk, first: [
+            fmt.completion_chunk(env, chunk, text, logprobs, echo if first else "")
+        ],
         _usage_envelope(env, request.stream_options),
     )
 

@@ -134,7 +134,7 @@ async def answer(
     generations: list[Generation],
     streaming: bool,
     whole: Callable[[list[list[TextChunk]]], dict[str, Any]],
-    piece: Callable[[TextChunk, bool], dict[str, Any]],
+    piece: Callable[[TextChunk, bool], list[dict[str, Any]]],
     usage: fmt.Envelope | None = None,
 ) -> dict[str, Any] | StreamingResponse:
     """A request's generations (its n completions of one prompt) as one JSON body
@@ -142,7 +142,7 @@ async def answer(
     chunks carry their `choice`).
 
     Args:
-        piece: the event for one chunk, given whether it is the first of its choice.
+        piece: the events for one chunk, given whether it is the first of its choice.
         usage: if given, the stream's last chunk is followed by a usage-only chunk
             in this envelope (OpenAI's stream_options.include_usage).
     """
@@ -152,7 +152,7 @@ async def answer(
     finished: list[Performance] = []
 
     def render(chunk: TextChunk, _: bool) -> list[dict[str, Any]]:
-        events = [piece(chunk, chunk.choice not in started)]
+        events = piece(chunk, chunk.choice not in started)
         started.add(chunk.choice)
         if chunk.performance is not None:
             finished.append(chunk.performance)

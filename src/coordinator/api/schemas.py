@@ -1,7 +1,9 @@
 """Request bodies of the HTTP API, validated once, turned into SamplingParams.
 
 Field names and defaults follow OpenAI's API. Fields OpenAI clients send that
-we do not use (user, tools, ...) are accepted and ignored; response_format is
+change nothing here (user, metadata, ...) are accepted and ignored; tools,
+tool_choice and the chat template's options are checked against what the model
+can do when the request settles (tools.py, chat_template.py); response_format is
 enforced (response_format.py).
 """
 
@@ -11,12 +13,13 @@ import dataclasses
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlx_cluster.contract.grammar import Constraint
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation, SpeculativeMethod
 from mlx_cluster.coordinator.api.response_format import ResponseFormat, checked
+from mlx_cluster.coordinator.api.tools import FunctionTool, ToolCallIn, ToolChoice, unique_names
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -150,15 +153,26 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant's reasoning, for templates that show it
+
+    @model_validator(mode="after")
+    def _calls_are_the_assistants(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages make tool calls, not {self.role}")
+        return self
 
     def strings(self) -> list[str]:
         """Every string of the message (role, name, content or each part's type and
-        text): what its size counts against the prompt limit."""
+        text, calls, reasoning): what its size counts against the prompt limit."""
         if isinstance(self.content, list):
             parts = [s for part in self.content for s in (part.type, part.text or "")]
         else:
             parts = [self.content or ""]
-        return [self.role, self.name or "", *parts]
+        calls = [c.model_dump_json() for c in self.tool_calls or []]
+        extra = [self.tool_call_id or "", self.reasoning_content or "", *calls]
+        return [self.role, self.name or "", *parts, *extra]
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -168,6 +182,20 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"content parts of type {part.type!r} are not supported")
         return "".join(part.text or "" for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (calls' arguments as objects)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        return message
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
 
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -175,6 +203,23 @@ class ChatCompletionRequest(_Request):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[FunctionTool] | None = None  # rendered by the chat template
+    tool_choice: ToolChoice | None = None  # None: auto when tools are given
+    parallel_tool_calls: bool | None = None  # False needs constrained decoding: refused
+    chat_template_kwargs: dict[str, Any] | None = None  # variables the template reads
+    reasoning_effort: ReasoningEffort | None = None  # for templates that read it
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        return unique_names(tools)
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel(cls, parallel: bool | None) -> bool | None:
+        if parallel is False:
+            raise ValueError("false is not supported yet: it needs constrained decoding")
+        return parallel
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -191,7 +236,7 @@ class ChatCompletionRequest(_Request):
         return max(self.top_logprobs or 0, 1) if self.logprobs else 0
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 class CompletionRequest(_Request):

@@ -9,15 +9,20 @@ worker thread, so that a large prompt does not stall the streams of others
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.contract.errors import InvalidParam
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.coordinator.api.chat_template import template_options
 from mlx_cluster.coordinator.api.errors import ApiError
+from mlx_cluster.coordinator.api.reply_parts import ReplyFormat
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,6 +30,7 @@ from mlx_cluster.coordinator.api.schemas import (
     _Request,
 )
 from mlx_cluster.coordinator.api.served_model import ServedModel
+from mlx_cluster.coordinator.api.tools import offered_tools
 from mlx_cluster.coordinator.engine.generation import check_request
 
 
@@ -36,31 +42,44 @@ class Prepared:
     params: SamplingParams
     started: float  # loop time the request began settling: its deadline counts from here
     choices: int = 1  # n: completions of the prompt
+    reply: ReplyFormat = field(default_factory=ReplyFormat)  # how a chat's reply splits
 
 
 async def settle_chat(
     request: ChatCompletionRequest, cluster: ServedModel, limits: LimitsConfig
 ) -> Prepared:
-    """The chat template applied to the messages, then `settle`."""
+    """The chat template applied to the messages, the tools and the template's options,
+    then `settle`."""
     started = asyncio.get_running_loop().time()
-    tokens = await asyncio.to_thread(_chat_tokens, request, cluster, limits)
-    return settle(request, tokens, cluster, limits, started)
+    tokenizer = cluster.tokenizer
+    tools = offered_tools(tokenizer, request.tools, request.tool_choice)
+    options = template_options(tokenizer, request.chat_template_kwargs, request.reasoning_effort)
+    tokens = await asyncio.to_thread(_chat_tokens, request, tools, options, cluster, limits)
+    prepared = settle(request, tokens, cluster, limits, started)
+    return dataclasses.replace(prepared, reply=ReplyFormat.of_prompt(tokenizer, tokens, tools))
 
 
 def _chat_tokens(
-    request: ChatCompletionRequest, cluster: ServedModel, limits: LimitsConfig
+    request: ChatCompletionRequest,
+    tools: list[dict[str, Any]] | None,
+    options: dict[str, Any],
+    cluster: ServedModel,
+    limits: LimitsConfig,
 ) -> list[int]:
-    """Every byte of the messages counted (roles, names, each content part), then the
-    chat template; runs in a worker thread."""
+    """Every byte of the messages and tools counted (roles, names, each content part,
+    calls), then the chat template; runs in a worker thread."""
     strings = (text for message in request.messages for text in message.strings())
     size = sum(_utf8_size(text, "messages") for text in strings)
+    size += len(json.dumps(tools).encode("utf-8")) if tools else 0
     _check_prompt_size(size, request, cluster, limits)
     try:
         messages = request.chat_messages()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
     try:
-        tokens = cluster.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        tokens = cluster.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, **options
+        )
     except Exception as exc:  # jinja raises its own errors for unsupported conversations
         raise ApiError(
             400, f"the chat template rejected the messages: {exc}", param="messages"

@@ -1,10 +1,11 @@
 """The chain: prompts through the stages in layer order, the decode ring, and recovery.
 
-Prompts go as a star: the coordinator sends token ids to the first stage (which
-embeds them) and each worker's output to the next worker itself (coordinator ->
-w1 -> coordinator -> w2 -> ...), so it can overlap a long prompt's chunks across
-the stages and time every hop. Decoding runs as a ring on the workers
-(ring.py): the coordinator opens it here and is out of the per-token path.
+A prompt's chunks go along a relay (prompt_relay.py): the coordinator sends their
+token ids to the first stage, which embeds them, and each worker sends its hidden
+states straight on to the next, so the stages overlap a long prompt's chunks.
+Recovery replays as a star instead (coordinator -> w1 -> coordinator -> w2 -> ...),
+timing every hop. Decoding runs as a ring on the workers (ring.py): the coordinator
+opens it here and is out of the per-token path.
 
 A step carries a set of rows (requests), each extending its own session by the
 same number of tokens. The chain times every hop (a HopEvent for subscribers),
@@ -40,12 +41,12 @@ from mlx_cluster.contract.errors import (
 )
 from mlx_cluster.coordinator.engine.admission import Admission
 from mlx_cluster.coordinator.engine.client import WorkerClient
-from mlx_cluster.coordinator.engine.events import EventBus, HopEvent
-from mlx_cluster.coordinator.engine.forward_stream import Streams
+from mlx_cluster.coordinator.engine.events import ChunkEvent, EventBus, HopEvent
 from mlx_cluster.coordinator.engine.prefixes import PrefixIndex, keep_prefix
 from mlx_cluster.coordinator.engine.request import RequestState
-from mlx_cluster.coordinator.engine.ring import Ring
+from mlx_cluster.coordinator.engine.ring import Ring, RingFailed
 from mlx_cluster.coordinator.engine.stages import StageManager
+from mlx_cluster.coordinator.engine.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -230,22 +231,30 @@ class Chain:
         return timing
 
     async def prefill(self, streams: Streams, row: RequestState, chunks: list[mx.array]) -> None:
-        """Run prompt chunks [L_k] of one request through every stage, overlapped.
+        """Run prompt chunks [L_k] of one request through every stage.
 
-        Stage i takes chunk k+1 while stage i+1 takes chunk k, so a long prompt keeps
-        every worker busy; each worker sees the same chunks at the same offsets, in
-        order, as with one `step` per chunk.
+        With several stages the chunks go along a prompt relay (prompt_relay.py): the
+        stages overlap them, and hidden states go from worker to worker. Each worker
+        sees the same chunks at the same offsets, in order, as with one `step` per chunk.
         """
-        if len(chunks) <= 1 or len(self.stages) <= 1:
+        if len(self.stages) <= 1:
             for chunk in chunks:
                 await self.step(streams, [row], chunk[None])
             return
         done_before = len(row.history)
+
+        def answered(k: int, event: ChunkEvent) -> None:
+            row.advance(chunks[k])
+            self.events.publish(event)
+
+        relay = streams.relay(self.liveness.prefill_hop_timeout_s)
         try:
-            await self._overlapped(streams, row, chunks)
+            await relay.run(row.session_id, chunks, row.offset, answered)
             return
-        except StageFailed as exc:
-            failure = exc
+        except RingFailed as exc:
+            if not isinstance(exc.cause, RECOVERABLE):
+                raise exc.cause from exc
+            failure = StageFailed(exc.index, exc.client, exc.cause)
         await self._recover(streams, [row], failure)
         for chunk in chunks[len(row.history) - done_before :]:
             await self.step(streams, [row], chunk[None])
@@ -312,36 +321,6 @@ class Chain:
             )
         )
         return out
-
-    async def _overlapped(
-        self, streams: Streams, row: RequestState, chunks: list[mx.array]
-    ) -> None:
-        last = len(self.stages) - 1
-        starts = [row.offset]
-        for chunk in chunks[:-1]:
-            starts.append(starts[-1] + chunk.shape[0])
-        inboxes: list[asyncio.Queue[tuple[int, mx.array | None]]] = [
-            asyncio.Queue() for _ in range(len(self.stages))
-        ]
-        for k in range(len(chunks)):
-            inboxes[0].put_nowait((k, None))  # the first stage embeds the chunk's tokens
-
-        async def stage(i: int) -> None:
-            for _ in chunks:
-                k, hidden = await inboxes[i].get()
-                tokens = chunks[k][None]
-                out = await self._hop(streams, i, [row.session_id], tokens, hidden, [starts[k]])
-                if i < last:
-                    inboxes[i + 1].put_nowait((k, out))
-                else:
-                    row.advance(chunks[k])
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for i in range(len(self.stages)):
-                    group.create_task(stage(i))
-        except* ClusterError as failures:  # StageFailed, or one no replay repairs
-            raise failures.exceptions[0] from None
 
     # --- recovery ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from mlx_cluster.contract.logs import REQUEST_ID_HEADER, request_id
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import (
+    FAILURES_IN_BAND_KEY,
     INFO_DEADLINE_S,
     LOAD_DEADLINE_S,
     MAX_MESSAGE_BYTES,
@@ -325,3 +326,10 @@ class WorkerClient:
         relay = Route(tuple(route), step_timeout_s, self._tls_name, draft_step_timeout_s)
         metadata = (*self._metadata(), *relay.metadata())
         return self._stub.Decode(metadata=metadata)
+
+    def relay_call(self, route: list[str], step_timeout_s: float) -> grpc.aio.StreamStreamCall:
+        """A Forward call whose steps this worker relays along `route`, pipelined
+        (engine/prompt_relay.py); each may take `step_timeout_s` per stage."""
+        relay = Route(tuple(route), step_timeout_s, self._tls_name, step_timeout_s)
+        in_band = (FAILURES_IN_BAND_KEY, "1")  # chunks go ahead of their answers
+        return self._stub.Forward(metadata=(*self._metadata(), in_band, *relay.metadata()))

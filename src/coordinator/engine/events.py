@@ -1,4 +1,5 @@
-"""What the engine tells its observers: one event per hop and per decode step.
+"""What the engine tells its observers: one event per hop, per relayed
+prompt chunk and per decode step.
 
 Observers (Prometheus metrics, benchmarks, tests) subscribe to a Cluster's
 `EventBus`; the engine publishes and never knows who listens. A subscriber runs
@@ -53,7 +54,16 @@ class StepEvent:
     compute_s: float  # the workers' own compute (the last stage's sampling too), summed
 
 
-Event = HopEvent | StepEvent
+@dataclass(frozen=True)
+class ChunkEvent:
+    """One prompt chunk relayed through every stage (seconds)."""
+
+    tokens: int  # its positions
+    round_trip_s: float  # from its write to its answer (chunks overlap, and so do these)
+    compute_s: float  # the stages' own compute, summed
+
+
+Event = HopEvent | StepEvent | ChunkEvent
 Subscriber = Callable[[Event], None]
 
 

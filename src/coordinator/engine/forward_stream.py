@@ -1,7 +1,8 @@
 """Forward streams: one persistent stream to a worker (a step written, its answer read,
-in order), and a user's set of them, one per stage (`Streams`).
+in order).
 
-The client opens a stream (`WorkerClient.open_stream`); the chain steps on them.
+The client opens a stream (`WorkerClient.open_stream`); the chain steps on them, each
+user on its own set (streams.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from mlx_cluster.coordinator.engine.events import HopTiming
 
 if TYPE_CHECKING:
     from mlx_cluster.coordinator.engine.client import WorkerClient
-    from mlx_cluster.coordinator.engine.stages import StageManager
 
 # A closed Forward stream's worker has this long to end the call before it is cancelled.
 STREAM_CLOSE_WAIT_S = 1.0
@@ -119,35 +119,3 @@ class ForwardStream:
 def error_from_rpc(exc: grpc.aio.AioRpcError, worker: str) -> ClusterError:
     """The contract error a failed call carries: its class from the kind the worker sent."""
     return error_from_status(exc.code(), exc.details() or "", worker, exc.trailing_metadata())
-
-
-class Streams:
-    """One Forward stream to each stage, opened lazily, reopened when a stage's worker
-    changes or its call has ended (a failed worker's stream is never used again).
-
-    Steps on one stream are answered in order, so each user that steps on its own
-    (a decode lane) holds its own Streams.
-    """
-
-    def __init__(self, stages: StageManager) -> None:
-        self._stages = stages
-        self._open: dict[int, tuple[WorkerClient, ForwardStream]] = {}
-        self._closing: set[asyncio.Task[None]] = set()  # streams to replaced workers
-
-    def __getitem__(self, index: int) -> tuple[WorkerClient, ForwardStream]:
-        client = self._stages.stages[index].client
-        current = self._open.get(index)
-        if current is not None and current[0] is client and not current[1].done:
-            return current
-        if current is not None:  # the old worker's stream: close it in the background
-            closing = asyncio.create_task(current[1].close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-        opened = (client, client.open_stream(None))
-        self._open[index] = opened
-        return opened
-
-    async def close(self) -> None:
-        streams = [stream for _, stream in self._open.values()]
-        self._open = {}
-        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)

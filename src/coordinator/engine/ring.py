@@ -38,6 +38,19 @@ class RingFailed(ClusterError):
         self.code = cause.code
 
 
+def relay_failure(
+    clients: Sequence[WorkerClient], code: grpc.StatusCode, details: str | None, metadata: object
+) -> RingFailed:
+    """How a call relaying along `clients` ended: the stage its trailing metadata names
+    (the first stage reports the others' failures), and the error."""
+    index = min(failed_stage(metadata), len(clients) - 1)
+    client = clients[index]
+    # A relayed failure names the failed worker by its address: name it as configured.
+    details = (details or "stream closed").removeprefix(f"worker {client.address}: ")
+    cause = error_from_status(code, details, client.name, metadata)  # type: ignore[arg-type]
+    return RingFailed(index, client, cause)
+
+
 class Ring:
     """A Decode call to the first of `clients`, relaying along the others in order."""
 
@@ -106,12 +119,7 @@ class Ring:
         return self._failed(*await ended_status(self._call))
 
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RingFailed:
-        index = min(failed_stage(metadata), len(self.clients) - 1)
-        client = self.clients[index]
-        # A relayed failure names the failed worker by its address: name it as configured.
-        details = (details or "stream closed").removeprefix(f"worker {client.address}: ")
-        cause = error_from_status(code, details, client.name, metadata)  # type: ignore[arg-type]
-        return RingFailed(index, client, cause)
+        return relay_failure(self.clients, code, details, metadata)
 
     async def close(self) -> None:
         """Half-close and let the first stage end the call; cancel it if it does not."""
