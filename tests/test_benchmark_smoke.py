@@ -226,3 +226,19 @@ def test_prefix_cache_benchmark_writes_results(tmp_path: Path) -> None:
     assert turn1 >= 300 and cached["turn2"]["cached_tokens"] >= turn1 - 1
     assert plain["turn2"]["cached_tokens"] == 0
     assert results["turn2_tokens_equal"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_grammar_benchmark_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "grammar.json"
+    run_benchmark(
+        "benchmarks.grammar",
+        *("--vocab", "4000", "--documents", "2", "--engines", "llguidance"),
+        *("--json", str(out)),
+        timeout=90,
+    )
+
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["engine"] == "llguidance" and result["tokens"] > 50
+    assert 0 < result["mask_us_median"] <= result["total_us_median"] <= result["total_us_p99"]

@@ -88,7 +88,6 @@ async def test_tags_show_and_version_describe_the_served_model(serve_cluster):
     [
         ({"options": {"mirostat": 2}}, "mirostat"),
         ({"options": {"temperature": 9}}, "options.temperature"),
-        ({"format": "json"}, "format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": []}, "messages"),
     ],

@@ -84,7 +84,11 @@ async def test_reasoning_effort_reaches_a_template_that_reads_it(thinking_api):
     )
     assert effort.usage.prompt_tokens > plain.usage.prompt_tokens  # it rendered the effort
     (model,) = (await client.models.list()).data
-    assert model.model_extra["capabilities"] == {"tools": False, "reasoning": True}
+    assert model.model_extra["capabilities"] == {
+        "tools": False,
+        "reasoning": True,
+        "structured_output": True,
+    }
 
 
 # --- Anthropic ---------------------------------------------------------------------------

@@ -127,12 +127,16 @@ async def test_tool_choice_none_offers_no_tools(tools_api, tool_model):
 async def test_models_lists_what_the_model_can_do(tools_api, serve_cluster):
     _, client = tools_api
     (model,) = (await client.models.list()).data
-    assert model.model_extra["capabilities"] == {"tools": True, "reasoning": False}
+    assert model.model_extra["capabilities"] == {
+        "tools": True,
+        "reasoning": False,
+        "structured_output": True,
+    }
     assert model.model_extra["context_length"] > 0
     plain_url, _ = await serve_cluster()
     async with httpx.AsyncClient(base_url=plain_url) as http:
         (plain,) = (await http.get("/v1/models")).json()["data"]
-    assert plain["capabilities"] == {"tools": False, "reasoning": False}
+    assert plain["capabilities"] == {"tools": False, "reasoning": False, "structured_output": True}
 
 
 BAD_TOOL_REQUESTS = [

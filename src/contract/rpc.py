@@ -16,7 +16,8 @@ from dataclasses import dataclass
 # 3: the first stage embeds, the last samples; decoding runs as a ring (Decode).
 # 4: decode steps verify drafts (speculative decoding) and rewind rejected ones.
 # 5: sessions end kept as prefixes, and open from them (prefix cache).
-# 6: prompt chunks relay from worker to worker, pipelined; failures may come in band.
+# 6: prompt chunks relay from worker to worker, pipelined; failures may come in band;
+#    sessions may sample under a grammar (SamplingSpec.grammar, constrained decoding).
 PROTOCOL_VERSION = 6
 
 try:  # the package's version, which Info (and Ollama's /api/version) report

@@ -10,7 +10,7 @@ mlx-lm's generate_step: the same processors, logprobs and sampler give its token
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_cluster import tensor
 from mlx_cluster.contract.errors import InvalidParam
+from mlx_cluster.contract.grammar import Constraint
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens
     full_logprobs: bool = False  # report the whole logprob vector with each token (evaluation)
     speculative: Speculation | None = None  # how it drafts tokens; None = the server's default
+    constraint: Constraint | None = None  # a grammar its text must follow; None = free text
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +94,11 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "in [0, 20]"),
             ("stop", all(self.stop) and len(self.stop) <= 16, "up to 16 non-empty strings"),
+            (
+                "ignore_eos",
+                not (self.ignore_eos and self.constraint),
+                "off with a constraint, whose text ends with end-of-sequence",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -134,6 +141,8 @@ class SamplingParams:
         if self.seed is not None:
             # Any int seeds alike modulo 2**64 (see reseed), which fits the wire's uint64.
             spec.seed = self.seed % 2**64
+        if self.constraint is not None:
+            self.constraint.to_proto(spec.grammar)
         return spec
 
     @classmethod
@@ -144,7 +153,8 @@ class SamplingParams:
         defaults: proto3 reads its unset floats as 0, which would be top_p = 0.
 
         Raises:
-            InvalidParam: a field out of range, as the constructor checks it.
+            InvalidParam: a field out of range, as the constructor checks it, or an
+                unknown grammar kind.
         """
         if spec.ByteSize() == 0:
             return cls()
@@ -161,7 +171,20 @@ class SamplingParams:
             logit_bias={int(k): _from_float32(v) for k, v in spec.logit_bias.items()},
             top_logprobs=spec.top_logprobs,
             full_logprobs=spec.full_logprobs,
+            constraint=Constraint.from_proto(spec.grammar) if spec.HasField("grammar") else None,
         )
+
+    def for_prompt(self, length: int) -> SamplingParams:
+        """These params for a prompt of `length` tokens: a constraint applies after it."""
+        if self.constraint is None:
+            return self
+        return replace(self, constraint=self.constraint.starting_at(length))
+
+    @property
+    def sees_every_token(self) -> bool:
+        """Whether the sampling stage must see every token of a session (a kept prefix's
+        too): its logits processors do, and so does a constraint's matcher."""
+        return self.constraint is not None or bool(self.logits_processors())
 
     # --- mlx-lm's parts ------------------------------------------------------------
 
@@ -203,10 +226,12 @@ class TokenPicker:
     the sampler draws (reseeded by position for a seeded session).
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, constraint: LogitsProcessor | None = None) -> None:
+        """`constraint`: the processor that enforces `params.constraint` (the stage that
+        samples builds it from the model's tokenizer); it runs after the others."""
         self.params = params
         self.sampler = params.sampler()
-        self.processors = params.logits_processors()
+        self.processors = params.logits_processors() + ([constraint] if constraint else [])
         self.history: mx.array | None = None  # tokens fed so far, kept only for processors
 
     def feed(self, tokens: mx.array) -> None:

@@ -214,6 +214,7 @@ def check_history_kept(sessions: Sequence[Session]) -> None:
     for session in sessions:
         if session.picker is not None and session.picker.processors:
             raise InvalidArgument(
-                f"session {session.session_id!r} samples with logits processors (penalties "
-                "or logit_bias), which see every token: each of its steps needs token_ids"
+                f"session {session.session_id!r} samples with logits processors (penalties, "
+                "logit_bias or a grammar), which see every token: each of its steps needs "
+                "token_ids"
             )

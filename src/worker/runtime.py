@@ -24,6 +24,7 @@ from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPic
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.worker.batching import can_batch
+from mlx_cluster.worker.constraint import Grammars
 from mlx_cluster.worker.drafter import check_draft_model
 from mlx_cluster.worker.picking import (
     Picks,
@@ -149,7 +150,8 @@ class WorkerRuntime:
         most = self.settings.max_sessions
         store = SessionStore(tokens, layer_slice.make_caches, ttl, most, prefixes=prefixes)
         batch = self.settings.batch_decode and can_batch(layer_slice.cache_templates)
-        return Loaded(model, layer_slice, store, batch, edges)
+        grammars = Grammars(model, edges.vocab_size) if edges and edges.holds_head else None
+        return Loaded(model, layer_slice, store, batch, edges, grammars=grammars)
 
     def unload(self) -> None:
         self.loaded = None
@@ -179,14 +181,18 @@ class WorkerRuntime:
         prefix (PrefixNotFound if it is not kept here).
 
         Raises:
-            InvalidParam: `sampling` does not fit the model (top_k, logit_bias ids).
+            InvalidParam: `sampling` does not fit the model (top_k, logit_bias ids), or
+                its constraint is one the grammar engine refuses.
         """
         loaded = self.require_loaded()
         picker = None
         if loaded.edges is not None and loaded.head:
             params = sampling or SamplingParams()
             params.check(loaded.edges.vocab_size)
-            picker = TokenPicker(params)
+            constraint = None
+            if params.constraint is not None and loaded.grammars is not None:
+                constraint = loaded.grammars.processor(params.constraint)
+            picker = TokenPicker(params, constraint)
             if prefix and prefix[2]:
                 picker.feed(mx.array(prefix[2], dtype=mx.uint32))
         loaded.sessions.open(session_id, reserve, lease_id, picker, prefix and prefix[:2])

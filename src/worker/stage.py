@@ -25,6 +25,7 @@ from mlx_cluster.worker.compute import (
     forward_batch,
     forward_rows,
 )
+from mlx_cluster.worker.constraint import Grammars
 from mlx_cluster.worker.drafter import DraftModel
 from mlx_cluster.worker.sessions import Session, SessionStore
 
@@ -39,6 +40,7 @@ class Loaded:
     batch_decode: bool  # decode steps of several sessions run as one batch
     edges: ModelEdges | None = None  # the embedding and/or the final norm and LM head
     drafter: DraftModel | None = None  # on the first stage: a small model that drafts tokens
+    grammars: Grammars | None = None  # on the last stage: constrained sessions' matchers
 
     @property
     def embedding(self) -> bool:

@@ -68,7 +68,7 @@ def capabilities(tokenizer: TokenizerWrapper) -> dict[str, bool]:
     return {
         "tools": supports_tools(tokenizer),
         "reasoning": tokenizer.has_thinking,
-        # structured_output: the grammar engine's (issue 19) goes here
+        "structured_output": True,  # response_format, for any tokenizer (contract/grammar.py)
     }
 
 

@@ -7,8 +7,9 @@ is. `think` turns the template's thinking on or off, or sets its effort
 (chat_template.thinking_options). Ollama's `options` map onto the same sampling
 fields; options that only tune Ollama's own runtime (threads, GPU layers, memory
 mapping, the context it allocates) change nothing here and are accepted; any
-other option, and the fields not supported yet (`format`, `images`, `suffix`,
-`template`, `context`), are refused with a 400 naming them, never ignored.
+other option, and the fields not supported yet (`images`, `suffix`, `template`,
+`context`), are refused with a 400 naming them, never ignored. `format` ("json"
+or a JSON schema) becomes a response_format.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlx_cluster.contract.errors import InvalidParam
 from mlx_cluster.coordinator.api.errors import ApiError
+from mlx_cluster.coordinator.api.response_format import ollama_format
 from mlx_cluster.coordinator.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -113,14 +116,17 @@ class _OllamaRequest(BaseModel):
                 raise ApiError(400, f"{name} is not supported yet", param=name)
 
     def _fields(self, template_options: dict[str, Any] | None) -> dict[str, Any]:
-        """Our request fields for `options`, `stream`, `model` and the chat template's
-        variables `think` sets."""
-        self._refuse({"format": self.format})
+        """Our request fields for `options`, `stream`, `model`, `format` and the chat
+        template's variables `think` sets."""
         fields: dict[str, Any] = {
             "model": self.model,
             "stream": self.stream,
             "temperature": DEFAULT_TEMPERATURE,
         }
+        try:
+            fields["response_format"] = ollama_format(self.format)
+        except InvalidParam as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
         if template_options:
             fields["chat_template_kwargs"] = template_options
         for name, value in (self.options or {}).items():

@@ -3,7 +3,8 @@
 Field names and defaults follow OpenAI's API. Fields OpenAI clients send that
 change nothing here (user, metadata, ...) are accepted and ignored; tools,
 tool_choice and the chat template's options are checked against what the model
-can do when the request settles (tools.py, chat_template.py).
+can do when the request settles (tools.py, chat_template.py); response_format is
+enforced (response_format.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlx_cluster.contract.grammar import Constraint
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.speculation import MAX_DRAFT_TOKENS, Speculation, SpeculativeMethod
+from mlx_cluster.coordinator.api.response_format import ResponseFormat, checked
 from mlx_cluster.coordinator.api.tools import FunctionTool, ToolCallIn, ToolChoice, unique_names
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -60,6 +63,7 @@ class _Request(BaseModel):
     n: Annotated[int, Field(ge=1)] = 1  # choices of the prompt (at most limits.max_choices)
     stream: bool = False
     speculative: SpeculativeRequest | None = None  # extension: None = the server's default
+    response_format: ResponseFormat | None = None  # structured output; None = free text
 
     @field_validator("stop")
     @classmethod
@@ -83,6 +87,18 @@ class _Request(BaseModel):
     def top_logprobs_wanted(self) -> int:
         return 0
 
+    def constraint(self) -> Constraint | None:
+        """The grammar this request's text must follow, checked; None for free text.
+
+        The one place a request's constraint comes from: response_format here, and
+        whatever else may force the text's shape (a tool call) by overriding this.
+
+        Raises:
+            InvalidParam: naming response_format and what the engine cannot enforce.
+        """
+        made = self.response_format.constraint() if self.response_format else None
+        return checked(made, "response_format")
+
     def sampling(
         self, max_tokens: int, default_speculation: Speculation | None = None
     ) -> SamplingParams:
@@ -93,7 +109,8 @@ class _Request(BaseModel):
                 `speculative` leaves out (contract.speculation's defaults when None).
 
         Raises:
-            InvalidParam: a value out of range, naming its field.
+            InvalidParam: a value out of range, or a constraint the grammar engine
+                refuses, naming its field.
         """
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         speculative = None
@@ -113,6 +130,7 @@ class _Request(BaseModel):
             stop=tuple(stop),
             top_logprobs=self.top_logprobs_wanted(),
             speculative=speculative,
+            constraint=self.constraint(),
         )
 
 

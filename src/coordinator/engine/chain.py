@@ -165,8 +165,8 @@ class Chain:
         clients = [s.client for s in stages]
         last = len(clients) - 1
         prefix = request.prefix
-        # the last stage's processors see every token: the prefix's too
-        processed = prefix is not None and bool(request.params.logits_processors())
+        # the last stage's processors and matcher see every token: the prefix's too
+        processed = prefix is not None and request.params.sees_every_token
         history = list(request.prompt[: prefix.length]) if prefix and processed else []
 
         def start(i: int) -> tuple[str, int, list[int]] | None:

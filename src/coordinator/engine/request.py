@@ -67,7 +67,7 @@ class RequestState:
         decode step, whose logits give the first new token.)
         """
         request = cls(
-            params=params,
+            params=params.for_prompt(len(prompt)),
             max_tokens=params.max_tokens,
             reserve_tokens=len(prompt) + params.max_tokens,
             to_prefill=[],

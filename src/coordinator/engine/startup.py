@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlx_lm.utils import load_config, load_tokenizer
+from mlx_lm.utils import load_config
 
 from mlx_cluster.contract.auth import client_credentials
 from mlx_cluster.contract.config import ClusterConfig, WorkerEntry
@@ -36,6 +36,7 @@ from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.models.inspect import model_facts
 from mlx_cluster.models.sources import resolve_model
+from mlx_cluster.models.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,7 @@ async def start_from_config(
             int(config.kv.prefix_cache_gb * GB),
         )
         await stages.load_all()
-        tokenizer = await asyncio.to_thread(
-            load_tokenizer, model, eos_token_ids=model_config.get("eos_token_id")
-        )
+        tokenizer = await asyncio.to_thread(load_model_tokenizer, model)
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
         prefixes = PrefixIndex() if config.kv.prefix_cache_gb > 0 else None
         chain = Chain(
