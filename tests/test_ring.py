@@ -322,7 +322,7 @@ async def test_a_cancelled_decode_call_ends_its_rows_sessions_on_every_stage(
     await load_ring(tiny_llama, clients, [2, 3, 3])
     rows = [await prefilled(clients, p) for p in PROMPTS]
     assert await sessions_open(clients) == [2, 2, 2]
-    call = clients[0].decode_call([c.address for c in clients[1:]], STEP_TIMEOUT_S, STEP_TIMEOUT_S)
+    call = clients[0].decode_call(clients[1:], STEP_TIMEOUT_S, STEP_TIMEOUT_S)
     await call.write(pb.DecodeCommand(add=rows))
     for _ in range(2):
         event = await asyncio.wait_for(call.read(), STEP_TIMEOUT_S)

@@ -149,6 +149,8 @@ TLS_NAME_KEY = "mlx-cluster-tls-name"
 # Trailing metadata of a relayed call that failed further down: the failed stage's index,
 # counted from the stage called (0). Absent: the stage called failed itself.
 STAGE_KEY = "mlx-cluster-stage"
+# Metadata of a call that relays: each stage's shared-memory probe, in route order.
+SHARED_MEMORY_KEY = "mlx-cluster-shared-memory"
 # A Forward call with this invocation metadata gets a failed step's error in band (a
 # StepFailure answer): callers that write steps ahead of their answers need it, since a
 # write racing the end of a call turns its status into gRPC's own INTERNAL.
@@ -156,6 +158,15 @@ FAILURES_IN_BAND_KEY = "mlx-cluster-failures-in-band"
 # A relayed step with no deadline from the caller: a stage further down that takes
 # longer is lost (a prompt chunk on a slow CPU stays well inside it).
 DEFAULT_STEP_TIMEOUT_S = 600.0
+
+
+_ROUTE_KEYS = (
+    ROUTE_KEY,
+    STEP_TIMEOUT_KEY,
+    TLS_NAME_KEY,
+    DRAFT_STEP_TIMEOUT_KEY,
+    SHARED_MEMORY_KEY,
+)
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,8 @@ class Route:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # per stage after the one called
     tls_name: str | None = None  # the name in their certificates, if not their host
     draft_step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the same, for a step with drafts
+    # Each stage's shared-memory probe ("": none), which the stage before it tries to open.
+    shared_memory: tuple[str, ...] = ()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata that makes a call relay along this route (none if it is empty)."""
@@ -178,20 +191,31 @@ class Route:
         ]
         if self.tls_name:
             pairs.append((TLS_NAME_KEY, self.tls_name))
+        if any(self.shared_memory):
+            pairs.append((SHARED_MEMORY_KEY, ",".join(self.shared_memory)))
         return tuple(pairs)
 
     def onward(self) -> Route:
         """The route the next stage relays along."""
         return Route(
-            self.addresses[1:], self.step_timeout_s, self.tls_name, self.draft_step_timeout_s
+            self.addresses[1:],
+            self.step_timeout_s,
+            self.tls_name,
+            self.draft_step_timeout_s,
+            self.shared_memory[1:],
         )
+
+    @property
+    def next_probe(self) -> str:
+        """The next stage's shared-memory probe ("": none)."""
+        return self.shared_memory[0] if self.shared_memory else ""
 
     @classmethod
     def of_call(cls, metadata: object) -> Route:
         """The route a call's invocation metadata names (no addresses: no relay)."""
         found: dict[str, str] = {}
         for key, value in metadata or ():  # type: ignore[attr-defined]
-            if key in (ROUTE_KEY, STEP_TIMEOUT_KEY, TLS_NAME_KEY, DRAFT_STEP_TIMEOUT_KEY):
+            if key in _ROUTE_KEYS:
                 found[key] = str(value)
         addresses = tuple(a for a in found.get(ROUTE_KEY, "").split(",") if a)
 
@@ -200,11 +224,13 @@ class Route:
                 return max(float(found.get(key, DEFAULT_STEP_TIMEOUT_S)), 0.001)
             return DEFAULT_STEP_TIMEOUT_S
 
+        probes = tuple(found.get(SHARED_MEMORY_KEY, "").split(","))
         return cls(
             addresses,
             seconds(STEP_TIMEOUT_KEY),
             found.get(TLS_NAME_KEY) or None,
             seconds(DRAFT_STEP_TIMEOUT_KEY),
+            probes if len(probes) == len(addresses) else (),
         )
 
 

@@ -67,6 +67,7 @@ class WorkerInfo:
     prefix_tokens: int = 0  # tokens they hold (part of the KV budget, evicted first)
     prefix_bytes: int = 0
     prefix_capacity_bytes: int = 0  # 0: this worker keeps none
+    shared_memory_probe: str = ""  # a segment peers on its host can open; "": takes none
 
     @property
     def layers(self) -> LayerRange | None:

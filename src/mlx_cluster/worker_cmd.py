@@ -73,6 +73,14 @@ SETTING_FLAGS = (
         "mlx-lm) or whole_buffer (shapes that repeat: CUDA's default)",
     ),
     SettingFlag(
+        "--shared-memory-min-kb",
+        "shared_memory_min_bytes",
+        int,
+        1024,
+        "hidden states of at least this many KiB go to a next worker on this host through "
+        "shared memory (0: never)",
+    ),
+    SettingFlag(
         "--lease-grace-s",
         "lease_grace_s",
         float,

@@ -38,6 +38,8 @@ from mlx_cluster.contract.rpc import (
     failed_stage,
 )
 from mlx_cluster.contract.streams import close_call, ended_status, failure_status
+from mlx_cluster.tensor import shared
+from mlx_cluster.tensor.shared import SharedArena
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,9 +66,14 @@ class Peers:
         token: str | None = None,
         tls: TlsFiles | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        shared_min_bytes: int = 0,
     ) -> None:
+        """`shared_min_bytes`: hidden states of this many bytes or more go to a next stage
+        that shares this host's memory through it (0: never)."""
         self._auth = (token_metadata(token),) if token else ()
         self._tls = tls
+        self._shared_min_bytes = shared_min_bytes
+        self._shares: dict[str, bool] = {}  # probe -> this process can open it
         # Each channel its own connection: a channel made after a failure (`_forget`) must
         # not share the failed one's, which waits out a reconnect backoff.
         self._options = [
@@ -108,7 +115,22 @@ class Peers:
         call = self._stub(address, route.tls_name).Forward(metadata=metadata)
         stages = len(route.addresses)
         timeouts = (route.step_timeout_s * stages, route.draft_step_timeout_s * stages)
-        return NextStage(address, call, timeouts, self._forget)
+        arena = SharedArena(self._shared_min_bytes) if self._shares_with(route) else None
+        return NextStage(address, call, timeouts, self._forget, arena)
+
+    def _shares_with(self, route: Route) -> bool:
+        """Whether the route's next stage shares this host's memory (its probe opens)."""
+        probe = route.next_probe
+        if not (probe and self._shared_min_bytes):
+            return False
+        if probe not in self._shares:
+            self._shares[probe] = shared.can_open(probe)
+            log.info(
+                "next stage %s %s this worker's memory",
+                route.addresses[0],
+                "shares" if self._shares[probe] else "does not share",
+            )
+        return self._shares[probe]
 
     def _forget(self, address: str) -> None:
         """The next stage at `address` could not be reached: the next call gets a new
@@ -152,6 +174,7 @@ class _Sent:
     # A decode step gets the route's step timeout; one that verifies drafts, or a prompt
     # chunk (which samples nothing), the larger one.
     long: bool
+    segment: str = ""  # the shared-memory segment its hidden states lie in, if any
 
 
 def _length(request: pb.ForwardRequest) -> int:
@@ -169,6 +192,7 @@ class NextStage:
         call: grpc.aio.StreamStreamCall,
         timeouts_s: tuple[float, float],
         unreachable: Callable[[str], None] | None = None,
+        arena: SharedArena | None = None,
     ) -> None:
         """`timeouts_s`: for a decode step, and for one that verifies drafts or a prompt
         chunk."""
@@ -176,6 +200,8 @@ class NextStage:
         self._call = call
         self._timeouts_s = timeouts_s
         self._unreachable = unreachable  # told when the next stage cannot be reached
+        # Where large hidden states go when the next stage shares this host's memory.
+        self.arena = arena
         self._step_id = 0
         self._sent: deque[_Sent] = deque()  # steps sent, not yet answered, oldest first
 
@@ -198,7 +224,8 @@ class NextStage:
         self._step_id += 1
         request.step_id = self._step_id
         long = request.verify or not request.sample
-        sent = _Sent(request.step_id, time.perf_counter(), _length(request), long)
+        segment = request.hidden.shared.segment if request.hidden.HasField("shared") else ""
+        sent = _Sent(request.step_id, time.perf_counter(), _length(request), long, segment)
         self._sent.append(sent)
         await self._io(self._call.write(request), sent)
 
@@ -211,6 +238,8 @@ class NextStage:
         """
         sent = self._sent.popleft()
         reply = await self._io(self._call.read(), sent)
+        if sent.segment and self.arena is not None:  # read by now: it takes the next
+            self.arena.release(sent.segment)
         if reply is grpc.aio.EOF:
             raise await self._ended()
         if reply.HasField("failure"):
@@ -266,7 +295,11 @@ class NextStage:
     async def close(self) -> None:
         """Half-close and let the next stage end the call; cancel it if it does not."""
         await close_call(self._call, CLOSE_WAIT_S)
+        if self.arena is not None:
+            self.arena.close()
 
     def cancel(self) -> None:
         """End the call at once: the next stage ends the sessions last stepped on it."""
         self._call.cancel()
+        if self.arena is not None:
+            self.arena.close()

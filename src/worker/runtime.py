@@ -23,6 +23,7 @@ from mlx_cluster.contract.rpc import PACKAGE_VERSION, PROTOCOL_VERSION
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPicker
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
+from mlx_cluster.tensor.shared import SharedViews
 from mlx_cluster.worker.batching import can_batch
 from mlx_cluster.worker.constraint import Grammars
 from mlx_cluster.worker.drafter import check_draft_model
@@ -46,9 +47,15 @@ T = TypeVar("T")
 class WorkerRuntime:
     """The loaded layers and the sessions that use them."""
 
-    def __init__(self, settings: WorkerSettings, capabilities: Capabilities) -> None:
+    def __init__(
+        self, settings: WorkerSettings, capabilities: Capabilities, shared_memory_probe: str = ""
+    ) -> None:
+        """`shared_memory_probe`: the segment Info names for peers to try (tensor/shared.py)."""
         self.settings = settings
         self.capabilities = capabilities
+        self.shared_memory_probe = shared_memory_probe
+        # Hidden states peers put in shared memory, read here; None: this worker takes none.
+        self.shared_views = SharedViews() if shared_memory_probe else None
         self.loaded: Loaded | None = None
 
     @property
@@ -71,6 +78,7 @@ class WorkerRuntime:
             self.capabilities,
             settings.limits,
             **held,
+            shared_memory_probe=self.shared_memory_probe,
         )
 
     # --- loading ---------------------------------------------------------------

@@ -23,6 +23,7 @@ from mlx_cluster.contract.rpc import (
     server_options,
     unix_socket_path,
 )
+from mlx_cluster.tensor.shared import Probe
 from mlx_cluster.worker.auth import TokenInterceptor
 from mlx_cluster.worker.capabilities import detect
 from mlx_cluster.worker.relay import Peers
@@ -73,11 +74,15 @@ async def create_server(
         ConfigError: if a TLS file cannot be read, or a Unix socket path is too long.
     """
     _check_unix_path(address)
+    # First: making a segment may start Python's resource tracker, a fork best done
+    # before gRPC's threads run. Peers on this host open the probe.
+    probe = Probe() if settings.shared_memory_min_bytes else None
     credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer()
     # The next stage of the ring is called with this worker's own token and TLS files.
-    peers = Peers(token, tls, settings.max_message_bytes)
-    servicer = LayerServicer(WorkerRuntime(settings, detect()), health_servicer, peers)
+    peers = Peers(token, tls, settings.max_message_bytes, settings.shared_memory_min_bytes)
+    runtime = WorkerRuntime(settings, detect(), probe.name if probe else "")
+    servicer = LayerServicer(runtime, health_servicer, peers, probe)
     interceptors = [TokenInterceptor(token)] if token else []
     options = server_options(settings.max_message_bytes)
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -28,6 +28,7 @@ from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY, Route
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.streams import failures_in_band, step_failure
+from mlx_cluster.tensor.shared import Probe
 from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
 from mlx_cluster.worker.leases import Leases
@@ -100,9 +101,16 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
     """Thin gRPC front of a WorkerRuntime."""
 
     def __init__(
-        self, runtime: WorkerRuntime, health: health.aio.HealthServicer, peers: Peers | None = None
+        self,
+        runtime: WorkerRuntime,
+        health: health.aio.HealthServicer,
+        peers: Peers | None = None,
+        probe: Probe | None = None,
     ) -> None:
+        """`probe`: the shared-memory segment Info names (runtime.shared_memory_probe),
+        removed on close."""
         self.runtime = runtime
+        self._probe = probe
         self._health = health
         self._peers = peers or Peers(max_message_bytes=runtime.settings.max_message_bytes)
         self._compute = ComputeThread()
@@ -147,6 +155,10 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         """
         self._leases.close()
         self._compute.close()
+        if self._probe is not None:
+            self._probe.close()
+        if self.runtime.shared_views is not None:
+            self.runtime.shared_views.close()
 
     async def close_peers(self) -> None:
         await self._peers.close()
@@ -271,7 +283,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         if next_stage is None:
             answers = self._steps_here(requests, stream_id)
         else:
-            answers = relay_steps(requests, self._onward(stream_id), next_stage)
+            answers = relay_steps(requests, self._onward(stream_id, next_stage), next_stage)
         try:
             async with contextlib.aclosing(answers):
                 try:
@@ -301,11 +313,12 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         async for request in requests:
             yield await self._compute.submit(steps.step_here, self.runtime, request, stream_id)
 
-    def _onward(self, stream_id: int) -> Compute:
+    def _onward(self, stream_id: int, next_stage: NextStage) -> Compute:
         """This stage's part of a relayed step, on the compute thread."""
+        runtime, arena = self.runtime, next_stage.arena
 
         def compute(request: pb.ForwardRequest) -> Awaitable[tuple[pb.ForwardRequest, float]]:
-            return self._compute.submit(steps.step_onward, self.runtime, request, stream_id)
+            return self._compute.submit(steps.step_onward, runtime, request, stream_id, None, arena)
 
         return compute
 

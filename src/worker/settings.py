@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlx_cluster.contract.rpc import MAX_MESSAGE_BYTES, MIB
 from mlx_cluster.contract.worker_info import WorkerLimits
 from mlx_cluster.models.short_steps import ShortStepAttention, backend_default
+from mlx_cluster.tensor.shared import MIN_SHARED_BYTES
 
 
 class WorkerSettings(BaseModel):
@@ -32,6 +33,9 @@ class WorkerSettings(BaseModel):
     # How steps of a few positions (speculative verification) attend (models/short_steps.py);
     # None: this backend's default.
     short_step_attention: ShortStepAttention | None = None
+    # Hidden states of at least this many bytes go to a next stage on this host through
+    # shared memory (tensor/shared.py); 0: always as gRPC messages.
+    shared_memory_min_bytes: int = Field(default=MIN_SHARED_BYTES, ge=0)
     lease_grace_s: float = Field(default=2.0, ge=0)  # a lease's sessions outlive its call this long
     lease_heartbeat_s: float = Field(default=5.0, gt=0)  # a Lease call gets an event this often
 

@@ -16,16 +16,28 @@ from mlx_cluster import tensor
 from mlx_cluster.contract import speculation
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
+from mlx_cluster.tensor.shared import SharedArena, SharedViews
 from mlx_cluster.worker.runtime import WorkerRuntime
 
 
-def inputs(request: pb.ForwardRequest) -> tuple[mx.array | None, mx.array | None]:
-    """A step's hidden states and token ids, decoded (either may be absent)."""
-    hidden = tensor.decode(request.hidden) if request.HasField("hidden") else None
+def inputs(
+    request: pb.ForwardRequest, views: SharedViews | None = None
+) -> tuple[mx.array | None, mx.array | None]:
+    """A step's hidden states and token ids, decoded (either may be absent); hidden states
+    a peer put in shared memory are read through `views`."""
+    hidden = _hidden(request.hidden, views) if request.HasField("hidden") else None
     tokens = tensor.decode(request.token_ids) if request.HasField("token_ids") else None
     if hidden is None and tokens is None:
         raise InvalidArgument("a ForwardRequest needs hidden states or token ids")
     return hidden, tokens
+
+
+def _hidden(msg: pb.Tensor, views: SharedViews | None) -> mx.array:
+    if not msg.HasField("shared"):
+        return tensor.decode(msg)
+    if views is None:
+        raise InvalidArgument("hidden states in shared memory, and this worker takes none")
+    return views.decode(msg)
 
 
 Inputs = tuple[mx.array | None, mx.array | None]  # a step's hidden states and token ids
@@ -42,7 +54,7 @@ def step_here(
     `decoded`: the request's inputs where the caller has them as arrays already.
     """
     started = time.perf_counter()
-    hidden, tokens = decoded or inputs(request)
+    hidden, tokens = decoded or inputs(request, runtime.shared_views)
     ids, offsets = list(request.session_ids), list(request.offsets)
     if request.rewind:
         runtime.rewind(ids, offsets)
@@ -69,12 +81,13 @@ def step_onward(
     request: pb.ForwardRequest,
     stream_id: int,
     decoded: Inputs | None = None,
+    arena: SharedArena | None = None,
 ) -> tuple[pb.ForwardRequest, float]:
     """This stage's part of a relayed step: the request for the next stage, and the
     seconds it took. The next stages decide what the end returns (`decoded` as for
-    `step_here`)."""
+    `step_here`; `arena`: where large hidden states go for a next stage on this host)."""
     started = time.perf_counter()
-    hidden, tokens = decoded or inputs(request)
+    hidden, tokens = decoded or inputs(request, runtime.shared_views)
     ids, offsets = list(request.session_ids), list(request.offsets)
     if request.rewind:
         runtime.rewind(ids, offsets)
@@ -89,7 +102,8 @@ def step_onward(
     )
     if request.HasField("token_ids"):
         onward.token_ids.CopyFrom(request.token_ids)
-    tensor.encode(out, out=onward.hidden)
+    if arena is None or arena.put(out, onward.hidden) is None:
+        tensor.encode(out, out=onward.hidden)
     return onward, time.perf_counter() - started
 
 

@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared: SharedBytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedBytes, _Mapping]] = ...) -> None: ...
+
+class SharedBytes(_message.Message):
+    __slots__ = ("segment", "nbytes")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    nbytes: int
+    def __init__(self, segment: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("memory_total_bytes", "memory_available_bytes", "device_kind", "device_name", "cpu_cores", "gpu_cores", "platform")
@@ -53,7 +63,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits", "embedding", "head", "prefixes", "prefix_tokens", "prefix_bytes", "prefix_capacity_bytes")
+    __slots__ = ("name", "version", "protocol_version", "capabilities", "model", "layer_start", "layer_end", "model_num_layers", "weight_bytes", "kv_capacity_tokens", "kv_used_tokens", "sessions_open", "dtype", "hidden_size", "limits", "embedding", "head", "prefixes", "prefix_tokens", "prefix_bytes", "prefix_capacity_bytes", "shared_memory_probe")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +85,7 @@ class InfoResponse(_message.Message):
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PROBE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     protocol_version: int
@@ -96,7 +107,8 @@ class InfoResponse(_message.Message):
     prefix_tokens: int
     prefix_bytes: int
     prefix_capacity_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., prefixes: _Optional[int] = ..., prefix_tokens: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_capacity_bytes: _Optional[int] = ...) -> None: ...
+    shared_memory_probe: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_num_layers: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., sessions_open: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., embedding: _Optional[bool] = ..., head: _Optional[bool] = ..., prefixes: _Optional[int] = ..., prefix_tokens: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_capacity_bytes: _Optional[int] = ..., shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class LoadLayersRequest(_message.Message):
     __slots__ = ("model", "start", "end", "kv_budget_tokens", "session_ttl_s", "embedding", "head", "draft_model", "prefix_cache_bytes")

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -78,6 +78,9 @@ class WorkerClient:
         self.address = address
         self.name = name or address
         self._named = name is not None  # a configured name beats the worker's own
+        # The worker's shared-memory probe, from its Info: a peer on its host that opens it
+        # sends it hidden states through shared memory ("": it takes none).
+        self.shared_memory_probe = ""
         self._auth = (token_metadata(token),) if token else ()
         self._tls_name = tls.server_name if tls else None  # the workers' relays need it too
         liveness = liveness or LivenessConfig()
@@ -128,6 +131,7 @@ class WorkerClient:
         """`info`, from a worker that speaks this coordinator's protocol."""
         if info.name and not self._named:
             self.name = info.name
+        self.shared_memory_probe = info.shared_memory_probe
         if info.protocol_version != PROTOCOL_VERSION:
             raise ProtocolMismatch(
                 f"worker {self.name} speaks protocol {info.protocol_version}, this coordinator "
@@ -319,17 +323,26 @@ class WorkerClient:
         return ForwardStream(self, self._stub.Forward(timeout=timeout, metadata=self._metadata()))
 
     def decode_call(
-        self, route: list[str], step_timeout_s: float, draft_step_timeout_s: float
+        self, onward: Sequence[WorkerClient], step_timeout_s: float, draft_step_timeout_s: float
     ) -> grpc.aio.StreamStreamCall:
-        """A Decode call: this worker's decode loop, relaying along `route` (engine/ring.py);
-        its steps may take `step_timeout_s` per stage, those with drafts the other."""
-        relay = Route(tuple(route), step_timeout_s, self._tls_name, draft_step_timeout_s)
-        metadata = (*self._metadata(), *relay.metadata())
-        return self._stub.Decode(metadata=metadata)
+        """A Decode call: this worker's decode loop, relaying along the `onward` workers
+        (engine/ring.py); its steps may take `step_timeout_s` per stage, those with drafts
+        the other."""
+        relay = self._route(onward, step_timeout_s, draft_step_timeout_s)
+        return self._stub.Decode(metadata=(*self._metadata(), *relay.metadata()))
 
-    def relay_call(self, route: list[str], step_timeout_s: float) -> grpc.aio.StreamStreamCall:
-        """A Forward call whose steps this worker relays along `route`, pipelined
-        (engine/prompt_relay.py); each may take `step_timeout_s` per stage."""
-        relay = Route(tuple(route), step_timeout_s, self._tls_name, step_timeout_s)
+    def relay_call(
+        self, onward: Sequence[WorkerClient], step_timeout_s: float
+    ) -> grpc.aio.StreamStreamCall:
+        """A Forward call whose steps this worker relays along the `onward` workers,
+        pipelined (engine/prompt_relay.py); each may take `step_timeout_s` per stage."""
+        relay = self._route(onward, step_timeout_s, step_timeout_s)
         in_band = (FAILURES_IN_BAND_KEY, "1")  # chunks go ahead of their answers
         return self._stub.Forward(metadata=(*self._metadata(), in_band, *relay.metadata()))
+
+    def _route(
+        self, onward: Sequence[WorkerClient], step_timeout_s: float, draft_step_timeout_s: float
+    ) -> Route:
+        addresses = tuple(c.address for c in onward)
+        probes = tuple(c.shared_memory_probe for c in onward)
+        return Route(addresses, step_timeout_s, self._tls_name, draft_step_timeout_s, probes)

@@ -38,9 +38,8 @@ class PromptRelay:
     def __init__(self, clients: Sequence[WorkerClient], step_timeout_s: float) -> None:
         """`step_timeout_s`: how long a chunk may take on each stage."""
         self.clients = list(clients)  # the stages when the relay was opened
-        self._route = [c.address for c in self.clients[1:]]
         self._step_timeout_s = step_timeout_s
-        self._call = self.clients[0].relay_call(self._route, step_timeout_s)
+        self._call = self.clients[0].relay_call(self.clients[1:], step_timeout_s)
         # no answer for this long: the first stage is lost (it times the others)
         self._answer_timeout_s = step_timeout_s * (len(self.clients) + 1)
         self._step_id = 0
@@ -77,7 +76,7 @@ class PromptRelay:
             if self._failure is not None:  # a stage failed a prompt before this one
                 raise RingFailed(self._failure.index, self._failure.client, self._failure.cause)
             if self._call.done():  # a prompt before this one was cut short: a new call
-                self._call = self.clients[0].relay_call(self._route, self._step_timeout_s)
+                self._call = self.clients[0].relay_call(self.clients[1:], self._step_timeout_s)
             for request in requests:
                 self._step_id += 1
                 request.step_id = self._step_id

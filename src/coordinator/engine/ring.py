@@ -63,9 +63,10 @@ class Ring:
         """`step_timeout_s` per stage and step; `draft_step_timeout_s` (default: the same)
         for a step that verifies drafts."""
         self.clients = list(clients)  # the stages when the ring was opened
-        route = [c.address for c in self.clients[1:]]
         self._draft_step_timeout_s = draft_step_timeout_s or step_timeout_s
-        self._call = self.clients[0].decode_call(route, step_timeout_s, self._draft_step_timeout_s)
+        self._call = self.clients[0].decode_call(
+            self.clients[1:], step_timeout_s, self._draft_step_timeout_s
+        )
         # no event for this long while rows decode: the first stage is lost (the others are
         # timed by the first stage, which reports them)
         self.event_timeout_s = step_timeout_s * (len(self.clients) + 1)
