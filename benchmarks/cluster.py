@@ -3,10 +3,9 @@
 Workers are started by `mlx_cluster.local.local_workers` (TCP loopback or Unix
 domain sockets), the cluster by `Cluster.start` (even split), and tokens come
 from the engine's `generate_tokens`, as the HTTP API makes them. Timings come
-from the cluster's events: prompt chunks go along the workers' relay (one
-ChunkEvent per chunk; a single worker gives one HopEvent per chunk); decode steps
-run as a ring on the workers, which report each step as a whole (one StepEvent
-per step).
+from the cluster's events: prompt chunks go along the workers' relay, which times
+each worker's part (one HopEvent per worker per chunk); decode steps run as a ring
+on the workers, which report each step as a whole (one StepEvent per step).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from benchmarks.workload import (
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.speculation import DraftStats
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.events import ChunkEvent, Event, HopEvent, StepEvent
+from mlx_cluster.coordinator.engine.events import Event, HopEvent, StepEvent
 from mlx_cluster.local import Transport, local_workers
 
 WORKER_ARGS = ["--log-level", "WARNING"]
@@ -86,44 +85,30 @@ class EventRecorder:
 
     def __init__(self, workers: list[str]) -> None:
         self.workers = workers
-        self.hops: list[HopEvent] = []  # prefill chunks of one stage
-        self.chunks: list[ChunkEvent] = []  # prefill chunks relayed along several stages
+        self.hops: list[HopEvent] = []  # prefill chunks: the engine times decode as steps
         self.steps: list[StepEvent] = []
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, HopEvent):
             self.hops.append(event)
-        elif isinstance(event, ChunkEvent):
-            self.chunks.append(event)
         elif isinstance(event, StepEvent):
             self.steps.append(event)
 
     def clear(self) -> None:
         self.hops.clear()
-        self.chunks.clear()
         self.steps.clear()
 
     def prefill(self) -> list[HopBreakdown]:
-        """Per-worker means over the recorded hops, or one "relayed" row over the relayed
-        chunks: their stages' compute summed, and the rest of their round trips (links,
-        and waiting behind the chunk before, since chunks overlap)."""
+        """Per-worker means over the recorded hops (a hop's network time counts its wait
+        behind the chunk before: chunks overlap)."""
         breakdowns = []
         for name in self.workers:
             hops = [h for h in self.hops if h.worker == name]
-            if not hops:
-                continue
             means = (
                 statistics.fmean(getattr(h, k) for h in hops)
                 for k in ("encode_s", "network_s", "compute_s", "decode_s")
             )
             breakdowns.append(HopBreakdown(name, len(hops), *means))
-        if self.chunks:  # relayed: the stages' compute summed, the rest is links and waiting
-            compute = statistics.fmean(c.compute_s for c in self.chunks)
-            round_trip = statistics.fmean(c.round_trip_s for c in self.chunks)
-            relayed = HopBreakdown(
-                "relayed", len(self.chunks), 0.0, round_trip - compute, compute, 0.0
-            )
-            breakdowns.append(relayed)
         return breakdowns
 
     def decode(self, first: int = 1) -> DecodeBreakdown:

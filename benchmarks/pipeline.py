@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU index for each worker, cycled (e.g. 0,1); default: all share what we see",
     )
     p.add_argument("--worker-eval-every", type=int, default=None, help="the workers' --eval-every")
+    p.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help="one more flag for every worker, e.g. --worker-arg=--shared-memory-min-kb=0",
+    )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-echo", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, short lengths (smoke test)")
@@ -263,7 +269,7 @@ async def measure(args: argparse.Namespace) -> Run:
                 workload,
                 args.transport,
                 args.gpus,
-                eval_every_args(args.worker_eval_every),
+                [*eval_every_args(args.worker_eval_every), *args.worker_arg],
             )
         result.other_load_cores = load.cores
         pipelines.append(result)
@@ -316,6 +322,7 @@ def document(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "transport": args.transport,
         "worker_gpus": list(args.gpus),
         "worker_eval_every": args.worker_eval_every,
+        "worker_args": args.worker_arg,
         "message_bytes": run.message_bytes,
         "baseline": dataclasses.asdict(run.baseline) if run.baseline else None,
         "echo": [dataclasses.asdict(e) for e in run.echo],

@@ -30,7 +30,7 @@ from benchmarks.pipeline import default_json_path, host_info, say
 from benchmarks.report import text_table
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.events import ChunkEvent, Event, HopEvent
+from mlx_cluster.coordinator.engine.events import Event, HopEvent
 from mlx_cluster.coordinator.engine.prefixes import PromptReuse
 from mlx_cluster.local import TRANSPORTS, gpu_list, local_workers
 from mlx_cluster.models.demo import ensure_demo_model
@@ -65,8 +65,6 @@ def timeline(cluster: Cluster) -> list[dict[str, Any]]:
         entry = {"at_ms": round((time.perf_counter() - started) * 1e3, 1)}
         if isinstance(event, HopEvent):
             entry |= {"hop": event.worker, "tokens": event.tokens}
-        elif isinstance(event, ChunkEvent):
-            entry |= {"relayed_chunk": event.tokens, "round_trip_ms": event.round_trip_s * 1e3}
         else:
             entry |= {"decode_step": event.lane, "wall_ms": round(event.wall_s * 1e3, 1)}
         seen.append(entry | {"compute_ms": round(event.compute_s * 1e3, 1)})

@@ -57,10 +57,8 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert decode["wall_s"] > decode["compute_s"] > 0
         assert (decode["hops_s"] > 0) == (p["workers"] > 1)
         assert (decode["per_hop_s"] is None) == (p["workers"] == 1)
-        for hops in p["prefill_hops"].values():  # one worker's hops, or the relayed chunks
-            assert [h["worker"] for h in hops] == (
-                ["relayed"] if p["workers"] > 1 else ["worker-0"]
-            )
+        for hops in p["prefill_hops"].values():
+            assert len(hops) == p["workers"]
             assert all(h["compute_s"] > 0 and h["overhead_s"] > 0 for h in hops)
         assert all(b > 0 for b in p["memory"]["worker_peak_rss_bytes"])
         assert all(b > 0 for b in p["memory"]["worker_weight_bytes"])

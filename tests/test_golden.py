@@ -18,7 +18,7 @@ from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.sampling import SampledToken, SamplingParams
 from mlx_cluster.coordinator.engine.cluster import Cluster
-from mlx_cluster.coordinator.engine.events import ChunkEvent
+from mlx_cluster.coordinator.engine.events import HopEvent
 from mlx_cluster.local import local_workers
 from tests.conftest import make_engine
 
@@ -167,11 +167,14 @@ async def test_prefill_chunks_relayed_along_stages_match(model_factory, start_wo
     model_obj, _ = load_model(model)
     want = list(generate_step(mx.array(prompt), model_obj, max_tokens=12, prefill_step_size=8))
     engine = await make_engine(model, await start_workers(3), [2, 3, 3], prefill_chunk=8)
-    chunks: list[ChunkEvent] = []
+    hops: list[HopEvent] = []
     engine.chain.events.subscribe(
-        lambda event: chunks.append(event) if isinstance(event, ChunkEvent) else None
+        lambda event: hops.append(event) if isinstance(event, HopEvent) else None
     )
     got = await pipeline_run(engine, prompt, params)
     assert_same(got, want)
-    assert [c.tokens for c in chunks] == [8] * 8 + [5]  # all but the last prompt token
-    assert all(c.compute_s > 0 for c in chunks)  # every stage timed its part
+    names = [stage.client.name for stage in engine.chain.stages.stages]
+    prefill = [h for h in hops if h.tokens > 1]  # 69 tokens in 9 chunks, each on 3 workers
+    assert [h.worker for h in prefill] == names * 9
+    assert [h.tokens for h in prefill[::3]] == [8] * 8 + [5]
+    assert all(h.compute_s > 0 for h in prefill)  # every worker timed its own part

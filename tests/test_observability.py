@@ -110,7 +110,7 @@ async def test_metrics_exist_and_move_after_a_request(serve_cluster):
         "mlx_cluster_time_to_first_token_seconds_count",
         "mlx_cluster_inter_token_latency_seconds_count",
         "mlx_cluster_generated_tokens_total",
-        "mlx_cluster_prompt_chunk_seconds_count",
+        "mlx_cluster_hop_seconds_count",
         "mlx_cluster_worker_kv_tokens_capacity",
         "mlx_cluster_worker_sessions_open",
     ):
@@ -122,10 +122,10 @@ async def test_metrics_exist_and_move_after_a_request(serve_cluster):
     assert metric(after, "mlx_cluster_time_to_first_token_seconds_count") == 1
     assert metric(after, "mlx_cluster_inter_token_latency_seconds_count") >= 1
     assert metric(after, "mlx_cluster_generated_tokens_total") >= 1
-    for phase in ("compute", "other"):  # the prompt went along the workers' relay
-        chunk = dict(phase=phase)
-        assert metric(after, "mlx_cluster_prompt_chunk_seconds_count", **chunk) > metric(
-            before, "mlx_cluster_prompt_chunk_seconds_count", **chunk
+    for phase in ("serialize", "network", "compute", "deserialize"):
+        hop = dict(worker=worker, phase=phase)
+        assert metric(after, "mlx_cluster_hop_seconds_count", **hop) > metric(
+            before, "mlx_cluster_hop_seconds_count", **hop
         )
     assert metric(after, "mlx_cluster_worker_kv_tokens_capacity", worker=worker) > 0
     assert metric(after, "mlx_cluster_worker_up", worker=worker) == 1

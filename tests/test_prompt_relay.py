@@ -20,7 +20,7 @@ from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import CHANNEL_OPTIONS, FAILURES_IN_BAND_KEY, STAGE_KEY, Route
 from mlx_cluster.contract.sampling import SamplingParams
-from mlx_cluster.coordinator.engine.events import ChunkEvent
+from mlx_cluster.coordinator.engine.events import HopTiming
 from mlx_cluster.coordinator.engine.prompt_relay import PromptRelay
 from mlx_cluster.coordinator.engine.ring import RingFailed
 from mlx_cluster.worker.relay import Peers
@@ -81,13 +81,15 @@ async def test_a_prompt_relay_answers_every_chunk_in_order_on_every_stage(
     for i, client in enumerate(clients):
         await client.open_session(session_id, 0, SamplingParams() if i == 2 else None)
     relay = PromptRelay(clients, STEP_TIMEOUT_S)
-    answered: list[tuple[int, ChunkEvent]] = []
+    answered: list[tuple[int, list[HopTiming]]] = []
     try:
         await relay.run(session_id, chunked(PROMPT, 16), 0, lambda k, e: answered.append((k, e)))
     finally:
         await relay.close()
     assert [k for k, _ in answered] == [0, 1, 2]
-    assert [e.tokens for _, e in answered] == [16, 16, 8]
+    for _, hops in answered:  # each stage's own compute, and the time into it beyond it
+        assert len(hops) == 3 and all(h.compute > 0 and h.round_trip >= h.compute for h in hops)
+    assert all(c.last_step_network_s is not None for c in clients)
     for client in clients:  # every stage holds the whole prompt
         assert (await client.info()).kv_used_tokens >= len(PROMPT)
 
@@ -163,8 +165,8 @@ async def test_a_prompt_cut_short_leaves_the_relay_to_the_next_one(tiny_llama, s
     answered: list[tuple[str, int]] = []
     started = asyncio.Event()
 
-    def note(session_id: str) -> Callable[[int, ChunkEvent], None]:
-        def answered_chunk(k: int, event: ChunkEvent) -> None:
+    def note(session_id: str) -> Callable[[int, list[HopTiming]], None]:
+        def answered_chunk(k: int, hops: list[HopTiming]) -> None:
             answered.append((session_id, k))
             started.set()
 

@@ -39,15 +39,22 @@ _NAME = re.compile(rf"^{SEGMENT_PREFIX}-[0-9a-f]{{16}}$")
 OPEN_SEGMENTS = 8  # segments a receiver keeps open: a few streams' few in flight
 
 
-def _new_name() -> str:
-    return f"{SEGMENT_PREFIX}-{secrets.token_hex(8)}"  # 21 characters: macOS allows 31
+_CREATED: set[str] = set()  # segments this process made (its resource tracker's own)
+
+
+def _create(size: int) -> shared_memory.SharedMemory:
+    name = f"{SEGMENT_PREFIX}-{secrets.token_hex(8)}"  # 21 characters: macOS allows 31
+    segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+    _CREATED.add(name)
+    return segment
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
-    """Open another process's segment without adopting it: Python < 3.13 registers an
-    opened segment with this process's resource tracker, which would unlink it at exit."""
+    """Open a segment without adopting it: Python < 3.13 registers an opened segment with
+    this process's resource tracker, which would unlink another process's at exit."""
     segment = shared_memory.SharedMemory(name=name)
-    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    if name not in _CREATED:
+        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
     return segment
 
 
@@ -66,12 +73,12 @@ class Probe:
     """A worker's one-byte segment, kept open while it runs, that peers try to open."""
 
     def __init__(self) -> None:
-        self._segment = shared_memory.SharedMemory(name=_new_name(), create=True, size=1)
+        self._segment = _create(1)
         self.name = self._segment.name.lstrip("/")
 
     def close(self) -> None:
-        self._segment.close()
-        self._segment.unlink()
+        """Remove the probe (again: nothing)."""
+        _destroy(self._segment)
 
 
 class SharedArena:
@@ -114,7 +121,7 @@ class SharedArena:
                 _destroy(self._free.pop(0))
         if segment is None:
             size = math.ceil(nbytes / _ROUND) * _ROUND
-            segment = shared_memory.SharedMemory(name=_new_name(), create=True, size=size)
+            segment = _create(size)
         with self._lock:
             self._busy[segment.name.lstrip("/")] = segment
         return segment
@@ -151,6 +158,7 @@ def _destroy(segment: shared_memory.SharedMemory) -> None:
     segment.close()
     with contextlib.suppress(FileNotFoundError):
         segment.unlink()
+    _CREATED.discard(segment.name.lstrip("/"))
 
 
 class SharedViews:

@@ -57,6 +57,8 @@ async def relay_steps(
             reply.step_id = step_id
             reply.relay_seconds = relay_s - reply.compute_seconds
             reply.compute_seconds += compute_s
+            reply.stage_compute_seconds.insert(0, compute_s)
+            reply.stage_relay_seconds.insert(0, relay_s)
             yield reply
     finally:
         sender.cancel()

@@ -73,6 +73,7 @@ def step_here(
         out = runtime.forward(ids, hidden, offsets, request.last_position_only, stream_id, tokens)
         tensor.encode(out, out=response.hidden)
     response.compute_seconds = time.perf_counter() - started
+    response.stage_compute_seconds.append(response.compute_seconds)
     return response
 
 

@@ -252,7 +252,7 @@ class Sampled(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds", "counts", "failure")
+    __slots__ = ("step_id", "hidden", "compute_seconds", "sampled", "relay_seconds", "counts", "failure", "stage_compute_seconds", "stage_relay_seconds")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,8 @@ class ForwardResponse(_message.Message):
     RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     compute_seconds: float
@@ -267,7 +269,9 @@ class ForwardResponse(_message.Message):
     relay_seconds: float
     counts: _containers.RepeatedScalarFieldContainer[int]
     failure: StepFailure
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., failure: _Optional[_Union[StepFailure, _Mapping]] = ...) -> None: ...
+    stage_compute_seconds: _containers.RepeatedScalarFieldContainer[float]
+    stage_relay_seconds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., failure: _Optional[_Union[StepFailure, _Mapping]] = ..., stage_compute_seconds: _Optional[_Iterable[float]] = ..., stage_relay_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepFailure(_message.Message):
     __slots__ = ("code", "kind", "message", "stage")

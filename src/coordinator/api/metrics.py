@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mlx_cluster.coordinator.engine.events import ChunkEvent, Event, HopEvent
+from mlx_cluster.coordinator.engine.events import Event, HopEvent
 from mlx_cluster.coordinator.engine.generation import Performance
 from mlx_cluster.coordinator.engine.health import StageHealth
 
@@ -52,15 +52,9 @@ class Metrics:
         )
         self.hop = Histogram(
             "mlx_cluster_hop_seconds",
-            "one step through the coordinator on one worker (one-stage prompts, replays), "
-            "by phase (serialize, network, compute, deserialize)",
+            "one step on one worker, by phase (serialize, network: the hop into it, compute, "
+            "deserialize)",
             ["worker", "phase"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.chunk = Histogram(
-            "mlx_cluster_prompt_chunk_seconds",
-            "one prompt chunk relayed along every stage, by phase (compute: the stages' own, "
-            "summed; other: the rest of its round trip)",
-            ["phase"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.kv_used = Gauge(
             "mlx_cluster_worker_kv_tokens_used", "KV tokens in use", ["worker"], registry=r
@@ -105,11 +99,7 @@ class Metrics:
         self.prefix_hits.inc(perf.cached_prompt_tokens > 0)
 
     def observe(self, event: Event) -> None:
-        """Record a step on one worker (network = round trip minus compute), or a relayed
-        prompt chunk (seconds)."""
-        if isinstance(event, ChunkEvent):
-            self.chunk.labels("compute").observe(event.compute_s)
-            self.chunk.labels("other").observe(max(event.round_trip_s - event.compute_s, 0.0))
+        """Record one step on one worker (seconds); network = round trip minus compute."""
         if not isinstance(event, HopEvent):
             return
         for phase, seconds in (

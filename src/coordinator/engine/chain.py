@@ -41,7 +41,7 @@ from mlx_cluster.contract.errors import (
 )
 from mlx_cluster.coordinator.engine.admission import Admission
 from mlx_cluster.coordinator.engine.client import WorkerClient
-from mlx_cluster.coordinator.engine.events import ChunkEvent, EventBus, HopEvent
+from mlx_cluster.coordinator.engine.events import EventBus, HopEvent, HopTiming
 from mlx_cluster.coordinator.engine.prefixes import PrefixIndex, keep_prefix
 from mlx_cluster.coordinator.engine.request import RequestState
 from mlx_cluster.coordinator.engine.ring import Ring, RingFailed
@@ -243,9 +243,10 @@ class Chain:
             return
         done_before = len(row.history)
 
-        def answered(k: int, event: ChunkEvent) -> None:
+        def answered(k: int, hops: list[HopTiming]) -> None:
             row.advance(chunks[k])
-            self.events.publish(event)
+            for stage, hop in zip(self.stages.stages, hops, strict=True):
+                self._published(stage.client, 1, chunks[k].shape[0], hop)
 
         relay = streams.relay(self.liveness.prefill_hop_timeout_s)
         try:
@@ -309,18 +310,14 @@ class Chain:
         if timing is not None:
             timing.hops += hop.encode + hop.round_trip + hop.decode
             timing.compute += hop.compute
-        self.events.publish(
-            HopEvent(
-                client.name,
-                len(session_ids),
-                tokens.shape[1],
-                hop.encode,
-                hop.network,
-                hop.compute,
-                hop.decode,
-            )
-        )
+        self._published(client, len(session_ids), tokens.shape[1], hop)
         return out
+
+    def _published(self, client: WorkerClient, rows: int, tokens: int, hop: HopTiming) -> None:
+        event = HopEvent(
+            client.name, rows, tokens, hop.encode, hop.network, hop.compute, hop.decode
+        )
+        self.events.publish(event)
 
     # --- recovery ------------------------------------------------------------------------
 

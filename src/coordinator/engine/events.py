@@ -1,5 +1,4 @@
-"""What the engine tells its observers: one event per hop, per relayed
-prompt chunk and per decode step.
+"""What the engine tells its observers: one event per hop and per decode step.
 
 Observers (Prometheus metrics, benchmarks, tests) subscribe to a Cluster's
 `EventBus`; the engine publishes and never knows who listens. A subscriber runs
@@ -54,16 +53,7 @@ class StepEvent:
     compute_s: float  # the workers' own compute (the last stage's sampling too), summed
 
 
-@dataclass(frozen=True)
-class ChunkEvent:
-    """One prompt chunk relayed through every stage (seconds)."""
-
-    tokens: int  # its positions
-    round_trip_s: float  # from its write to its answer (chunks overlap, and so do these)
-    compute_s: float  # the stages' own compute, summed
-
-
-Event = HopEvent | StepEvent | ChunkEvent
+Event = HopEvent | StepEvent
 Subscriber = Callable[[Event], None]
 
 

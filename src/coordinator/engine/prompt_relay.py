@@ -25,7 +25,7 @@ from mlx_cluster.contract.errors import ClusterError, WorkerUnavailable
 from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.streams import close_call, ended_status, failure_status
 from mlx_cluster.coordinator.engine.client import WorkerClient
-from mlx_cluster.coordinator.engine.events import ChunkEvent
+from mlx_cluster.coordinator.engine.events import HopTiming
 from mlx_cluster.coordinator.engine.ring import RingFailed, relay_failure
 
 # A closed relay's first stage has this long to end the call before it is cancelled.
@@ -56,10 +56,10 @@ class PromptRelay:
         session_id: str,
         chunks: Sequence[mx.array],
         start: int,
-        answered: Callable[[int, ChunkEvent], None],
+        answered: Callable[[int, list[HopTiming]], None],
     ) -> None:
-        """Chunks [L_k] of one session's prompt from position `start`: `answered(k, event)`
-        once every stage holds chunk k.
+        """Chunks [L_k] of one session's prompt from position `start`: `answered(k, hops)`
+        once every stage holds chunk k, with where its time went on each stage.
 
         Raises:
             RingFailed: a stage failed, or the first stage answered nothing in time.
@@ -85,9 +85,8 @@ class PromptRelay:
             try:
                 for k, request in enumerate(requests):
                     reply = await self._read(request.step_id)
-                    round_trip = time.perf_counter() - written[k]
-                    event = ChunkEvent(chunks[k].shape[0], round_trip, reply.compute_seconds)
-                    answered(k, event)
+                    hops = self._hops(reply, time.perf_counter() - written[k])
+                    answered(k, hops)
                 await writer
             except BaseException as exc:
                 writer.cancel()
@@ -131,6 +130,24 @@ class PromptRelay:
                 ),
             )
         return reply
+
+    def _hops(self, reply: pb.ForwardResponse, round_trip: float) -> list[HopTiming]:
+        """Each stage's part of a chunk's `round_trip`: from the hop into it to its answer,
+        less the time further down, and its compute (chunks overlap: a hop's time counts
+        its wait behind the chunk before). Each client keeps its hop's network time."""
+        compute, relay = list(reply.stage_compute_seconds), list(reply.stage_relay_seconds)
+        n = len(self.clients)
+        if len(compute) != n or len(relay) != n - 1:
+            raise RingFailed(
+                0,
+                self.clients[0],
+                ClusterError(f"a prompt chunk's answer times {len(compute)} of {n} stages"),
+            )
+        trips, further = [round_trip, *relay], [*relay, 0.0]
+        hops = [HopTiming(0.0, trips[i] - further[i], compute[i], 0.0) for i in range(n)]
+        for client, hop in zip(self.clients, hops, strict=True):
+            client.last_step_network_s = hop.network
+        return hops
 
     def _failed(self, code: grpc.StatusCode, details: str | None, metadata: object) -> RingFailed:
         return relay_failure(self.clients, code, details, metadata)
