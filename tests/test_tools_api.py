@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -25,6 +26,7 @@ from tests.trained_models import (
     RESULT_ANSWER,
     TOOL_RESULT,
     WEATHER_TOOL,
+    WITH_RESULT,
 )
 
 MODEL = "tiny"
@@ -140,11 +142,12 @@ async def test_models_lists_what_the_model_can_do(tools_api, serve_cluster):
 
 
 BAD_TOOL_REQUESTS = [
-    ({"tool_choice": "required"}, "tool_choice", "not supported yet"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
-     "not supported yet"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "cannot both"),
     ({"tool_choice": "sometimes"}, "tool_choice", "invalid value"),
-    ({"parallel_tool_calls": False}, "parallel_tool_calls", "not supported yet"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls", "forced call"),
     ({"tools": [{**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}]},
      "tools.0.function.strict", "not supported yet"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "invalid value"),
@@ -169,6 +172,48 @@ BAD_TOOL_REQUESTS = [
     ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning effort"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid value"),
 ]  # fmt: skip
+
+
+async def test_a_required_call_is_made_where_the_model_would_answer_in_text(tools_api):
+    """With the tool's result in the history the model answers in words; "required" makes
+    it call instead, and the call parses, names an offered tool and fits its schema."""
+    _, client = tools_api
+    free = await client.chat.completions.create(
+        model=MODEL, messages=WITH_RESULT, tools=[WEATHER_TOOL], **GREEDY
+    )
+    assert free.choices[0].message.content == RESULT_ANSWER
+    for seed in range(3):
+        forced = await client.chat.completions.create(
+            model=MODEL,
+            messages=WITH_RESULT,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=64,
+        )
+        choice = forced.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls or []
+        assert call.function.name == "get_weather"
+        jsonschema.validate(
+            json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"]
+        )
+
+
+async def test_a_named_call_is_the_call_the_model_makes_unforced(tools_api):
+    """Forcing the call the model makes anyway changes no token: the same call, greedy."""
+    _, client = tools_api
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = await client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice=named, **GREEDY
+    )
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        CALL_ARGUMENTS,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
 
 
 async def test_malformed_or_unsupported_tool_fields_are_400s_naming_them(tools_api):
@@ -258,10 +303,18 @@ async def test_anthropic_tool_results_render_through_the_template(tools_api):
             tool_choice={"type": "none"}, extra_body={"temperature": 0},
         )  # fmt: skip
         assert [b.text for b in refused.content if b.type == "text"] == [NO_TOOLS_ANSWER]
+        forced = await client.messages.create(
+            model=MODEL, messages=CLAUDE_HISTORY, tools=[CLAUDE_TOOL], max_tokens=64,
+            tool_choice={"type": "any"}, extra_body={"temperature": 0},
+        )  # fmt: skip
+        (block,) = forced.content  # "any": a call where it would have answered in words
+        assert block.type == "tool_use" and block.name == "get_weather"
+        jsonschema.validate(block.input, CLAUDE_TOOL["input_schema"])
+        assert forced.stop_reason == "tool_use"
 
 
 BAD_CLAUDE_REQUESTS = [
-    ({"tool_choice": {"type": "any"}}, "tool_choice", "not supported yet"),
+    ({"tool_choice": {"type": "tool", "name": "get_time"}}, "tool_choice", "not among the tools"),
     ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
      "tool_choice.disable_parallel_tool_use", "not supported yet"),
     ({"tools": [{**CLAUDE_TOOL, "strict": True}]}, "tools.0.strict", "not supported yet"),

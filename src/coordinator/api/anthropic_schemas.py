@@ -71,7 +71,7 @@ class AnthropicToolChoice(BaseModel):
     disable_parallel_tool_use: bool | None = None
 
     def as_openai(self) -> str | dict[str, Any]:
-        if self.disable_parallel_tool_use:
+        if self.disable_parallel_tool_use and self.type not in ("any", "tool"):  # forced: one
             raise unenforceable("tool_choice.disable_parallel_tool_use", "one call at most")
         if self.type == "tool":
             return {"type": "function", "function": {"name": self.name or ""}}
@@ -198,9 +198,10 @@ class MessagesRequest(BaseModel):
         return self.thinking.type == "enabled"
 
     def _tools(self) -> list[dict[str, Any]] | None:
+        forced = self.tool_choice is not None and self.tool_choice.type in ("any", "tool")
         for index, tool in enumerate(self.tools or []):
-            if tool.strict:
-                raise unenforceable(f"tools.{index}.strict", "a strict tool")
+            if tool.strict and not forced:  # a forced call's grammar holds strict schemas
+                raise unenforceable(f"tools.{index}.strict", "a strict tool the model may not call")
         return [tool.as_openai() for tool in self.tools] if self.tools else None
 
     def as_chat(self, template_options: dict[str, Any] | None = None) -> ChatCompletionRequest:

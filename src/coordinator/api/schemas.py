@@ -13,7 +13,14 @@ import dataclasses
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mlx_cluster.contract.grammar import Constraint
 from mlx_cluster.contract.sampling import SamplingParams
@@ -216,9 +223,13 @@ class ChatCompletionRequest(_Request):
 
     @field_validator("parallel_tool_calls")
     @classmethod
-    def _parallel(cls, parallel: bool | None) -> bool | None:
-        if parallel is False:
-            raise ValueError("false is not supported yet: it needs constrained decoding")
+    def _one_call_at_most(cls, parallel: bool | None, info: ValidationInfo) -> bool | None:
+        forced = info.data.get("tool_choice") not in (None, "auto", "none")  # one call
+        if parallel is False and not forced:
+            raise ValueError(
+                "false is supported with a forced call (tool_choice required or a named "
+                "function) only"
+            )
         return parallel
 
     @field_validator("messages", mode="before")

@@ -30,7 +30,7 @@ from mlx_cluster.coordinator.api.schemas import (
     _Request,
 )
 from mlx_cluster.coordinator.api.served_model import ServedModel
-from mlx_cluster.coordinator.api.tools import offered_tools
+from mlx_cluster.coordinator.api.tools import forced_call, offered_tools
 from mlx_cluster.coordinator.engine.generation import check_request
 
 
@@ -54,9 +54,20 @@ async def settle_chat(
     tokenizer = cluster.tokenizer
     tools = offered_tools(tokenizer, request.tools, request.tool_choice)
     options = template_options(tokenizer, request.chat_template_kwargs, request.reasoning_effort)
+    forced = forced_call(tokenizer, tools, request.tool_choice)
     tokens = await asyncio.to_thread(_chat_tokens, request, tools, options, cluster, limits)
     prepared = settle(request, tokens, cluster, limits, started)
-    return dataclasses.replace(prepared, reply=ReplyFormat.of_prompt(tokenizer, tokens, tools))
+    reply = ReplyFormat.of_prompt(tokenizer, tokens, tools)
+    if forced is None:
+        return dataclasses.replace(prepared, reply=reply)
+    if prepared.params.constraint is not None:
+        raise ApiError(
+            400,
+            "tool_choice: a forced call and response_format cannot both shape the reply",
+            param="tool_choice",
+        )
+    params = dataclasses.replace(prepared.params, constraint=forced)
+    return dataclasses.replace(prepared, params=params, reply=reply)
 
 
 def _chat_tokens(

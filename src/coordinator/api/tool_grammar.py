@@ -30,7 +30,9 @@ def call_format(tokenizer: TokenizerWrapper) -> str:
     return getattr(parser, "__module__", "") or ""
 
 
-def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], name: str | None) -> Constraint:
+def forced_call(
+    tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], name: str | None
+) -> Constraint:
     """A grammar for one call of `name` (None: of any of `tools`), then the end.
 
     Raises:
@@ -48,13 +50,16 @@ def forced_call(tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], name: 
         if not functions:
             raise ValueError(f"function {name!r} is not among the tools")
     call = {"oneOf": [_call_schema(f) for f in functions]}
-    start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
-    grammar = (
-        f"start: {json.dumps(start)} NL? call NL? {json.dumps(end)}\n"
-        "NL: /\\n/\n"
-        f"call: %json {json.dumps(call)}\n"
-    )
+    start = _marker(tokenizer.tool_call_start, tokenizer.tool_call_start_tokens)
+    end = _marker(tokenizer.tool_call_end, tokenizer.tool_call_end_tokens)
+    grammar = f"start: {start} NL? call NL? {end}\nNL: /\\n/\ncall: %json {json.dumps(call)}\n"
     return Constraint.lark(grammar)
+
+
+def _marker(text: str, ids: tuple[int, ...] | None) -> str:
+    """A call marker in the grammar: its token where it is one (an added token, which
+    the engine does not read as text), else its text."""
+    return f"<[{ids[0]}]>" if ids and len(ids) == 1 else json.dumps(text)
 
 
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 Requests give tools in OpenAI's shape (Anthropic's and Ollama's are turned into
 it); the chat template renders them; the tool parser mlx-lm picks for the model's
 family (TokenizerWrapper.tool_parser) reads the calls back from the generated
-text. `tool_choice` "required" or a named function, and strict schemas, need
-constrained decoding: `require_unconstrained` refuses them until the grammar
-engine can enforce them (issue 19), rather than pretend to.
+text. `tool_choice` "required" or a named function is enforced by a grammar of
+the call (tool_grammar.py, `forced_call`); so are strict schemas then. A strict
+tool the model may or may not call, and "one call at most", are refused.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from typing import Annotated, Any, Literal
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlx_cluster.contract.errors import InvalidParam
+from mlx_cluster.contract.grammar import Constraint
+from mlx_cluster.coordinator.api import tool_grammar
 from mlx_cluster.coordinator.api.chat_template import require_tools
 from mlx_cluster.coordinator.api.errors import ApiError
+from mlx_cluster.coordinator.api.response_format import checked
 
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")]
 
@@ -130,16 +134,22 @@ def unenforceable(param: str, what: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def require_unconstrained(choice: ToolChoice, param: str = "tool_choice") -> None:
-    """Raises: ApiError 400 for a tool choice only constrained decoding can enforce.
+def forced_call(
+    tokenizer: TokenizerWrapper, tools: list[dict[str, Any]] | None, choice: ToolChoice | None
+) -> Constraint | None:
+    """The grammar that makes the reply one call (tool_choice "required", or of a named
+    function); None when the model may choose.
 
-    This is where the grammar engine will take over: "required" (some call) and a
-    named function (that call) become a grammar over the tools' calls.
+    Raises:
+        ApiError: 400 naming tool_choice when the call cannot be forced on this model.
     """
-    if choice in ("none", "auto"):
-        return
-    which = "a call" if choice == "required" else "a call of one named function"
-    raise unenforceable(param, f"forcing {which} (let the model choose, or offer no tools)")
+    if tools is None or choice in (None, "auto", "none"):
+        return None
+    name = None if choice == "required" else choice.function.name  # type: ignore[union-attr]
+    try:
+        return checked(tool_grammar.forced_call(tokenizer, tools, name), "tool_choice")
+    except (ValueError, InvalidParam) as exc:
+        raise ApiError(400, f"tool_choice: {exc}", param="tool_choice") from exc
 
 
 def offered_tools(
@@ -158,10 +168,11 @@ def offered_tools(
         return None
     if choice == "none":
         return None
-    require_unconstrained(choice or "auto")
-    for index, tool in enumerate(tools):
-        if tool.function.strict:
-            raise unenforceable(f"tools.{index}.function.strict", "a strict tool")
+    for index, tool in enumerate(tools):  # a forced call's grammar holds strict schemas
+        if tool.function.strict and choice in (None, "auto"):
+            raise unenforceable(
+                f"tools.{index}.function.strict", "a strict tool the model may not call"
+            )
     require_tools(tokenizer)
     return [tool.model_dump(exclude_none=True) for tool in tools]
 
