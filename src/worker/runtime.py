@@ -24,8 +24,6 @@ from mlx_cluster.contract.sampling import SampledToken, SamplingParams, TokenPic
 from mlx_cluster.contract.worker_info import Capabilities, LoadedSlice, WorkerInfo
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges
 from mlx_cluster.tensor.shared import SharedViews
-from mlx_cluster.worker.batching import can_batch
-from mlx_cluster.worker.constraint import Grammars
 from mlx_cluster.worker.drafter import check_draft_model
 from mlx_cluster.worker.picking import (
     Picks,
@@ -35,10 +33,9 @@ from mlx_cluster.worker.picking import (
     sample_rows,
     verify_rows,
 )
-from mlx_cluster.worker.prefixes import PrefixStore, can_keep
 from mlx_cluster.worker.sessions import SessionStore, StoreTotals
 from mlx_cluster.worker.settings import WorkerSettings
-from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage
+from mlx_cluster.worker.stage import Loaded, check_load_request, read_stage, serve_stage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,7 +109,9 @@ class WorkerRuntime:
         ttl = session_ttl_s or self.settings.session_ttl_s
         current = self.loaded
         if current is not None and current.holds(model, start, end, embedding, head):
-            self.loaded = self._serve(model, current.layer_slice, current.edges, capacity, ttl)
+            self.loaded = serve_stage(
+                model, current.layer_slice, current.edges, self.settings, capacity, ttl
+            )
             self.loaded = self.loaded.holding_drafter(draft_model, draft_path, current.drafter)
             log.info(
                 "%s of %s held already: weights kept, %d sessions ended",
@@ -131,7 +130,7 @@ class WorkerRuntime:
             before = mx.get_active_memory()
 
         layer_slice, edges = read_stage(model, start, end, embedding, head, drop_held_stage)
-        loaded = self._serve(model, layer_slice, edges, capacity, ttl)
+        loaded = serve_stage(model, layer_slice, edges, self.settings, capacity, ttl)
         self.loaded = loaded = loaded.holding_drafter(draft_model, draft_path)
         used = mx.get_active_memory() - before
         log.info(
@@ -141,25 +140,6 @@ class WorkerRuntime:
             loaded.weight_bytes / 1e6,
         )
         return LoadedSlice(self.info(), max(used, loaded.weight_bytes), reloaded=True)
-
-    def _serve(
-        self,
-        model: str,
-        layer_slice: LayerSlice,
-        edges: ModelEdges | None,
-        capacity: tuple[int, int],
-        ttl: float,
-    ) -> Loaded:
-        """The stage with a new, empty session store (capacity: KV tokens, prefix bytes)."""
-        layer_slice.eval_every = self.settings.layer_eval_every(metal=mx.metal.is_available())
-        layer_slice.short_steps = self.settings.short_steps()
-        tokens, prefix_bytes = capacity
-        prefixes = PrefixStore(prefix_bytes if can_keep(layer_slice.cache_templates) else 0)
-        most = self.settings.max_sessions
-        store = SessionStore(tokens, layer_slice.make_caches, ttl, most, prefixes=prefixes)
-        batch = self.settings.batch_decode and can_batch(layer_slice.cache_templates)
-        grammars = Grammars(model, edges.vocab_size) if edges and edges.holds_head else None
-        return Loaded(model, layer_slice, store, batch, edges, grammars=grammars)
 
     def unload(self) -> None:
         self.loaded = None

@@ -27,10 +27,11 @@ from mlx_cluster.contract.proto import layer_service_pb2 as pb
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import LAYER_SERVICE_NAME, STAGE_KEY, Route
 from mlx_cluster.contract.sampling import SamplingParams
-from mlx_cluster.contract.streams import failures_in_band, step_failure
+from mlx_cluster.contract.streams import failures_in_band
 from mlx_cluster.tensor.shared import Probe
 from mlx_cluster.worker import steps
 from mlx_cluster.worker.compute_thread import ComputeThread
+from mlx_cluster.worker.forward_calls import checked_steps, in_band
 from mlx_cluster.worker.leases import Leases
 from mlx_cluster.worker.relay import NextStage, Peers, RelayFailed
 from mlx_cluster.worker.relayed_steps import Compute, relay_steps
@@ -41,11 +42,6 @@ from mlx_cluster.worker.sessions import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# gRPC ends the requests of a Forward call whose client vanished as if the client had
-# half-closed, and cancels the handler a loop iteration or two later: wait this long
-# before taking an end of requests as clean (1 ms caught every case measured).
-CANCEL_SETTLE_S = 0.005
 
 
 def _bind_request_id(context: grpc.aio.ServicerContext) -> None:
@@ -65,30 +61,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ClusterError) -> None:
 
 def _check_ids(ids: Iterable[str], what: str = "session id") -> list[str]:
     return [check_id(value, what) for value in ids]
-
-
-async def _checked_steps(
-    requests: AsyncIterator[pb.ForwardRequest],
-) -> AsyncIterator[pb.ForwardRequest]:
-    """A Forward call's steps, their session ids checked; a malformed one raises."""
-    iterator = aiter(requests)
-    while True:
-        try:
-            request = await anext(iterator)
-        except StopAsyncIteration:
-            await asyncio.sleep(CANCEL_SETTLE_S)
-            return
-        except Exception as exc:  # bytes that are no ForwardRequest
-            log.warning("undecodable Forward message: %r", exc)
-            raise InvalidArgument("malformed ForwardRequest") from exc
-        _check_ids(request.session_ids)
-        yield request
-
-
-def _step_failure(exc: ClusterError) -> pb.StepFailure:
-    """`exc` in band; a failure further down the ring names its stage."""
-    stage = exc.stage if isinstance(exc, RelayFailed) else 0
-    return step_failure(exc.code, str(exc), exc.kind, stage)
 
 
 def _how_it_ended(exc: BaseException) -> str:
@@ -279,7 +251,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         _bind_request_id(context)  # once per stream, not per step
         stream_id = next(self._stream_ids)
         next_stage = self._open_next(context)
-        requests = _checked_steps(request_iterator)
+        requests = checked_steps(request_iterator)
         if next_stage is None:
             answers = self._steps_here(requests, stream_id)
         else:
@@ -296,7 +268,7 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
                     self._compute.post(self.runtime.end_stream, stream_id, _how_it_ended(exc))
                     if next_stage is not None:
                         next_stage.cancel()
-                    yield pb.ForwardResponse(failure=_step_failure(failure))
+                    yield pb.ForwardResponse(failure=in_band(failure))
                     return  # the call ends OK: its caller reads the failure first
         except BaseException as exc:
             self._compute.post(self.runtime.end_stream, stream_id, _how_it_ended(exc))

@@ -17,7 +17,7 @@ from mlx_cluster import tensor
 from mlx_cluster.contract.errors import InvalidArgument
 from mlx_cluster.models.slicing import LayerSlice, ModelEdges, load_stage
 from mlx_cluster.models.sources import resolve_model
-from mlx_cluster.worker.batching import batch_for
+from mlx_cluster.worker.batching import batch_for, can_batch
 from mlx_cluster.worker.compute import (
     check_hidden,
     check_rows,
@@ -27,7 +27,9 @@ from mlx_cluster.worker.compute import (
 )
 from mlx_cluster.worker.constraint import Grammars
 from mlx_cluster.worker.drafter import DraftModel
+from mlx_cluster.worker.prefixes import PrefixStore, can_keep
 from mlx_cluster.worker.sessions import Session, SessionStore
+from mlx_cluster.worker.settings import WorkerSettings
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,27 @@ class Loaded:
         parts = (("the embedding", self.embedding), ("the head", self.head))
         held = [name for name, holds in parts if holds]
         return f"layers [{s.start}, {s.end})" + (f" with {' and '.join(held)}" if held else "")
+
+
+def serve_stage(
+    model: str,
+    layer_slice: LayerSlice,
+    edges: ModelEdges | None,
+    settings: WorkerSettings,
+    capacity: tuple[int, int],
+    ttl: float,
+) -> Loaded:
+    """The stage with a new, empty session store (capacity: KV tokens, prefix bytes), run
+    as the worker's settings say."""
+    layer_slice.eval_every = settings.layer_eval_every(metal=mx.metal.is_available())
+    layer_slice.short_steps = settings.short_steps()
+    tokens, prefix_bytes = capacity
+    prefixes = PrefixStore(prefix_bytes if can_keep(layer_slice.cache_templates) else 0)
+    most = settings.max_sessions
+    store = SessionStore(tokens, layer_slice.make_caches, ttl, most, prefixes=prefixes)
+    batch = settings.batch_decode and can_batch(layer_slice.cache_templates)
+    grammars = Grammars(model, edges.vocab_size) if edges and edges.holds_head else None
+    return Loaded(model, layer_slice, store, batch, edges, grammars=grammars)
 
 
 def read_stage(
