@@ -27,16 +27,15 @@ PERSON = {
     "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 40},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "city": {"type": "string", "maxLength": 40},
         "languages": {
             "type": "array",
             "items": {"enum": ["English", "French", "German", "Spanish", "Chinese"]},
             "minItems": 1,
-            "maxItems": 3,
+            "maxItems": 2,
         },
         "employed": {"type": "boolean"},
     },
-    "required": ["name", "age", "city", "languages", "employed"],
+    "required": ["name", "age", "languages", "employed"],
     "additionalProperties": False,
 }
 PERSON_FORMAT = {
