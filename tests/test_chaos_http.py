@@ -146,9 +146,11 @@ async def test_stuck_reader_is_cut_off_and_its_kv_freed(serve_cluster, settings,
         await assert_nothing_held(cluster, within_s=bound_s)
         freed = time.perf_counter() - started
         print(f"stuck reader's session freed after {freed:.2f} s")
-        # The server closed the connection without finishing the stream.
+        # The stream did not finish as a success: the server closed the connection (its
+        # buffers full), or, where they still had room, the deadline's error ended it.
         tail = await asyncio.wait_for(reader.read(), 10)
-        assert b"[DONE]" not in tail[-4096:]
+        end = tail[-4096:]
+        assert b"[DONE]" not in end or b'"code": "timeout"' in end, end[-300:]
         writer.close()
         assert await chat_text(http) == want
 
