@@ -135,14 +135,20 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     gpus = f", GPUs {list(args.gpus)} per worker" if args.gpus else ""
     say(f"model {model_dir}; {args.workers} workers on {args.transport}{gpus}")
     async with local_workers(
-        args.workers, WORKER_ARGS, transport=args.transport, gpus=args.gpus
+        args.workers, [*WORKER_ARGS, *args.worker_arg], transport=args.transport, gpus=args.gpus
     ) as processes:
         addresses = [w.address for w in processes]
         runs = [
             await conversation(model_dir, addresses, gb, tokenizer, args)
             for gb in (args.prefix_cache_gb, 0.0)
         ]
-    return {**host_info(), "model": str(model_dir), "workers": args.workers, "runs": runs}
+    return {
+        **host_info(),
+        "model": str(model_dir),
+        "workers": args.workers,
+        "worker_args": args.worker_arg,
+        "runs": runs,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-gb", type=float, default=2.0, help="each worker's, when on")
     p.add_argument("--transport", choices=TRANSPORTS, default="tcp")
     p.add_argument("--gpus", type=gpu_list, default=(), help="GPU index for each worker, cycled")
+    p.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help="one more flag for every worker, e.g. --worker-arg=--short-step-attention=fused",
+    )
     p.add_argument("--json", type=Path, default=None, help="results file (default under /tmp)")
     return p
 

@@ -14,4 +14,5 @@ export HF_HUB_OFFLINE=1
 ruff check src tests scripts benchmarks
 ruff format --check src tests scripts benchmarks
 python scripts/typecheck.py
-pytest -q "$@"
+# Test files spread over two processes (pytest-xdist), each file whole in one of them.
+pytest -q -n 2 --dist loadfile "$@"

@@ -127,14 +127,16 @@ def test_the_index_finds_the_longest_common_prefix_not_only_an_exact_one():
 # --- through the cluster -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["fused", "padded"])  # as mlx-lm; as on CUDA
 @pytest.mark.parametrize("counts", [[3, 5], [2, 3, 3]], ids=["2-workers", "3-workers"])
 async def test_a_conversations_next_turn_prefills_only_what_is_new(
-    model_factory, start_workers, counts
+    model_factory, start_workers, counts, how
 ):
+    """The next turn's new tokens are one short step on each worker, which `padded`
+    workers pad and attend with composed operations (models/short_steps.py)."""
     model = model_factory("qwen3")
-    engine = await make_engine(
-        model, await start_workers(len(counts)), counts, prefix_cache_bytes=64 * MIB
-    )
+    workers = await start_workers(len(counts), short_step_attention=how)
+    engine = await make_engine(model, workers, counts, prefix_cache_bytes=64 * MIB)
     turn1 = [*SYSTEM, 11, 52, 7]
     got1, cached1 = await run(engine, turn1)
     assert cached1 == 0

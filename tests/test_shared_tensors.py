@@ -131,7 +131,6 @@ async def test_worker_processes_relay_through_shared_memory(model_factory):
     params = SamplingParams(max_tokens=8)
     want = [token for token, _ in reference(model, PROMPT, params)]
     for min_kb in ("1", "0"):
-        before = segments()
         async with local_workers(3, ["--shared-memory-min-kb", min_kb]) as workers:
             cluster = await Cluster.start(model, [w.address for w in workers], [3, 3, 2])
             try:
@@ -139,15 +138,19 @@ async def test_worker_processes_relay_through_shared_memory(model_factory):
                 assert len(probes) == (3 if min_kb == "1" else 0)
                 got = [t.token async for t in cluster.engine.generate_tokens(PROMPT, params)]
                 assert got == want
-                if SHM.is_dir():  # the relay's segments, held while its stream is open
-                    relayed = segments() - before - probes
+                if PROC_MAPS:  # the relay's segments, held while its stream is open
+                    pids = [w.process.pid for w in workers]
+                    relayed = set().union(*map(mapped_segments, pids)) - probes
                     assert bool(relayed) == (min_kb == "1"), relayed
             finally:
                 await cluster.close()
 
 
-SHM = Path("/dev/shm")  # where Linux keeps POSIX shared memory
+PROC_MAPS = Path("/proc/self/maps").is_file()  # Linux: what each process has mapped
 
 
-def segments() -> set[str]:
-    return {p.name for p in SHM.glob("mlxc-*")} if SHM.is_dir() else set()
+def mapped_segments(pid: int) -> set[str]:
+    """Our shared-memory segments that process `pid` has mapped (only its own, unlike a
+    listing of /dev/shm, which tests running beside this one also write to)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {Path(line.split()[-1]).name for line in lines if "/dev/shm/mlxc-" in line}

@@ -9,7 +9,9 @@ as it would be.
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import mlx.core as mx
 import pytest
@@ -17,11 +19,16 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.sampling import SamplingParams
+from mlx_cluster.models import short_steps
 from mlx_cluster.models.architecture import inner_model, run_layers
 from mlx_cluster.models.short_steps import (
+    ComposedView,
+    PaddedStep,
     WholeBufferView,
+    route_attention,
     short_step_views,
 )
+from mlx_cluster.models.slicing import load_layer_slice
 from mlx_cluster.worker.drafter import DraftModel
 from tests.conftest import make_engine
 from tests.test_golden import assert_same, reference
@@ -40,8 +47,8 @@ def assert_caches_equal(a: list[KVCache], b: list[KVCache]) -> None:
         assert mx.array_equal(kx, ky) and mx.array_equal(vx, vy)
 
 
-HOW = ["whole_buffer"]
-VIEWS = {"whole_buffer": WholeBufferView}
+HOW = ["whole_buffer", "padded"]
+VIEWS = {"whole_buffer": WholeBufferView, "padded": ComposedView}
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -58,7 +65,7 @@ def test_short_steps_equal_fused_steps(model_factory, model_type, how):
     for caches in (exact, whole):
         mx.eval(run_layers(layers, prompt, caches))
     viewed = 0
-    for n, positions in enumerate([5, 1, 3, 17, 2, 9, 4]):
+    for n, positions in enumerate([5, 1, 3, 17, 2, 9, 4, 40, 100]):
         x = hidden(positions, n + 1, size)
         want = run_layers(layers, x, exact)
         got = run_layers(layers, x, whole, short_steps=how)
@@ -83,8 +90,54 @@ def test_only_short_steps_over_plain_caches_are_viewed(model_factory):
             type(c).__name__: isinstance(v, VIEWS[how]) for c, v in zip(caches, views, strict=True)
         }
         assert kinds == {"RotatingKVCache": False, "KVCache": True}
-    for positions, how in ((1, "whole_buffer"), (33, "whole_buffer"), (4, "fused")):
+    for positions, how in (
+        (1, "whole_buffer"),
+        (33, "whole_buffer"),
+        (4, "fused"),
+        (257, "padded"),
+    ):
         assert short_step_views(caches, positions, how) == caches
+
+
+@pytest.mark.parametrize("model_type, padded", [("llama", True), ("gemma3_text", False)])
+def test_a_padded_step_pads_only_over_plain_caches_and_attends_composed(
+    model_factory, model_type, padded
+):
+    """Over plain caches a step of 5 runs 8 positions, through composed attention; over
+    gemma3's rotating caches it runs its own 5 (composed in its plain layers)."""
+    model, _ = load_model(model_factory(model_type))
+    layers = inner_model(model).layers
+    caches = make_prompt_cache(model)
+    mx.eval(run_layers(layers, hidden(20, 0, model.args.hidden_size), caches))
+    step = PaddedStep(caches, 5, "padded")
+    assert step.width == (8 if padded else 5)
+    assert PaddedStep(caches, 5, "whole_buffer").width == 5
+    route_attention(layers)
+    module = sys.modules[type(layers[0].self_attn).__module__]
+    calls = []
+    with patch.object(
+        short_steps, "composed_attention", side_effect=short_steps.composed_attention
+    ) as spy:
+        mx.eval(
+            run_layers(layers, hidden(5, 1, model.args.hidden_size), caches, short_steps="padded")
+        )
+        calls = spy.call_args_list
+    assert module.scaled_dot_product_attention is short_steps._attention
+    assert len(calls) == sum(type(c) is KVCache for c in caches)
+    assert {c.offset for c in caches if type(c) is KVCache} == {25}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_composed_attention_is_mlx_attention(heads, kv_heads):
+    """Against mx.fast's under the same mask: a step of 6 queries over 30 keys."""
+    keys = [mx.random.key(n) for n in range(3)]
+    q = mx.random.normal((1, heads, 6, 16), key=keys[0])
+    k = mx.random.normal((1, kv_heads, 30, 16), key=keys[1])
+    v = mx.random.normal((1, kv_heads, 30, 16), key=keys[2])
+    mask = mx.arange(24, 30)[:, None] >= mx.arange(30)[None]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    got = short_steps.composed_attention(q, k, v, 0.25, mask)
+    assert got.shape == want.shape and mx.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -111,3 +164,17 @@ def test_a_draft_model_drafts_what_it_drafts_with_the_fused_kernel(model_factory
         exact, whole = (d.drafts(s, tokens, 4) for d, s in pairs)  # type: ignore[arg-type]
         assert exact == whole, f"step {n}"
         tokens += [*exact[: n % 3], (exact[0] + n) % 64]  # some kept, then another token
+
+
+def test_a_rehearsal_runs_a_padded_step_of_each_width(model_factory):
+    """What a GPU worker runs when it loads a slice (LayerSlice.warm_up), here on the CPU:
+    after each prefix, one composed step of each width, in every layer."""
+    layer_slice = load_layer_slice(model_factory("llama"), 2, 6)
+    layer_slice.short_steps = "padded"
+    with patch.object(
+        short_steps, "composed_attention", side_effect=short_steps.composed_attention
+    ) as spy:
+        layer_slice.rehearse(prefixes=(20, 40), chunk=64)  # each prefix in one step
+    widths = {call.args[0].shape[2] for call in spy.call_args_list}
+    assert widths == set(short_steps.PADDED_WIDTHS)
+    assert spy.call_count == 2 * len(short_steps.PADDED_WIDTHS) * 4  # prefixes, widths, layers

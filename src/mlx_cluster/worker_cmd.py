@@ -69,8 +69,9 @@ SETTING_FLAGS = (
         "short_step_attention",
         str,
         1,
-        "how steps of a few positions (speculative verification) attend: fused (as "
-        "mlx-lm) or whole_buffer (shapes that repeat: CUDA's default)",
+        "how steps of a few positions (a turn's new tokens, a verification) attend: "
+        "fused (as mlx-lm), whole_buffer (shapes that repeat) or padded (to a power of two, "
+        "composed attention: CUDA's default)",
     ),
     SettingFlag(
         "--shared-memory-min-kb",

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
-from mlx_cluster.models.short_steps import ShortStepAttention, short_step_views
+from mlx_cluster.models.short_steps import PaddedStep, ShortStepAttention, route_attention
 
 
 class UnsupportedArchitecture(ValueError):
@@ -132,9 +132,12 @@ def run_layers(
             cannot. The same operations run either way; only when they start.
         short_steps: how a step of a few positions attends (models/short_steps.py).
     """
-    caches = short_step_views(caches, hidden.shape[1], short_steps)
+    step = PaddedStep(caches, hidden.shape[1], short_steps)
+    if short_steps == "padded":
+        route_attention(layers)
+    caches = step.views
     masks: dict[int | None, Any] = {}
-    h = hidden
+    h = step.pad(hidden)
     last = len(layers) - 1
     for index, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
         window = _window(cache)
@@ -143,4 +146,4 @@ def run_layers(
         h = layer(h, masks[window], cache)
         if eval_every > 0 and index % eval_every == eval_every - 1 and index != last:
             mx.async_eval(h)
-    return h
+    return step.finish(h)

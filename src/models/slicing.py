@@ -9,7 +9,9 @@ mlx-lm's own pipeline loading).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +33,12 @@ from mlx_cluster.models.architecture import (
     run_layers,
 )
 from mlx_cluster.models.shards import check_weights_present, shard_view
-from mlx_cluster.models.short_steps import ShortStepAttention
+from mlx_cluster.models.short_steps import PADDED_WIDTHS, ShortStepAttention
+
+log = logging.getLogger(__name__)
+
+# A warm-up's prefixes (`LayerSlice.warm_up`): a short chat, a long one, an agent's.
+WARM_PREFIXES = (256, 2048, 8192)
 
 
 def _parameter_bytes(module: nn.Module) -> int:
@@ -79,6 +86,26 @@ class LayerSlice:
 
     def __call__(self, hidden: mx.array, caches: list[Any]) -> mx.array:
         return run_layers(self.layers, hidden, caches, self.eval_every, self.short_steps)
+
+    def warm_up(self) -> None:
+        """On a GPU, with `padded` short steps, `rehearse` before serving: CUDA loads a
+        kernel when first used, and a turn's first short step cost 115-140 ms a stage in
+        a fresh worker (benchmarks/RESULTS.md, session 9)."""
+        if self.short_steps == "padded" and mx.default_device() == mx.gpu:
+            started = time.perf_counter()
+            self.rehearse()
+            log.info("short steps rehearsed in %.2f s", time.perf_counter() - started)
+
+    def rehearse(self, prefixes: Sequence[int] = WARM_PREFIXES, chunk: int = 512) -> None:
+        """Run a step of each padded width after prefixes of a few lengths (prefilled in
+        chunks of `chunk`), as a chat's turns would, on caches of its own."""
+        for prefix in prefixes:
+            caches = self.make_caches()
+            for done in range(0, prefix, chunk):
+                size = min(chunk, prefix - done)
+                mx.eval(self(mx.zeros((1, size, self.hidden_size), self.dtype), caches))
+            for width in PADDED_WIDTHS:  # the caches grow by each: no cut needed
+                mx.eval(self(mx.zeros((1, width, self.hidden_size), self.dtype), caches))
 
 
 def load_layer_slice(

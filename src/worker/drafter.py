@@ -24,7 +24,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.errors import InvalidArgument
-from mlx_cluster.models.short_steps import ShortStepAttention, short_step_views
+from mlx_cluster.models.architecture import inner_model
+from mlx_cluster.models.short_steps import ShortStepAttention, route_attention, short_step_views
 from mlx_cluster.models.sources import resolve_model
 from mlx_cluster.worker.sessions import Session
 
@@ -79,6 +80,8 @@ class DraftModel:
         self.name = name
         self.model = model
         self.short_steps: ShortStepAttention = short_steps  # as the stage's
+        if short_steps == "padded":
+            route_attention(inner_model(model).layers)
 
     @classmethod
     def load(cls, name: str, path: Path, short_steps: ShortStepAttention = "fused") -> DraftModel:

@@ -133,6 +133,7 @@ class WorkerRuntime:
         loaded = serve_stage(model, layer_slice, edges, self.settings, capacity, ttl)
         self.loaded = loaded = loaded.holding_drafter(draft_model, draft_path)
         used = mx.get_active_memory() - before
+        layer_slice.warm_up()
         log.info(
             "loaded %s of %s: %.1f MB of weights",
             loaded.describe(),

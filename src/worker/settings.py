@@ -30,8 +30,8 @@ class WorkerSettings(BaseModel):
     # Start computing every this many layers of a step while the rest is built (0: at the
     # end); None: this backend's measured best (`layer_eval_every`).
     eval_every: int | None = Field(default=None, ge=0)
-    # How steps of a few positions (speculative verification) attend (models/short_steps.py);
-    # None: this backend's default.
+    # How steps of a few positions (a turn's new tokens, speculative verification) attend
+    # (models/short_steps.py); None: this backend's default.
     short_step_attention: ShortStepAttention | None = None
     # Hidden states of at least this many bytes go to a next stage on this host through
     # shared memory (tensor/shared.py); 0: always as gRPC messages.
@@ -52,8 +52,8 @@ class WorkerSettings(BaseModel):
         return 4 if metal else 1
 
     def short_steps(self) -> ShortStepAttention:
-        """`short_step_attention`, or this backend's default: not the fused kernel on CUDA,
-        where a step of a new length builds a new cuDNN plan (benchmarks/RESULTS.md)."""
+        """`short_step_attention`, or this backend's default: padded on CUDA, where a step
+        at a new shape builds a new cuDNN plan (benchmarks/RESULTS.md)."""
         return self.short_step_attention or backend_default()
 
     @property
