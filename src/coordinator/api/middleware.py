@@ -31,6 +31,7 @@ KNOWN_ENDPOINTS = {
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/cluster/events",
 }
 
 
