@@ -3,9 +3,15 @@ live snapshots of /v1/cluster/events (with API keys on, too)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
+
+from mlx_cluster.coordinator.api.app import create_app
+from mlx_cluster.coordinator.api.server import HttpServer
+from mlx_cluster.coordinator.engine.cluster import Cluster
 
 API_KEY = "sk-dashboard"
 
@@ -72,3 +78,25 @@ async def test_events_need_a_key_when_keys_are_on_and_the_page_does_not(serve_cl
         assert (await http.get("/dashboard/dashboard.js")).status_code == 200
         snapshot = await first_snapshot(http, Authorization=f"Bearer {API_KEY}")
     assert snapshot["status"] == "ok"
+
+
+async def test_the_stream_ends_when_the_server_stops(start_workers, tiny_llama):
+    clients = await start_workers(2)
+    cluster = await Cluster.start(tiny_llama, [c.address for c in clients])
+    server = HttpServer(create_app(cluster), "127.0.0.1", 0, shutdown_grace_s=1)
+    await server.start()
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+            http.stream("GET", "/v1/cluster/events") as stream,
+        ):
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")
+            started = time.perf_counter()
+            stopping = asyncio.create_task(server.stop())
+            _ = [line async for line in lines]  # the server ends the stream
+            await asyncio.wait_for(stopping, 10)
+        # Within a snapshot's interval, well before uvicorn's backstop (grace + 5 s).
+        assert time.perf_counter() - started < 3
+    finally:
+        await cluster.close()

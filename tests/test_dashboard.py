@@ -67,7 +67,7 @@ async def test_the_map_shows_every_worker_and_one_killed_turns_red(
     await screenshot(page, "worker-down")
 
 
-async def test_a_chat_message_streams_an_answer(serve_cluster, page):
+async def test_a_chat_message_streams_an_answer_and_stop_ends_one(serve_cluster, page):
     url, _ = await serve_cluster()
     await page.goto(url)
     await page.locator("summary").click()
@@ -76,11 +76,23 @@ async def test_a_chat_message_streams_an_answer(serve_cluster, page):
     await page.fill("#prompt", "What is the capital of France?")
     await page.click("#send")
     answer = page.locator(".message.assistant")
-    await answer.locator(".figures", has_text="TTFT").wait_for()
-    assert await answer.locator(".text").inner_text()
-    assert "tokens/s" in await answer.locator(".figures").inner_text()
+    first = answer.first
+    await first.locator(".figures", has_text="TTFT").wait_for()
+    assert await first.locator(".text").inner_text()
+    assert "tokens/s" in await first.locator(".figures").inner_text()
     assert not await page.locator("#send").is_disabled()
+    # The next snapshots chart the answer's decode steps.
+    await page.locator("#split-legend", has_text="compute").wait_for(timeout=5 * SECONDS)
     await screenshot(page, "chat")
+
+    await page.fill("#max-tokens", "4000")  # long enough to be stopped
+    await page.fill("#prompt", "Tell me more.")
+    await page.click("#send")
+    second = answer.nth(1)
+    await second.locator(".figures", has_text="pieces").wait_for()
+    await page.click("#stop")
+    await second.locator(".figures", has_text="stopped").wait_for(timeout=5 * SECONDS)
+    assert not await page.locator("#send").is_disabled()
 
 
 async def test_with_api_keys_the_page_asks_for_one_and_works_once_given(serve_cluster, page):

@@ -20,21 +20,20 @@ function headers(extra = {}) {
   return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
 }
 
-// Asks for a key (again, when `refused`); resolves once one is given.
+// Asks for a key (again, when `refused`); resolves once one is given. Closed without
+// one (Escape), the dialog opens again from the header's "API key" button.
 function askForKey(refused) {
   $("key-error").hidden = !refused;
   $("key-button").hidden = false;
-  if (!keyWanted) {
-    keyWanted = new Promise((resolve) => {
-      $("key-form").onsubmit = () => {
-        apiKey = $("key-input").value.trim();
-        sessionStorage.setItem(KEY_STORAGE, apiKey);
-        keyWanted = null;
-        resolve();
-      };
-    });
-    $("key-dialog").showModal();
-  }
+  keyWanted ??= new Promise((resolve) => {
+    $("key-form").onsubmit = () => {
+      apiKey = $("key-input").value.trim();
+      sessionStorage.setItem(KEY_STORAGE, apiKey);
+      keyWanted = null;
+      resolve();
+    };
+  });
+  if (!$("key-dialog").open) $("key-dialog").showModal();
   return keyWanted;
 }
 
@@ -127,7 +126,8 @@ function workerCard(w) {
     fact("memory", `${size(m.weight_bytes)} weights, ${size(m.available_bytes)} free of ${size(m.total_bytes)}`);
     const kv = w.kv_tokens;
     fact("KV", `${kv.used} / ${kv.capacity} tokens`, meter(kv.used, kv.capacity));
-    fact("prefixes", `${size(w.prefix_cache.bytes)} in ${w.prefix_cache.prefixes} prefixes`);
+    fact("prefixes", `${size(w.prefix_cache.bytes)} in ${w.prefix_cache.prefixes} ` +
+      (w.prefix_cache.prefixes === 1 ? "prefix" : "prefixes"));
     fact("sessions", String(w.sessions_open));
     fact("round trip", w.last_round_trip_ms === null ? "–" : `${w.last_round_trip_ms.toFixed(1)} ms`);
   } else if (w.error) {
@@ -141,8 +141,8 @@ function renderPerformance(perf) {
   const points = perf.points;
   drawChart($("tps-chart"), points.map((p) => p.tokens_per_s), "#2b6cb0");
   drawChart($("ttft-chart"), points.map((p) => p.ttft_ms), "#805ad5");
-  const last = points[points.length - 2] || points[points.length - 1];
-  $("tps-now").textContent = last ? `(${last.tokens_per_s})` : "";
+  const peak = Math.max(0, ...points.map((p) => p.tokens_per_s));
+  $("tps-now").textContent = peak ? `(peak ${peak})` : "";
   const ttfts = points.filter((p) => p.ttft_ms !== null);
   $("ttft-now").textContent = ttfts.length ? `(last ${ttfts[ttfts.length - 1].ttft_ms.toFixed(0)})` : "";
   const split = perf.token_split_ms;
@@ -179,6 +179,14 @@ function drawChart(canvas, values, color) {
     drawing = true;
   });
   g.stroke();
+  g.fillStyle = color;
+  values.forEach((v, i) => { // a dot a point, so that a lone one shows too
+    if (v === null || v === 0) return;
+    const x = (i / Math.max(values.length - 1, 1)) * width;
+    g.beginPath();
+    g.arc(Math.min(x, width - 3), height - (v / top) * (height - 4) - 2, 2.5, 0, 2 * Math.PI);
+    g.fill();
+  });
 }
 
 // --- chat ----------------------------------------------------------------------------
