@@ -40,6 +40,8 @@ async def test_root_is_the_page_for_browsers_and_json_for_clients(serve_cluster)
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
     for body in (described.json(), anything.json()):
         assert body["model"] == cluster.model_id and "GET /v1/cluster/events" in body["endpoints"]
+    for asset in (script, style):  # nothing from a CDN: the page works offline
+        assert "http://" not in asset.text and "https://" not in asset.text
     assert script.headers["content-type"].startswith("text/javascript")
     assert "/v1/cluster/events" in script.text
     assert style.headers["content-type"].startswith("text/css")
@@ -51,7 +53,12 @@ async def test_a_snapshot_has_the_map_and_the_figures(serve_cluster):
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
         assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+        async with http.stream("GET", "/v1/cluster/events") as stream:
+            await anext(stream.aiter_lines())
+            metrics = (await http.get("/metrics")).text
         snapshot = await first_snapshot(http)
+    # A page's open stream is not a request in flight (the /metrics scrape itself is).
+    assert "mlx_cluster_requests_in_flight 1.0" in metrics
     assert snapshot["status"] == "ok" and snapshot["model"] == cluster.model_id
     assert snapshot["total_layers"] == 8
     assert [w["layers"] for w in snapshot["workers"]] == [[0, 4], [4, 8]]
