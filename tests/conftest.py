@@ -168,9 +168,11 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
         settings: LimitsConfig | None = None,
         cors_origins: Sequence[str] = (),
         kv: dict[str, Any] | None = None,
+        api_keys: Sequence[str] = (),
         **worker_settings: object,
     ) -> tuple[str, Cluster]:
-        """`settings` are the cluster's limits (the API's too), `kv` its kv section."""
+        """`settings` are the cluster's limits (the API's too), `kv` its kv section;
+        with `api_keys` the API asks for one of them."""
         clients = await start_workers(workers, **worker_settings)
         addresses = [c.address for c in clients]
         limits = settings or LimitsConfig()
@@ -178,7 +180,7 @@ async def serve_cluster(start_workers, tiny_llama) -> AsyncIterator[Callable[...
             model or tiny_llama, addresses, counts, limits=limits, kv=kv or {}
         )
         clusters.append(cluster)
-        server = HttpServer(create_app(cluster, limits, cors_origins), "127.0.0.1", 0)
+        server = HttpServer(create_app(cluster, limits, cors_origins, api_keys), "127.0.0.1", 0)
         await server.start()
         servers.append(server)
         return server.url, cluster

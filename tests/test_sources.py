@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mlx_cluster.models.shards import shards_for, weight_map
 from mlx_cluster.models.sources import ModelNotAvailable, local_models, resolve_model
 
 REPO = "test-org/tiny"
+CHUNK_BYTES = 64 * 1024  # what the fake hub's downloads report at a time
 
 
 def hf_cache(tmp_path: Path, model: Path, repo_id: str = REPO) -> Path:
@@ -43,12 +45,22 @@ class FakeHub:
     def list_files(self, repo: str) -> list[str]:
         return sorted(p.name for p in self.remote.iterdir())
 
-    def download(self, repo: str, filename: str) -> str:
+    def file_sizes(self, repo: str, filenames: list[str]) -> dict[str, int]:
+        return {name: (self.remote / name).stat().st_size for name in filenames}
+
+    def download(self, repo: str, filename: str, on_bytes: Callable[[int], None]) -> str:
+        """Copies the file in CHUNK_BYTES pieces, reporting each (a real download's way)."""
         if filename == self.flaky and self.failures:
             self.failures -= 1
             raise ConnectionError("connection reset")
         self.local.mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.remote / filename, self.local / filename)
+        with (
+            (self.remote / filename).open("rb") as source,
+            (self.local / filename).open("wb") as target,
+        ):
+            while piece := source.read(CHUNK_BYTES):
+                target.write(piece)
+                on_bytes(len(piece))
         self.fetched.append(filename)
         return str(self.local / filename)
 

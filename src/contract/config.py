@@ -23,7 +23,7 @@ ENV_PREFIX = "MLX_CLUSTER_"
 # Variables with our prefix that belong to the tools, not to the cluster's settings.
 TOOL_ENV = frozenset(
     f"{ENV_PREFIX}{name}"
-    for name in ("HOME", "RUN_DIR", "PYTHON", "URL", "WORKER_LISTEN", "WORKER_NAME")
+    for name in ("HOME", "RUN_DIR", "PYTHON", "URL", "WORKER_LISTEN", "WORKER_NAME", "PROGRESS")
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Settings whose values are never printed (`config show`, validation errors).

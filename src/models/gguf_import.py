@@ -5,6 +5,7 @@ MLX reads GGUF itself (`mx.load`): F32, F16 and BF16 tensors come back as float 
 `weight` packing 4 or 8 bits a value, with float16 `scales` and `biases`, one per 32 values.
 This module only renames tensors to Hugging Face names, undoes llama.cpp's rotary row order
 in q/k, and writes `config.json` and a `tokenizer.json` built from the file's metadata.
+Converting and writing draw a bar of tensors (contract.progress).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.utils import make_shards, save_config
 
+from mlx_cluster.contract.progress import bars
 from mlx_cluster.models.gguf_tokenizer import build_tokenizer, write_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
@@ -84,8 +86,9 @@ def import_gguf(
     raw_weights, raw_metadata = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     metadata = {key: _plain(value) for key, value in raw_metadata.items()}
     config = model_config(metadata, raw_weights)
-    report("Converting tensors")
-    weights = convert_weights(raw_weights, config)
+    with bars() as shown:
+        converting = shown.add("converting tensors", len(raw_weights), "tensors")
+        weights = convert_weights(raw_weights, config, converting.advance)
     float_dtype = DTYPES[dtype] if dtype is not None else _quantization_float_dtype(weights)
     if float_dtype is not None:
         weights = cast_floats(weights, float_dtype)
@@ -100,7 +103,9 @@ def import_gguf(
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     staging.chmod(0o755)  # mkdtemp makes it private to this user
     try:
-        _write_weights(staging, weights)
+        with bars() as shown:
+            writing = shown.add("writing tensors", len(weights), "tensors")
+            _write_weights(staging, weights, writing.advance)
         save_config(config, staging / "config.json")
         write_tokenizer(staging, tokenizer, tokenizer_config)
         staging.rename(out_dir)
@@ -248,8 +253,13 @@ def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def convert_weights(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
-    """GGUF tensors renamed to mlx-lm names, with q/k rows in Hugging Face order."""
+def convert_weights(
+    weights: dict[str, mx.array],
+    config: dict[str, Any],
+    on_tensors: Callable[[int], None] = lambda _count: None,
+) -> dict[str, mx.array]:
+    """GGUF tensors renamed to mlx-lm names, with q/k rows in Hugging Face order;
+    `on_tensors(1)` after each."""
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     converted = {}
     for gguf_name, w in weights.items():
@@ -260,6 +270,7 @@ def convert_weights(weights: dict[str, mx.array], config: dict[str, Any]) -> dic
         if w.dtype == mx.float16 and mx.any(mx.isinf(w)).item():
             raise ValueError(f"GGUF tensor {gguf_name!r} overflows float16 as MLX reads it")
         converted[name] = w
+        on_tensors(1)
     return converted
 
 
@@ -318,13 +329,17 @@ def dequantize_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return plain
 
 
-def _write_weights(directory: Path, weights: dict[str, mx.array]) -> None:
+def _write_weights(
+    directory: Path, weights: dict[str, mx.array], on_tensors: Callable[[int], None]
+) -> None:
+    """Safetensors shards and their index; `on_tensors(n)` after each shard of n tensors."""
     shards = make_shards(weights)
     pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file_name = pattern.format(number, len(shards))
         mx.save_safetensors(str(directory / file_name), shard, metadata={"format": "mlx"})
+        on_tensors(len(shard))
         weight_map.update(dict.fromkeys(shard, file_name))
     total_size = sum(w.nbytes for w in weights.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}

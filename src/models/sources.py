@@ -9,8 +9,8 @@ A model id is looked up in the Hugging Face cache (HF_HOME / HF_HUB_CACHE).
 Online, the files a host needs are fetched into that cache: the metadata files,
 plus only the safetensors shards that hold this host's part (a worker's layers,
 or the coordinator's embedding/norm/head), with retries and exponential
-backoff and huggingface_hub's progress bars. Offline (HF_HUB_OFFLINE=1), the
-cache is used as it is and each missing file is named.
+backoff, and a progress bar of the shards' bytes (contract.progress). Offline
+(HF_HUB_OFFLINE=1), the cache is used as it is and each missing file is named.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
 
+from mlx_cluster.contract import progress
 from mlx_cluster.models.shards import INDEX_FILE, shards_for
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,14 @@ class Hub(Protocol):
     """The model hub as this module uses it."""
 
     def list_files(self, repo: str) -> list[str]: ...
-    def download(self, repo: str, filename: str) -> str: ...
+    def file_sizes(self, repo: str, filenames: list[str]) -> dict[str, int]: ...
+    def download(self, repo: str, filename: str, on_bytes: Callable[[int], None]) -> str: ...
     def cached(self, repo: str, filename: str) -> str | None: ...
     def cached_repos(self) -> dict[str, Path]: ...
 
 
 class HuggingFaceHub:
-    """huggingface_hub, with its cache and progress bars."""
+    """huggingface_hub, with its cache; its downloads report their bytes as they come."""
 
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache_dir = cache_dir
@@ -60,10 +63,17 @@ class HuggingFaceHub:
 
         return list(list_repo_files(repo))
 
-    def download(self, repo: str, filename: str) -> str:
+    def file_sizes(self, repo: str, filenames: list[str]) -> dict[str, int]:
+        from huggingface_hub import HfApi, RepoFile
+
+        found = HfApi().get_paths_info(repo, filenames)
+        return {f.path: f.size for f in found if isinstance(f, RepoFile)}
+
+    def download(self, repo: str, filename: str, on_bytes: Callable[[int], None]) -> str:
         from huggingface_hub import hf_hub_download
 
-        return str(hf_hub_download(repo, filename, cache_dir=self.cache_dir))
+        counter = _byte_counter(on_bytes)
+        return str(hf_hub_download(repo, filename, cache_dir=self.cache_dir, tqdm_class=counter))
 
     def cached(self, repo: str, filename: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
@@ -85,6 +95,23 @@ class HuggingFaceHub:
             for repo in sorted(repos, key=lambda r: r.repo_id)
             if repo.repo_type == "model" and repo.revisions
         }
+
+
+def _byte_counter(on_bytes: Callable[[int], None]) -> type:
+    """A tqdm class for huggingface_hub that draws nothing and passes each count of bytes
+    to `on_bytes` (our own bar draws them)."""
+    from tqdm import tqdm
+
+    class CountedBytes(tqdm):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            on_bytes(int(n or 0))
+            return super().update(n)
+
+    return CountedBytes
 
 
 # --- models on this host -----------------------------------------------------------------
@@ -134,12 +161,12 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _fetch(hub: Hub, repo: str, filename: str) -> str:
+def _fetch(hub: Hub, repo: str, filename: str, on_bytes: Callable[[int], None]) -> str:
     """Download one file, retrying with exponential backoff."""
     delay = BACKOFF_S
     for attempt in range(1, RETRIES + 1):
         try:
-            return hub.download(repo, filename)
+            return hub.download(repo, filename, on_bytes)
         except (OSError, ConnectionError, TimeoutError) as exc:
             if attempt == RETRIES:
                 raise ModelNotAvailable(
@@ -242,9 +269,24 @@ def _from_hub(
             )
         return snapshot
     metadata = [f for f in hub.list_files(ref) if any(fnmatch(f, p) for p in METADATA_PATTERNS)]
-    snapshot = Path(_fetch(hub, ref, "config.json")).parent
+    snapshot = Path(_fetch(hub, ref, "config.json", _ignore)).parent
     for name in metadata:
-        _fetch(hub, ref, name)
-    for shard in sorted(_needed_shards(snapshot, layers, edges)):
-        _fetch(hub, ref, shard)
+        _fetch(hub, ref, name, _ignore)
+    _fetch_shards(hub, ref, sorted(_needed_shards(snapshot, layers, edges)))
     return snapshot
+
+
+def _fetch_shards(hub: Hub, ref: str, shards: list[str]) -> None:
+    """Download `shards`, with a bar of their bytes (a cached one counts as fetched)."""
+    sizes = hub.file_sizes(ref, shards)
+    with progress.bars() as bars:
+        bar = bars.add(f"fetching {ref}", sum(sizes.values()), "bytes")
+        fetched = 0
+        for number, shard in enumerate(shards, start=1):
+            _fetch(hub, ref, shard, bar.advance)
+            fetched += sizes.get(shard, 0)  # a failed try's bytes are not counted twice
+            bar.set(completed=fetched, note=f"{number}/{len(shards)} shards")
+
+
+def _ignore(_bytes: int) -> None:
+    """Metadata files are small: no bar."""

@@ -3,8 +3,9 @@
 `create_app` builds the shared ApiState, installs the error handlers and the
 middleware, and includes one router per API family: OpenAI's routes
 (openai_routes), Anthropic's Messages (anthropic_routes), Ollama's (ollama_routes),
-/generate (generate_route), and /, /health, /metrics
-(ops_routes). Requests are settled in settle, errors mapped in errors.
+/generate (generate_route), /, /health, /metrics (ops_routes), and the dashboard's
+assets and live events (dashboard_routes). Requests are settled in settle, errors
+mapped in errors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from mlx_cluster.contract.config import LimitsConfig
 from mlx_cluster.coordinator.api import (
     anthropic_routes,
+    dashboard_routes,
     generate_route,
     ollama_routes,
     openai_routes,
@@ -37,10 +39,12 @@ def create_app(
 ) -> FastAPI:
     """The HTTP API over a started cluster, with the request limits of `settings`.
 
-    With `api_keys`, every route but `GET /` and `GET /health` needs one of them.
+    With `api_keys`, every route but `GET /`, `GET /health` and the dashboard's assets
+    needs one of them.
     """
     state = ApiState(cluster, settings or LimitsConfig())
     cluster.events.subscribe(state.metrics.observe)
+    cluster.events.subscribe(state.live.observe)
     app = FastAPI(title="mlx-cluster", version="1")
     app.state.api = state
     install_error_handlers(app)
@@ -55,7 +59,14 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    routers = (ops_routes, openai_routes, anthropic_routes, ollama_routes, generate_route)
+    routers = (
+        ops_routes,
+        dashboard_routes,
+        openai_routes,
+        anthropic_routes,
+        ollama_routes,
+        generate_route,
+    )
     for module in routers:
         app.include_router(module.router)
     return app

@@ -2,7 +2,9 @@
 `x-api-key: KEY`, as Anthropic's clients do.
 
 A plain ASGI middleware in front of every route. `GET /` and `GET /health` stay
-open (liveness checks and load balancers carry no key); everything else, the
+open (liveness checks and load balancers carry no key), and so do the dashboard's
+script and style (a page loads them without headers; the page asks for a key before
+it calls anything else); everything else, the dashboard's live events and the
 Prometheus `/metrics` included (it names workers and their memory), needs a key.
 A refusal is a 401 in the shape of the API called (errors.shaped) that never repeats
 the key sent.
@@ -18,6 +20,7 @@ from mlx_cluster.contract.auth import secret_matches
 from mlx_cluster.coordinator.api.errors import ApiError, shaped
 
 OPEN_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")})
+OPEN_GET_PREFIX = "/dashboard/"  # the dashboard's static assets
 
 MISSING = (
     "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
@@ -30,6 +33,12 @@ def _refusal(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _open(method: str, path: str) -> bool:
+    return (method, path) in OPEN_ROUTES or (
+        method in {"GET", "HEAD"} and path.startswith(OPEN_GET_PREFIX)
+    )
+
+
 class ApiKeyAuth:
     """Answers 401 to requests without one of `keys`, except the open routes."""
 
@@ -40,7 +49,7 @@ class ApiKeyAuth:
         self.keys = list(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in OPEN_ROUTES:
+        if scope["type"] != "http" or _open(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope["headers"]}

@@ -31,7 +31,10 @@ KNOWN_ENDPOINTS = {
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/cluster/events",
 }
+# Streams that stay open as long as a page does: not counted as requests in flight.
+LONG_LIVED = frozenset({"/v1/cluster/events"})
 
 
 class RequestContext:
@@ -58,11 +61,12 @@ class RequestContext:
                 message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode()))
             await send(message)
 
-        self.metrics.in_flight.inc()
+        in_flight = 0 if path in LONG_LIVED else 1
+        self.metrics.in_flight.inc(in_flight)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight.dec(in_flight)
             self.metrics.requests.labels(path, str(status["code"])).inc()
             if path != "/metrics":
                 log.info(

@@ -1,4 +1,5 @@
-"""Routes for operators: `/` (what this is), `/health` (every worker), `/metrics`.
+"""Routes for operators: `/` (the dashboard, or what this is as JSON), `/health` (every
+worker), `/metrics`.
 
 `/health` answers 200 only while every stage's worker serves its layers, so a
 load balancer can use it as the readiness check.
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mlx_cluster.contract.plan_report import plan_as_dict
+from mlx_cluster.coordinator.api import dashboard_routes
+from mlx_cluster.coordinator.api.health_body import health_body
 from mlx_cluster.coordinator.api.state import State
-from mlx_cluster.coordinator.engine.health import ClusterHealth, StageHealth
 
 router = APIRouter()
 
@@ -24,17 +26,32 @@ ENDPOINTS = {
     "POST /generate": "prompt in; text, usage and timings out",
     "GET /v1/models": "the served model",
     "GET /health": "status of every worker and its layers",
+    "GET /v1/cluster/events": "a snapshot of the cluster every second (server-sent events)",
 }
 
 
-@router.get("/")
-async def root(state: State) -> dict[str, Any]:
+@router.get("/", response_model=None)
+async def root(request: Request, state: State) -> dict[str, Any] | HTMLResponse:
+    """The dashboard for browsers (that ask for HTML); what this is, as JSON, for others."""
+    if _prefers_html(request.headers.get("accept", "")):
+        return dashboard_routes.page()
     return {
         "service": "mlx-cluster",
         "description": "one model served by a pipeline of MLX workers",
         "model": state.cluster.model_id,
         "endpoints": ENDPOINTS,
+        "dashboard": "GET / with Accept: text/html",
     }
+
+
+def _prefers_html(accept: str) -> bool:
+    """Whether an Accept header names HTML before JSON (browsers send text/html first)."""
+    types = [part.split(";")[0].strip() for part in accept.split(",")]
+    if "text/html" not in types:
+        return False
+    return "application/json" not in types or types.index("text/html") < types.index(
+        "application/json"
+    )
 
 
 @router.get("/health")
@@ -52,53 +69,3 @@ async def prometheus(state: State) -> Response:
     for stage in (await state.cluster.health()).stages:
         state.metrics.set_worker(stage)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-# --- the /health body ----------------------------------------------------------------
-
-
-def health_body(report: ClusterHealth) -> dict[str, Any]:
-    """The cluster's status, each stage's worker as it answered, and the standbys."""
-    return {
-        "status": report.status,
-        "model": report.model,
-        "workers": [_stage_entry(s) for s in report.stages],
-        "standby": [{"name": s.name, "address": s.address} for s in report.standbys],
-    }
-
-
-def _stage_entry(stage: StageHealth) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": stage.name,
-        "address": stage.address,
-        "layers": [stage.layers.start, stage.layers.end],
-        "status": stage.status,
-    }
-    info = stage.info
-    if info is None:
-        entry["error"] = stage.error
-        return entry
-    caps = info.capabilities
-    entry.update(
-        device={"kind": caps.device_kind, "name": caps.device_name},
-        memory={
-            "total_bytes": caps.memory_total_bytes,
-            "available_bytes": caps.memory_available_bytes,
-            "weight_bytes": info.weight_bytes,
-        },
-        kv_tokens={"used": info.kv_used_tokens, "capacity": info.kv_capacity_tokens},
-        sessions_open=info.sessions_open,
-        prefix_cache={
-            "prefixes": info.prefixes,
-            "tokens": info.prefix_tokens,
-            "bytes": info.prefix_bytes,
-            "capacity_bytes": info.prefix_capacity_bytes,
-        },
-        last_round_trip_ms=_ms(stage.round_trip_s),
-        last_step_network_ms=_ms(stage.step_network_s),
-    )
-    return entry
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)

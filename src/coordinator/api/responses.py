@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from mlx_cluster.coordinator.api import openai_format as fmt
 from mlx_cluster.coordinator.api.errors import ApiError, api_error
+from mlx_cluster.coordinator.api.live_figures import LiveFigures
 from mlx_cluster.coordinator.api.metrics import Metrics
 from mlx_cluster.coordinator.api.relay import SSE, Framing, Relay, RelayedResponse, Render
 from mlx_cluster.coordinator.engine.generation import Performance, TextChunk
@@ -54,8 +55,11 @@ class Drain:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
 
 
-async def metered(chunks: Chunks, deadline: float, drain: Drain, metrics: Metrics) -> Chunks:
-    """Pass chunks through until the request's or the drain's deadline, recording metrics.
+async def metered(
+    chunks: Chunks, deadline: float, drain: Drain, metrics: Metrics, live: LiveFigures
+) -> Chunks:
+    """Pass chunks through until the request's or the drain's deadline, recording metrics
+    (Prometheus's and the dashboard's).
 
     Raises:
         TimeoutError: the request ran past `deadline` (loop time).
@@ -76,11 +80,14 @@ async def metered(chunks: Chunks, deadline: float, drain: Drain, metrics: Metric
                 drain.refuse_new()
                 raise
             now = time.perf_counter()
-            if count and chunk.token is not None:
-                metrics.inter_token.observe(now - last)
+            if chunk.token is not None:
+                live.token()
+                if count:
+                    metrics.inter_token.observe(now - last)
             last = now
             if chunk.performance is not None:
                 metrics.finished(chunk.performance)
+                live.finished(chunk.performance)
             yield chunk
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from mlx_cluster.contract.config import LimitsConfig
+from mlx_cluster.coordinator.api.live_figures import LiveFigures
 from mlx_cluster.coordinator.api.metrics import Metrics
 from mlx_cluster.coordinator.api.responses import Drain, Generation, metered
 from mlx_cluster.coordinator.api.served_model import ServedModel
@@ -25,6 +26,7 @@ class ApiState:
     limits: LimitsConfig  # what one request may ask for
     metrics: Metrics = field(default_factory=Metrics)  # this app's own Prometheus registry
     drain: Drain = field(default_factory=Drain)  # the server's shutdown deadline
+    live: LiveFigures = field(default_factory=LiveFigures)  # the dashboard's recent figures
 
     def generate(self, prepared: Prepared) -> Generation:
         """Run a settled request under its deadline and the drain, recording metrics.
@@ -36,7 +38,7 @@ class ApiState:
         timeout = self.limits.request_timeout_s
         deadline = prepared.started + timeout
         chunks = self.cluster.generate(prepared.tokens, prepared.params, timeout=timeout)
-        metered_chunks = metered(chunks, deadline, self.drain, self.metrics)
+        metered_chunks = metered(chunks, deadline, self.drain, self.metrics, self.live)
         return Generation(metered_chunks, deadline, self.limits.send_timeout_s)
 
     async def generate_choices(self, prepared: Prepared) -> list[Generation]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -77,9 +78,18 @@ class StageManager:
 
     # --- loading -------------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        """Give every stage's worker its slice; check that each chains onto the one before."""
-        infos = await asyncio.gather(*(self._load(stage) for stage in self.stages))
+    async def load_all(self, on_loaded: Callable[[Stage, WorkerInfo], None] | None = None) -> None:
+        """Give every stage's worker its slice; check that each chains onto the one before.
+
+        `on_loaded` is called as each worker has loaded its slice (for progress bars)."""
+
+        async def load(stage: Stage) -> WorkerInfo:
+            info = await self._load(stage)
+            if on_loaded is not None:
+                on_loaded(stage, info)
+            return info
+
+        infos = await asyncio.gather(*(load(stage) for stage in self.stages))
         first = infos[0]
         for stage, info in zip(self.stages, infos, strict=True):
             if (info.hidden_size, info.dtype) != (first.hidden_size, first.dtype):

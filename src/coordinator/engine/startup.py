@@ -5,7 +5,7 @@ builds one typed spec, a `ClusterConfig`, and comes here. The planner is pure
 (contract.plan); this module feeds it the model's facts (read from disk, no
 weights loaded) and each worker's capabilities (from Info, unless the config
 overrides memory or compute), checks the plan against the limits the workers
-report, then loads every slice and assembles the Cluster.
+report, then loads every slice (a progress bar a worker) and assembles the Cluster.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.layers import split_by_counts, split_evenly
 from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config
 from mlx_cluster.contract.plan_report import render_plan
+from mlx_cluster.contract.progress import bars
 from mlx_cluster.contract.rpc import MIB
 from mlx_cluster.contract.worker_info import WorkerInfo
 from mlx_cluster.coordinator.engine.admission import Admission
@@ -139,7 +140,7 @@ async def start_from_config(
             config.speculative.draft_model or "",
             int(config.kv.prefix_cache_gb * GB),
         )
-        await stages.load_all()
+        await _load_with_bars(stages)
         tokenizer = await asyncio.to_thread(load_model_tokenizer, model)
         admission = Admission(config.limits.queue_length, config.limits.queue_timeout_s)
         prefixes = PrefixIndex() if config.kv.prefix_cache_gb > 0 else None
@@ -151,6 +152,26 @@ async def start_from_config(
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
         raise
+
+
+async def _load_with_bars(stages: StageManager) -> None:
+    """Load every stage's slice, with a bar a worker (drawn where contract.progress says)."""
+    with bars() as shown:
+        loading = {
+            id(stage): shown.add(
+                f"{stage.client.name} layers [{stage.layers.start}, {stage.layers.end})",
+                stage.layers.count,
+                "layers",
+            )
+            for stage in stages.stages
+        }
+        for bar in loading.values():
+            bar.set(note="loading")
+
+        def loaded(stage: Stage, info: WorkerInfo) -> None:
+            loading[id(stage)].finish(note=f"loaded, {info.weight_bytes / 1e6:.1f} MB")
+
+        await stages.load_all(loaded)
 
 
 def vocab_size(model_config: dict[str, Any]) -> int:
