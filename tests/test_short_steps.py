@@ -178,3 +178,21 @@ def test_a_rehearsal_runs_a_padded_step_of_each_width(model_factory):
     widths = {call.args[0].shape[2] for call in spy.call_args_list}
     assert widths == set(short_steps.PADDED_WIDTHS)
     assert spy.call_count == 2 * len(short_steps.PADDED_WIDTHS) * 4  # prefixes, widths, layers
+
+
+def test_a_padded_worker_verifies_drafts_over_whole_buffers(model_factory):
+    """A verification's shapes come back step after step: on `padded` workers it attends
+    over whole buffers (cuDNN keeps its plans on CUDA); other short steps are padded."""
+    layer_slice = load_layer_slice(model_factory("llama"), 0, 4)
+    layer_slice.short_steps = "padded"
+    caches = layer_slice.make_caches()
+    size = layer_slice.hidden_size
+    mx.eval(layer_slice(hidden(20, 0, size), caches))
+    with patch.object(
+        short_steps, "composed_attention", side_effect=short_steps.composed_attention
+    ) as spy:
+        mx.eval(layer_slice(hidden(5, 1, size), caches, verifying=True))
+        assert spy.call_count == 0
+        mx.eval(layer_slice(hidden(5, 2, size), caches))
+        assert spy.call_count == 4  # one a layer
+    assert caches[0].offset == 30

@@ -24,7 +24,8 @@ with zeros up to a power of two (its matrix products then have shapes that come 
 and attends with MLX's composed operations through a `ComposedView` (no plan at any
 width). The padding comes after the real positions, so causal attention keeps it from
 them; its keys and values are cut from the cache again after the step, and its
-outputs dropped (`PaddedStep`).
+outputs dropped (`PaddedStep`). A verification still attends over whole buffers on
+`padded` workers (LayerSlice.__call__): its shapes come back, so cuDNN's plans pay.
 
 Only plain `KVCache`s are viewed; other kinds (rotating, quantized, batch,
 state-space) are used as they are, and a step is padded only when every cache is a

@@ -84,8 +84,14 @@ class LayerSlice:
         """Fresh, empty caches for this slice, of the kinds mlx-lm builds for these layers."""
         return [copy.deepcopy(c) for c in self.cache_templates]
 
-    def __call__(self, hidden: mx.array, caches: list[Any]) -> mx.array:
-        return run_layers(self.layers, hidden, caches, self.eval_every, self.short_steps)
+    def __call__(self, hidden: mx.array, caches: list[Any], verifying: bool = False) -> mx.array:
+        """`verifying`: a step that verifies drafts. On `padded` workers it attends over
+        whole buffers instead: a verification's shapes come back step after step, and
+        cuDNN's plans for them make it cheaper (benchmarks/RESULTS.md, session 9)."""
+        how = self.short_steps
+        if verifying and how == "padded":
+            how = "whole_buffer"
+        return run_layers(self.layers, hidden, caches, self.eval_every, how)
 
     def warm_up(self) -> None:
         """On a GPU, with `padded` short steps, `rehearse` before serving: CUDA loads a

@@ -26,6 +26,7 @@ def forward_rows(
     caches_per_row: Sequence[list[Any]],
     last_position_only: bool,
     evaluate: bool = True,
+    verifying: bool = False,
 ) -> mx.array:
     """Run hidden states [B, L, D] through the slice, extending each row's caches.
 
@@ -36,17 +37,18 @@ def forward_rows(
         last_position_only: return [B, 1, D] (all the LM head needs).
         evaluate: evaluate the output (and the caches) before returning; False leaves
             that to the caller, who builds more on it (the head and the sampling).
+        verifying: the step verifies drafts (see LayerSlice.__call__).
 
     Returns:
         The hidden states after the slice's last layer.
     """
     if len(caches_per_row) == 1:  # a lone session: no slicing or stacking
-        out = layer_slice(hidden, caches_per_row[0])
+        out = layer_slice(hidden, caches_per_row[0], verifying)
         out = out[:, -1:, :] if last_position_only else out
     else:
         outputs = []
         for row, caches in enumerate(caches_per_row):
-            h = layer_slice(hidden[row : row + 1], caches)
+            h = layer_slice(hidden[row : row + 1], caches, verifying)
             outputs.append(h[:, -1:, :] if last_position_only else h)
         out = mx.concatenate(outputs, axis=0)
     if evaluate:

@@ -241,6 +241,7 @@ class WorkerRuntime:
         last_position_only: bool,
         stream_id: int = 0,
         token_ids: mx.array | None = None,
+        verifying: bool = False,
     ) -> mx.array:
         """One step for several sessions: hidden [B, L, D] -> [B, L or 1, D].
 
@@ -249,6 +250,7 @@ class WorkerRuntime:
                 `token_ids` instead.
             token_ids: [B, L] uint32, the tokens of the step's positions. The stage
                 holding the head keeps them for its sessions' logits processors.
+            verifying: the step feeds drafts for the last stage to verify.
 
         A step that fails inside the layers ends its sessions: their caches may hold
         more than the offsets recorded, and a replay must start them over.
@@ -260,7 +262,9 @@ class WorkerRuntime:
         if token_ids is None:
             check_history_kept(sessions)
         out = self._guarded(
-            loaded, session_ids, lambda: loaded.run_layers(sessions, x, last_position_only)
+            loaded,
+            session_ids,
+            lambda: loaded.run_layers(sessions, x, last_position_only, verifying=verifying),
         )
         if token_ids is not None:
             feed_pickers(sessions, token_ids)
@@ -337,7 +341,7 @@ class WorkerRuntime:
         pickers = pickers_of(sessions)
 
         def step() -> list[list[SampledToken]]:
-            out = loaded.run_layers(sessions, x, last_position_only=False, evaluate=False)
+            out = loaded.run_layers(sessions, x, False, evaluate=False, verifying=True)
             return verify_rows(edges, out, pickers, token_ids, offsets)
 
         kept = self._guarded(loaded, session_ids, step)

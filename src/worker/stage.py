@@ -90,14 +90,17 @@ class Loaded:
         hidden: mx.array,
         last_position_only: bool,
         evaluate: bool = True,
+        verifying: bool = False,
     ) -> mx.array:
         """A step of these sessions through the slice: decode steps of several sessions
-        as one batch if allowed (see compute.py)."""
+        as one batch if allowed (see compute.py); `verifying`: it verifies drafts."""
         if hidden.shape[1] == 1 and len(sessions) > 1 and self.batch_decode:
             group, rows = batch_for(sessions)
             return forward_batch(self.layer_slice, hidden, group.caches, rows, evaluate)
         caches = [s.own_caches() for s in sessions]
-        return forward_rows(self.layer_slice, hidden, caches, last_position_only, evaluate)
+        return forward_rows(
+            self.layer_slice, hidden, caches, last_position_only, evaluate, verifying
+        )
 
     def begin_step(
         self,

@@ -70,7 +70,8 @@ def step_here(
         for token in picked:
             token.to_proto(response.sampled.add())
     else:
-        out = runtime.forward(ids, hidden, offsets, request.last_position_only, stream_id, tokens)
+        only_last = request.last_position_only
+        out = runtime.forward(ids, hidden, offsets, only_last, stream_id, tokens, request.verify)
         tensor.encode(out, out=response.hidden)
     response.compute_seconds = time.perf_counter() - started
     response.stage_compute_seconds.append(response.compute_seconds)
@@ -92,7 +93,7 @@ def step_onward(
     ids, offsets = list(request.session_ids), list(request.offsets)
     if request.rewind:
         runtime.rewind(ids, offsets)
-    out = runtime.forward(ids, hidden, offsets, False, stream_id, tokens)
+    out = runtime.forward(ids, hidden, offsets, False, stream_id, tokens, request.verify)
     onward = pb.ForwardRequest(
         session_ids=ids,
         offsets=offsets,
