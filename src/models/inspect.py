@@ -62,7 +62,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -91,7 +91,7 @@ def _text_config(path: Path) -> dict[str, Any]:
 
 def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         table.update(read_safetensors_header(file))
     return table
 

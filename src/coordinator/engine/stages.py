@@ -29,6 +29,7 @@ from mlx_cluster.coordinator.engine.health import (
     cluster_status,
     serves,
 )
+from mlx_cluster.coordinator.engine.weights import WeightSender
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ class StageManager:
         liveness: LivenessConfig | None = None,
         draft_model: str = "",
         prefix_cache_bytes: int = 0,
+        weights: WeightSender | None = None,
     ) -> None:
+        """With `weights`, each worker is sent its slice's files before it loads them (and
+        `model_ref` is the key they are kept under)."""
         self.model_ref = model_ref  # what workers are told to load
+        self.weights = weights
         self.draft_model = draft_model  # the first stage's, for speculative decoding
         self.prefix_cache_bytes = prefix_cache_bytes  # each worker's, for ended sessions
         self.stages = stages
@@ -103,8 +108,15 @@ class StageManager:
         )
         return info
 
+    def add_standby(self, client: WorkerClient) -> None:
+        """A worker that may take over a failed stage (e.g. one discovered later)."""
+        self.standbys.append(client)
+        log.info("worker %s at %s is a standby", client.name, client.address)
+
     async def _send_slice(self, client: WorkerClient, stage: Stage) -> LoadedSlice:
         r = stage.layers
+        if self.weights is not None:
+            await self.weights.send(client, r)
         return await client.load_layers(
             self.model_ref,
             r.start,

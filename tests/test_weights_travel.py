@@ -1,0 +1,144 @@
+"""Weights that travel: a worker gets only its slice's files from the coordinator, over
+its authenticated channel, resumably, with every chunk checked.
+
+Real gRPC workers on port 0, each with its own store in a temporary directory; the test
+edges are a transfer cancelled half-way and a chunk corrupted after its checksum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_cluster.contract.errors import Unauthenticated
+from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.coordinator.engine import weights
+from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.weights import Transfer, WeightSender
+from mlx_cluster.models.inspect import read_safetensors_header
+from mlx_cluster.models.slice_files import SLICE_FILE, stage_sources
+from mlx_cluster.models.slicing import load_stage
+from mlx_cluster.models.weight_store import store_root
+from mlx_cluster.worker.runtime import WorkerSettings
+from mlx_cluster.worker.server import RunningWorker, create_server
+
+CHUNK = 4096  # small chunks, so that a tiny model's slice takes many
+MIDDLE = LayerRange(1, 3, 4)  # a middle stage: layers only, no edges
+
+Connect = Callable[..., Awaitable[tuple[WorkerClient, Path]]]
+
+
+@pytest.fixture
+def model(model_factory) -> Path:
+    return model_factory("llama", num_layers=4, hidden_size=64, max_shard_bytes=60_000)
+
+
+@pytest.fixture
+async def connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Connect]:
+    """`await connect(token=..., client_token=...)`: a worker whose store (in a home of its
+    own: MLX_CLUSTER_HOME) is empty, and a client."""
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path / "home"))
+    workers: list[RunningWorker] = []
+    clients: list[WorkerClient] = []
+
+    async def make(token: str | None = None, client_token: str | None = None):
+        store = store_root()
+        worker = await create_server("127.0.0.1:0", WorkerSettings(name="w"), token=token)
+        workers.append(worker)
+        clients.append(WorkerClient(worker.address, token=client_token))
+        return clients[-1], store
+
+    yield make
+    for client in clients:
+        await client.close()
+    for worker in workers:
+        await worker.stop(grace=None)
+
+
+def layer_numbers(slice_file: Path) -> set[int]:
+    names = read_safetensors_header(slice_file)
+    return {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
+
+
+def test_slice_file_holds_the_stage_tensors_byte_for_byte(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "slice"
+    out.mkdir()
+    for source in stage_sources(model, range(1, 3), edges=False):
+        (out / source.name).write_bytes(source.read(0, source.size))
+    assert layer_numbers(out / SLICE_FILE) == {1, 2}
+    assert all("layers." in n for n in read_safetensors_header(out / SLICE_FILE))
+    got, _ = load_stage(out, 1, 3)
+    want, _ = load_stage(model, 1, 3)
+    for (name, a), (_, b) in zip(tree_flatten(got.layers), tree_flatten(want.layers), strict=True):
+        assert mx.array_equal(a, b), name
+
+
+async def test_worker_receives_its_slice_once(model: Path, connect: Connect) -> None:
+    client, store = await connect()
+    sender = WeightSender(model, CHUNK)
+    first = await sender.send(client, MIDDLE)
+    assert first.done and first.refused_chunks == 0
+    received = store / sender.key
+    assert layer_numbers(received / SLICE_FILE) == {1, 2}
+    assert not list(received.glob("*.partial*"))
+    again = await sender.send(client, MIDDLE)  # same files, same sha256: nothing sent
+    assert again.done and again.sent_bytes == 0
+    loaded = await client.load_layers(sender.key, 1, 3)
+    assert (loaded.info.layer_start, loaded.info.layer_end) == (1, 3)
+
+
+async def test_cut_transfer_resumes_where_the_verified_bytes_end(
+    model: Path, connect: Connect
+) -> None:
+    client, store = await connect()
+    total = sum(s.size for s in stage_sources(model, range(1, 3), edges=False))
+    task: asyncio.Task[Transfer] | None = None
+
+    def cut_half_way(transfer: Transfer) -> None:
+        if transfer.verified_bytes >= total // 2 and task is not None:
+            task.cancel()
+
+    sender = WeightSender(model, CHUNK, on_progress=cut_half_way)
+    task = asyncio.create_task(sender.send(client, MIDDLE))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    held = sender.transfers[client.name].verified_bytes
+    assert total // 2 <= held < total
+    await asyncio.sleep(0.2)  # the worker notices the cancelled call
+    resumed = await WeightSender(model, CHUNK).send(client, MIDDLE)
+    assert resumed.done
+    assert resumed.sent_bytes == total - held  # no byte already written is sent again
+    assert layer_numbers(store / sender.key / SLICE_FILE) == {1, 2}
+
+
+async def test_corrupted_chunk_is_refused_and_sent_again(
+    model: Path, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, store = await connect()
+    chunk_message, corrupted = weights.chunk_message, []
+
+    def flip_a_byte_once(key, spec, offset, data):  # after the checksum: as on a bad link
+        message = chunk_message(key, spec, offset, data)
+        if spec.name == SLICE_FILE and offset > 0 and not corrupted:
+            corrupted.append(offset)
+            message.data = bytes([message.data[0] ^ 0xFF]) + message.data[1:]
+        return message
+
+    monkeypatch.setattr(weights, "chunk_message", flip_a_byte_once)
+    sender = WeightSender(model, CHUNK)
+    transfer = await sender.send(client, MIDDLE)
+    assert corrupted and transfer.refused_chunks == 1 and transfer.done
+    want = next(s for s in stage_sources(model, range(1, 3), False) if s.name == SLICE_FILE)
+    assert (store / sender.key / SLICE_FILE).read_bytes() == want.read(0, want.size)
+
+
+async def test_nothing_is_accepted_without_the_token(model: Path, connect: Connect) -> None:
+    client, store = await connect(token="right", client_token="wrong")
+    with pytest.raises(Unauthenticated, match="wrong cluster token"):
+        await WeightSender(model, CHUNK).send(client, MIDDLE)
+    assert not store.exists()
