@@ -138,5 +138,7 @@ def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHos
     for worker in health["workers"]:  # each disk holds exactly its own layers
         start, end = worker["layers"]
         assert layers_on_disk(hosts.workdir / f"home-{worker['name']}") == set(range(start, end))
+    transfers = {t["worker"]: t for t in health["weight_transfers"]}
+    assert sorted(transfers) == ["w1", "w2"] and all(t["done"] for t in transfers.values())
     assert not (hosts.workdir / "home-w3" / "received").exists()
     assert any("refused /mlx_cluster.v1.LayerService/Info" in line for line in workers["w3"].output)

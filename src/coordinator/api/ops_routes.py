@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mlx_cluster.contract.plan_report import plan_as_dict
 from mlx_cluster.coordinator.api.state import State
 from mlx_cluster.coordinator.engine.health import ClusterHealth, StageHealth
+from mlx_cluster.coordinator.engine.weights import Transfer
 
 router = APIRouter()
 
@@ -64,6 +65,20 @@ def health_body(report: ClusterHealth) -> dict[str, Any]:
         "model": report.model,
         "workers": [_stage_entry(s) for s in report.stages],
         "standby": [{"name": s.name, "address": s.address} for s in report.standbys],
+        "weight_transfers": [_transfer_entry(t) for t in report.transfers],
+    }
+
+
+def _transfer_entry(transfer: Transfer) -> dict[str, Any]:
+    """A worker's latest transfer of its slice's files (weights that travel)."""
+    return {
+        "worker": transfer.worker,
+        "layers": [transfer.layers.start, transfer.layers.end],
+        "total_bytes": transfer.total_bytes,
+        "verified_bytes": transfer.verified_bytes,
+        "sent_bytes": transfer.sent_bytes,
+        "refused_chunks": transfer.refused_chunks,
+        "done": transfer.done,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -275,7 +276,12 @@ class StageManager:
         """Every stage's worker asked now, concurrently, with a short deadline."""
         stages = await asyncio.gather(*(self._stage_health(s) for s in self.stages))
         standbys = [Standby(c.name, c.address) for c in self.standbys]
-        return ClusterHealth(cluster_status(stages), model_id, stages, standbys)
+        transfers = (
+            [dataclasses.replace(t) for t in self.weights.transfers.values()]
+            if self.weights
+            else []
+        )
+        return ClusterHealth(cluster_status(stages), model_id, stages, standbys, transfers)
 
     async def _stage_health(self, stage: Stage) -> StageHealth:
         client = stage.client
