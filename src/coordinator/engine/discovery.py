@@ -31,6 +31,7 @@ from mlx_cluster.coordinator.engine.client import WorkerClient
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000  # for a found record's address and properties
+PROBE_TIMEOUT_S = 5.0  # for a found worker's Info, asked with the cluster token
 
 
 class Browser:
@@ -163,7 +164,7 @@ class Discovery:
         else:
             client = self._connect(WorkerEntry(address=advert.address, name=advert.name))
             try:
-                await client.info(timeout=self.config.liveness.probe_timeout_s * 5)
+                await client.info(timeout=PROBE_TIMEOUT_S)
             except Unauthenticated as exc:
                 why_not = f"it refused this coordinator's cluster token ({exc})"
             except ClusterError as exc:
