@@ -103,7 +103,10 @@ def layers_on_disk(home: Path) -> set[int]:
 
 @pytest.mark.slow
 def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHosts) -> None:
-    model = build_random_model(hosts.workdir / "model", "llama", num_layers=4)
+    untied = {"tie_word_embeddings": False}  # the first stage gets no LM head
+    model = build_random_model(
+        hosts.workdir / "model", "llama", num_layers=4, config_overrides=untied
+    )
     workers = {}
     for name, (host, address) in WORKERS.items():
         args = ["-m", "mlx_cluster", "worker", "--listen", address, "--name", name]

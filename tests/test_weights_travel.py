@@ -8,6 +8,7 @@ edges are a transfer cancelled half-way and a chunk corrupted after its checksum
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def layer_numbers(slice_file: Path) -> set[int]:
 def test_slice_file_holds_the_stage_tensors_byte_for_byte(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "slice"
     out.mkdir()
-    for source in stage_sources(model, range(1, 3), edges=False):
+    for source in stage_sources(model, range(1, 3), False, False):
         (out / source.name).write_bytes(source.read(0, source.size))
     assert layer_numbers(out / SLICE_FILE) == {1, 2}
     assert all("layers." in n for n in read_safetensors_header(out / SLICE_FILE))
@@ -76,6 +77,24 @@ def test_slice_file_holds_the_stage_tensors_byte_for_byte(model: Path, tmp_path:
     want, _ = load_stage(model, 1, 3)
     for (name, a), (_, b) in zip(tree_flatten(got.layers), tree_flatten(want.layers), strict=True):
         assert mx.array_equal(a, b), name
+
+
+def test_first_and_last_stages_get_their_own_edges(model_factory) -> None:
+    untied = {"tie_word_embeddings": False}
+    model = model_factory("llama", num_layers=4, hidden_size=64, config_overrides=untied)
+
+    def names(start: int, end: int) -> list[str]:
+        first, last = start == 0, end == 4
+        source = stage_sources(model, range(start, end), first, last)[-1]
+        return [n for n in read_header_of(source) if "layers." not in n]
+
+    assert names(0, 2) == ["model.embed_tokens.weight"]  # no final norm, no LM head
+    assert names(2, 4) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+
+
+def read_header_of(source) -> list[str]:
+    length = int.from_bytes(source.read(0, 8), "little")
+    return list(json.loads(source.read(8, length)))
 
 
 async def test_worker_receives_its_slice_once(model: Path, connect: Connect) -> None:
@@ -96,7 +115,7 @@ async def test_cut_transfer_resumes_where_the_verified_bytes_end(
     model: Path, connect: Connect
 ) -> None:
     client, store = await connect()
-    total = sum(s.size for s in stage_sources(model, range(1, 3), edges=False))
+    total = sum(s.size for s in stage_sources(model, range(1, 3), False, False))
     task: asyncio.Task[Transfer] | None = None
 
     def cut_half_way(transfer: Transfer) -> None:
@@ -133,7 +152,7 @@ async def test_corrupted_chunk_is_refused_and_sent_again(
     sender = WeightSender(model, CHUNK)
     transfer = await sender.send(client, MIDDLE)
     assert corrupted and transfer.refused_chunks == 1 and transfer.done
-    want = next(s for s in stage_sources(model, range(1, 3), False) if s.name == SLICE_FILE)
+    want = next(s for s in stage_sources(model, range(1, 3), False, False) if s.name == SLICE_FILE)
     assert (store / sender.key / SLICE_FILE).read_bytes() == want.read(0, want.size)
 
 

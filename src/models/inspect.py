@@ -96,7 +96,7 @@ def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _edge_part(name: str) -> str:
+def edge_part(name: str) -> str:
     """Which part of the model's ends a tensor outside the decoder layers belongs to."""
     if "embed_tokens" in name:
         return "embedding"  # the token embedding matrix (and a quantized one's scales, biases)
@@ -110,7 +110,7 @@ def _edge_part(name: str) -> str:
 def _bytes_per_part(
     table: dict[str, dict[str, Any]], num_layers: int
 ) -> tuple[list[int], dict[str, int]]:
-    """(bytes of each layer, bytes of each `_edge_part`) over the tensors a text model loads."""
+    """(bytes of each layer, bytes of each `edge_part`) over the tensors a text model loads."""
     layers = [0] * num_layers
     parts = dict.fromkeys(("embedding", "lm_head", "norm", "other"), 0)
     for name, info in table.items():
@@ -119,7 +119,7 @@ def _bytes_per_part(
         start, end = info["data_offsets"]
         match = LAYER_KEY.search(name)
         if match is None:
-            parts[_edge_part(name)] += end - start
+            parts[edge_part(name)] += end - start
         elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
             layers[int(match.group(1))] += end - start
     return layers, parts

@@ -1,11 +1,11 @@
 """The files a worker needs to run one stage of a model, built from the coordinator's copy.
 
 A stage's weights travel as one safetensors file, `model.safetensors`, holding only the
-tensors of its layers, plus for the first or last stage the tensors outside the layers
-(embedding, final norm, head: what `shards_for` counts as edges), byte for byte as in the
-source shards. The metadata files (config, tokenizer, chat template) travel as they are.
-No MLX here: a tensor is a byte range of a source file, and the slice file is its new
-header followed by those ranges, so it is never written on the sender's disk.
+tensors of its layers, plus the embedding for the first stage and the final norm and LM
+head for the last (`_in_stage`), byte for byte as in the source shards. The metadata
+files (config, tokenizer, chat template) travel as they are. No MLX here: a tensor is a
+byte range of a source file, and the slice file is its new header followed by those
+ranges, so it is never written on the sender's disk.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from mlx_cluster.models.inspect import read_safetensors_header, weight_files
+from mlx_cluster.models.inspect import edge_part, read_safetensors_header, weight_files
 from mlx_cluster.models.shards import INDEX_FILE, LAYER_KEY
 from mlx_cluster.models.sources import METADATA_PATTERNS
 
@@ -90,19 +90,25 @@ def _tensors(path: Path) -> tuple[int, dict[str, dict]]:
     return 8 + header_length, read_safetensors_header(path)
 
 
-def _in_stage(name: str, layers: range, edges: bool) -> bool:
+def _in_stage(name: str, layers: range, embedding: bool, head: bool) -> bool:
+    """Whether a stage loads tensor `name`. The last stage keeps every tensor outside the
+    layers (a tied head is the embedding; the embedding also gives the hidden states'
+    dtype), the first all but the final norm and LM head."""
     match = LAYER_KEY.search(name)
-    return edges if match is None else int(match.group(1)) in layers
+    if match is not None:
+        return int(match.group(1)) in layers
+    return head or (embedding and edge_part(name) not in ("norm", "lm_head"))
 
 
-def slice_source(model: Path, layers: range, edges: bool) -> FileSource:
-    """`model.safetensors` holding the tensors of `layers` (and the edges, with `edges`)."""
+def slice_source(model: Path, layers: range, embedding: bool, head: bool) -> FileSource:
+    """`model.safetensors` holding the tensors a stage of `layers` loads (with the edges
+    asked for)."""
     header: dict[str, dict] = {}
     ranges: list[bytes | _Range] = []
     offset = 0
     for path in weight_files(model):
         data_start, table = _tensors(path)
-        for name in sorted(n for n in table if _in_stage(n, layers, edges)):
+        for name in sorted(n for n in table if _in_stage(n, layers, embedding, head)):
             entry = table[name]
             begin, end = entry["data_offsets"]
             header[name] = {
@@ -132,9 +138,10 @@ def metadata_sources(model: Path) -> list[FileSource]:
     return [FileSource(p.name, [_Range(p, 0, p.stat().st_size)]) for p in files]
 
 
-def stage_sources(model: Path, layers: range, edges: bool) -> list[FileSource]:
-    """Every file a worker needs to load `layers` of `model` (and the edges, with `edges`)."""
-    return [*metadata_sources(model), slice_source(model, layers, edges)]
+def stage_sources(model: Path, layers: range, embedding: bool, head: bool) -> list[FileSource]:
+    """Every file a worker needs to load `layers` of `model`, with the embedding (the
+    first stage) and/or the final norm and LM head (the last)."""
+    return [*metadata_sources(model), slice_source(model, layers, embedding, head)]
 
 
 def model_key(model: Path) -> str:

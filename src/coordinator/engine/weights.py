@@ -73,15 +73,15 @@ class WeightSender:
         self.chunk_bytes = chunk_bytes
         self.transfers: dict[str, Transfer] = {}  # by worker name, the latest of each
         self._on_progress = on_progress
-        self._files: dict[tuple[int, int, bool], list[tuple[FileSource, FileSpec]]] = {}
+        self._files: dict[tuple[int, int, int], list[tuple[FileSource, FileSpec]]] = {}
 
     async def _stage_files(self, layers: LayerRange) -> list[tuple[FileSource, FileSpec]]:
-        edges = layers.start == 0 or layers.end == layers.total
-        where = (layers.start, layers.end, edges)
+        where = (layers.start, layers.end, layers.total)
         if where not in self._files:
 
             def build() -> list[tuple[FileSource, FileSpec]]:
-                sources = stage_sources(self.model, range(layers.start, layers.end), edges)
+                first, last = layers.start == 0, layers.end == layers.total
+                sources = stage_sources(self.model, range(*where[:2]), first, last)
                 return [(source, source.spec()) for source in sources]
 
             self._files[where] = await asyncio.to_thread(build)
