@@ -107,6 +107,8 @@ def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHos
     model = build_random_model(
         hosts.workdir / "model", "llama", num_layers=4, config_overrides=untied
     )
+    want = mlx_lm_text(model)
+    assert want  # a comparison that says something
     workers = {}
     for name, (host, address) in WORKERS.items():
         args = ["-m", "mlx_cluster", "worker", "--listen", address, "--name", name]
@@ -132,7 +134,7 @@ def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHos
     probe = hosts.run("coord", "-c", PROBE_SOURCE, f"http://{HTTP_LISTEN}", "1")
     assert probe.returncode == 0, probe.stderr
     result = json.loads(probe.stdout)
-    assert result["generate"]["text"] == mlx_lm_text(model)
+    assert result["generate"]["text"] == want
     (health,) = result["health"]
     assert [(w["name"], w["address"]) for w in health["workers"]] == [
         ("w1", WORKERS["w1"][1]),
@@ -145,3 +147,16 @@ def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHos
     assert sorted(transfers) == ["w1", "w2"] and all(t["done"] for t in transfers.values())
     assert not (hosts.workdir / "home-w3" / "received").exists()
     assert any("refused /mlx_cluster.v1.LayerService/Info" in line for line in workers["w3"].output)
+
+    # A worker that appears later is a standby: it takes over w1's layers, weights and all.
+    late = ["-m", "mlx_cluster", "worker", "--listen", "10.211.1.2:50053", "--name", "w4"]
+    hosts.start("w1", late, MLX_CLUSTER_HOME=str(hosts.workdir / "home-w4"),
+                MLX_CLUSTER_AUTH__TOKEN=TOKENS["w1"])  # fmt: skip
+    logged(coordinator, "worker w4 at 10.211.1.2:50053 is a standby")
+    workers["w1"].stop()
+    probe = hosts.run("coord", "-c", PROBE_SOURCE, f"http://{HTTP_LISTEN}", "1")
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout)
+    assert result["generate"]["text"] == want
+    assert [w["name"] for w in result["health"][0]["workers"]] == ["w4", "w2"]
+    assert layers_on_disk(hosts.workdir / "home-w4") == {0, 1}

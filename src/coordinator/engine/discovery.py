@@ -52,7 +52,7 @@ class Browser:
     def _changed(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+        if state_change is ServiceStateChange.Added:  # also when a worker comes back
             task = asyncio.ensure_future(self._resolve(zeroconf, name))
             self._resolving.add(task)
             task.add_done_callback(self._resolving.discard)
@@ -101,8 +101,10 @@ class Discovery:
         self.config = config
         self._connect = connect
         self._browser = browser or Browser()
-        # Addresses asked (or skipped) already; configured standbys are not asked again.
-        self._seen: set[str] = {entry.address for entry in config.standby}
+        # Addresses of the workers in use (stages and standbys): not asked again. A worker
+        # not used is asked again when its record reappears (it restarted).
+        self._used: set[str] = {entry.address for entry in config.standby}
+        self._discovered = 0  # records found
         self._watcher: asyncio.Task[None] | None = None
 
     async def find(self) -> ClusterConfig:
@@ -113,6 +115,11 @@ class Discovery:
             ClusterError: no usable worker was found in time.
         """
         settings = self.config.discovery
+        if self.config.workers:
+            log.warning(
+                "discovering workers: the %d listed in `workers` are not used",
+                len(self.config.workers),
+            )
         await self._browser.start()
         deadline = time.monotonic() + settings.timeout_s
         found: list[Advert] = []
@@ -133,7 +140,7 @@ class Discovery:
         if not found:
             raise ClusterError(
                 f"no usable worker found on the local network within {settings.timeout_s:g} s "
-                f"({len(self._seen)} discovered): start `mlx-cluster worker` on each host "
+                f"({self._discovered} discovered): start `mlx-cluster worker` on each host "
                 "(listening beyond loopback), or list workers in the cluster file"
             )
         if settings.expected_workers and len(found) < settings.expected_workers:
@@ -152,9 +159,9 @@ class Discovery:
 
     async def _usable(self, advert: Advert) -> bool:
         """Whether a found worker answers this coordinator (a clear log line if not)."""
-        if advert.address in self._seen:
+        if advert.address in self._used:
             return False
-        self._seen.add(advert.address)
+        self._discovered += 1
         why_not = None
         if advert.token_required and not _has_token(self.config):
             why_not = (
@@ -179,6 +186,7 @@ class Discovery:
                 why_not,
             )
             return False
+        self._used.add(advert.address)
         log.info("discovered worker %s at %s (%s)", advert.name, advert.address, advert.device)
         return True
 
