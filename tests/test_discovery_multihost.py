@@ -124,6 +124,7 @@ def test_discovered_workers_get_their_weights_and_answer_as_mlx_lm(hosts: LanHos
          "2", "--listen", HTTP_LISTEN, "--set", "discovery.timeout_s=60",
          "--set", "weights.chunk_kb=64"],
         MLX_CLUSTER_AUTH__TOKEN=TOKENS["w1"],
+        MLX_CLUSTER_HOME=str(hosts.workdir / "home-coord"),  # its digests.json
     )  # fmt: skip
     coordinator.wait_for(lambda line: "serving" in line and "on http" in line)
     # Found before the others or after the start (then as a would-be standby): either way

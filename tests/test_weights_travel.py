@@ -22,7 +22,7 @@ from mlx_cluster.coordinator.engine import weights
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.weights import Transfer, WeightSender
 from mlx_cluster.models.inspect import read_safetensors_header
-from mlx_cluster.models.slice_files import SLICE_FILE, stage_sources
+from mlx_cluster.models.slice_files import SLICE_FILE, DigestCache, stage_sources
 from mlx_cluster.models.slicing import load_stage
 from mlx_cluster.models.weight_store import store_root
 from mlx_cluster.worker.runtime import WorkerSettings
@@ -161,3 +161,12 @@ async def test_nothing_is_accepted_without_the_token(model: Path, connect: Conne
     with pytest.raises(Unauthenticated, match="wrong cluster token"):
         await WeightSender(model, CHUNK).send(client, MIDDLE)
     assert not store.exists()
+
+
+def test_digests_are_kept_from_one_start_to_the_next(model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "digests.json"
+    (first,) = [s for s in stage_sources(model, range(1, 3), False, False) if s.name == SLICE_FILE]
+    want = first.spec(DigestCache(cache))
+    (again,) = [s for s in stage_sources(model, range(1, 3), False, False) if s.name == SLICE_FILE]
+    again.read = None  # type: ignore[method-assign, assignment]  # reading would fail
+    assert again.spec(DigestCache(cache)) == want

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -73,14 +74,59 @@ class FileSource:
             start += length
         return bytes(out)
 
-    def spec(self) -> FileSpec:
-        """Name, size and sha256 (hashed once: the whole file is read the first time)."""
+    def spec(self, digests: DigestCache | None = None) -> FileSpec:
+        """Name, size and sha256: from `digests` if it knows this file as it is now, else
+        hashed (the whole file is read) and kept there."""
+        if self._digest is None:
+            self._digest = digests.get(self) if digests is not None else None
         if self._digest is None:
             digest = hashlib.sha256()
             for offset in range(0, self.size, READ_BLOCK):
                 digest.update(self.read(offset, READ_BLOCK))
             self._digest = digest.hexdigest()
+            if digests is not None:
+                digests.put(self, self._digest)
         return FileSpec(self.name, self.size, self._digest)
+
+    def signature(self) -> str:
+        """What the file is built from, as it is now: its name, the bytes held, and each
+        source file's path, size and modification time. Equal signatures, equal bytes."""
+        state = hashlib.sha256(self.name.encode())
+        for part in self.parts:
+            if isinstance(part, bytes):
+                state.update(part)
+            else:
+                stat = part.path.stat()
+                where = (str(part.path.resolve()), part.offset, part.length)
+                state.update(repr((*where, stat.st_size, stat.st_mtime_ns)).encode())
+        return state.hexdigest()
+
+
+class DigestCache:
+    """The sha256 of files built before, by signature, in a JSON file: a coordinator that
+    starts again does not read the whole model to hash the slices it sends."""
+
+    def __init__(self, path: Path, keep: int = 1024) -> None:
+        self.path = path
+        self.keep = keep  # the most recent this many digests are kept
+        self._lock = threading.Lock()
+        try:
+            self._digests: dict[str, str] = dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            self._digests = {}
+
+    def get(self, source: FileSource) -> str | None:
+        return self._digests.get(source.signature())
+
+    def put(self, source: FileSource, digest: str) -> None:
+        signature = source.signature()
+        with self._lock:  # stages' files are hashed in threads of their own
+            self._digests[signature] = digest
+            self._digests = dict(list(self._digests.items())[-self.keep :])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text(json.dumps(self._digests))
+            temporary.replace(self.path)
 
 
 def _tensors(path: Path) -> tuple[int, dict[str, dict]]:

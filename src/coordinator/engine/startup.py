@@ -36,7 +36,9 @@ from mlx_cluster.coordinator.engine.discovery import Discovery
 from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
 from mlx_cluster.coordinator.engine.weights import WeightSender
+from mlx_cluster.models.demo import model_cache_dir
 from mlx_cluster.models.inspect import model_facts
+from mlx_cluster.models.slice_files import DigestCache
 from mlx_cluster.models.sources import EVERY_LAYER, resolve_model
 from mlx_cluster.models.tokenizer import load_model_tokenizer
 
@@ -180,7 +182,8 @@ def _weight_sender(config: ClusterConfig, model: Path) -> WeightSender:
             "a draft model is not sent to workers yet: give the first worker the draft model "
             "and set weights.send to false, or turn speculative.draft_model off"
         )
-    return WeightSender(model, config.weights.chunk_kb * 1024)
+    digests = DigestCache(model_cache_dir().parent / "digests.json")
+    return WeightSender(model, config.weights.chunk_kb * 1024, digests=digests)
 
 
 def vocab_size(model_config: dict[str, Any]) -> int:

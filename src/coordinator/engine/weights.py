@@ -27,7 +27,13 @@ from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import INFO_DEADLINE_S
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.forward_stream import error_from_rpc
-from mlx_cluster.models.slice_files import FileSource, FileSpec, model_key, stage_sources
+from mlx_cluster.models.slice_files import (
+    DigestCache,
+    FileSource,
+    FileSpec,
+    model_key,
+    stage_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +72,16 @@ class WeightSender:
         model: Path,
         chunk_bytes: int,
         on_progress: Callable[[Transfer], None] | None = None,
+        digests: DigestCache | None = None,
     ) -> None:
-        """`on_progress` is called after every chunk a worker answers."""
+        """`on_progress` is called after every chunk a worker answers; `digests` keeps the
+        slices' sha256 from one start to the next."""
         self.model = model
         self.key = model_key(model)  # what the workers load, once they hold the files
         self.chunk_bytes = chunk_bytes
         self.transfers: dict[str, Transfer] = {}  # by worker name, the latest of each
         self._on_progress = on_progress
+        self._digests = digests
         self._files: dict[tuple[int, int, int], list[tuple[FileSource, FileSpec]]] = {}
 
     async def _stage_files(self, layers: LayerRange) -> list[tuple[FileSource, FileSpec]]:
@@ -82,7 +91,7 @@ class WeightSender:
             def build() -> list[tuple[FileSource, FileSpec]]:
                 first, last = layers.start == 0, layers.end == layers.total
                 sources = stage_sources(self.model, range(*where[:2]), first, last)
-                return [(source, source.spec()) for source in sources]
+                return [(source, source.spec(self._digests)) for source in sources]
 
             self._files[where] = await asyncio.to_thread(build)
         return self._files[where]
