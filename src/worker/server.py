@@ -165,6 +165,8 @@ async def serve(
     once it accepts calls, so that launchers wait on readiness rather than sleep;
     `address` is the one clients dial ("host:port" with the port picked, or "unix:PATH").
     """
+    if advertise and is_unix_address(address):
+        raise ConfigError(f"--advertise needs a TCP address to advertise, not {address}")
     worker = await create_server(address, settings, token=token, tls=tls)
     security = ("mutual TLS" if tls.ca else "TLS") if tls else "plaintext"
     log.info(

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 LOG_EVERY = 0.25  # a progress line each time a file's verified bytes pass a quarter more
 
 
+def _as_cluster_error(exc: ClusterError | OSError) -> ClusterError:
+    """A contract error as it is; a failure of the worker's disk (full, not writable) as
+    INTERNAL, saying so."""
+    return exc if isinstance(exc, ClusterError) else ClusterError(f"the worker's disk: {exc}")
+
+
 def _spec(file: pb.WeightFile) -> FileSpec:
     return FileSpec(check_name(file.name, "file name"), file.size, file.sha256)
 
@@ -40,8 +46,9 @@ class WeightServicer(pb_grpc.WeightServiceServicer):
         try:
             specs = [_spec(f) for f in request.files]
             held = [await asyncio.to_thread(self.store.held, request.model_key, s) for s in specs]
-        except ClusterError as exc:
-            await context.abort(exc.code, str(exc))
+        except (ClusterError, OSError) as exc:
+            error = _as_cluster_error(exc)
+            await context.abort(error.code, f"cannot look up {request.model_key[:64]!r}: {error}")
         return pb.HaveWeightsResponse(
             files=[
                 pb.HeldFile(name=s.name, verified_bytes=h.verified_bytes, complete=h.complete)
@@ -60,8 +67,8 @@ class WeightServicer(pb_grpc.WeightServiceServicer):
                     self.store.write, chunk.model_key, spec, chunk.offset, chunk.data, chunk.sha256
                 )
             except (ClusterError, OSError) as exc:
-                error = exc if isinstance(exc, ClusterError) else ClusterError(f"disk: {exc}")
-                await context.abort(error.code, f"cannot write {chunk.file.name!r}: {error}")
+                error = _as_cluster_error(exc)
+                await context.abort(error.code, f"cannot write {chunk.file.name[:64]!r}: {error}")
             done = written.verified_bytes / spec.size if spec.size else 1.0
             if done >= logged.get(spec.name, 0.0) + LOG_EVERY or written.complete:
                 logged[spec.name] = done
