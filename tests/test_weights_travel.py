@@ -15,14 +15,19 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import generate_step
 
 from mlx_cluster.contract.errors import Unauthenticated
 from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine import weights
 from mlx_cluster.coordinator.engine.client import WorkerClient
+from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.weights import Transfer, WeightSender
+from mlx_cluster.local import local_workers
 from mlx_cluster.models.inspect import read_safetensors_header
-from mlx_cluster.models.slice_files import SLICE_FILE, DigestCache, stage_sources
+from mlx_cluster.models.slice_files import SLICE_FILE, DigestCache, model_key, stage_sources
 from mlx_cluster.models.slicing import load_stage
 from mlx_cluster.models.weight_store import store_root
 from mlx_cluster.worker.runtime import WorkerSettings
@@ -111,6 +116,16 @@ async def test_worker_receives_its_slice_once(model: Path, connect: Connect) -> 
     assert (loaded.info.layer_start, loaded.info.layer_end) == (1, 3)
 
 
+async def test_a_new_slice_replaces_the_old_one(model: Path, connect: Connect) -> None:
+    client, store = await connect()
+    sender = WeightSender(model, CHUNK)
+    await sender.send(client, MIDDLE)
+    await sender.send(client, LayerRange(0, 2, 4))  # the plan changed
+    received = store / sender.key
+    assert layer_numbers(received / SLICE_FILE) == {0, 1}
+    assert sorted(p.name for p in received.iterdir() if "safetensors" in p.name) == [SLICE_FILE]
+
+
 async def test_cut_transfer_resumes_where_the_verified_bytes_end(
     model: Path, connect: Connect
 ) -> None:
@@ -126,7 +141,7 @@ async def test_cut_transfer_resumes_where_the_verified_bytes_end(
     task = asyncio.create_task(sender.send(client, MIDDLE))
     with pytest.raises(asyncio.CancelledError):
         await task
-    held = sender.transfers[client.name].verified_bytes
+    held = sender.transfers[client.address].verified_bytes
     assert total // 2 <= held < total
     await asyncio.sleep(0.2)  # the worker notices the cancelled call
     resumed = await WeightSender(model, CHUNK).send(client, MIDDLE)
@@ -170,3 +185,33 @@ def test_digests_are_kept_from_one_start_to_the_next(model: Path, tmp_path: Path
     (again,) = [s for s in stage_sources(model, range(1, 3), False, False) if s.name == SLICE_FILE]
     again.read = None  # type: ignore[method-assign, assignment]  # reading would fail
     assert again.spec(DigestCache(cache)) == want
+
+
+@pytest.mark.slow
+async def test_workers_sent_their_slices_answer_as_mlx_lm(
+    model_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two worker processes with empty caches of their own, given only the model's key."""
+    untied = {"tie_word_embeddings": False}
+    model = model_factory(
+        "llama", num_layers=4, quantize_bits=4, max_shard_bytes=60_000, config_overrides=untied
+    )
+    monkeypatch.setenv("MLX_CLUSTER_HOME", str(tmp_path / "coordinator"))  # its digests
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    lm, tokenizer = mlx_load(str(model))
+    prompt = tokenizer.encode("hello there")
+    want = [t for t, _ in generate_step(mx.array(prompt), lm, max_tokens=8)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    async with (
+        local_workers(1, env={"MLX_CLUSTER_HOME": str(homes[0])}) as (w0,),
+        local_workers(1, env={"MLX_CLUSTER_HOME": str(homes[1])}) as (w1,),
+    ):
+        cluster = await Cluster.start(model, [w0.address, w1.address], weights={"send": True})
+        try:
+            got = [s.token async for s in cluster.engine.generate_tokens(prompt, params)]
+        finally:
+            await cluster.close()
+    assert got == want
+    key = model_key(model)
+    assert layer_numbers(homes[0] / "received" / key / SLICE_FILE) == {0, 1}
+    assert layer_numbers(homes[1] / "received" / key / SLICE_FILE) == {2, 3}

@@ -73,6 +73,7 @@ def _transfer_entry(transfer: Transfer) -> dict[str, Any]:
     """A worker's latest transfer of its slice's files (weights that travel)."""
     return {
         "worker": transfer.worker,
+        "address": transfer.address,
         "layers": [transfer.layers.start, transfer.layers.end],
         "total_bytes": transfer.total_bytes,
         "verified_bytes": transfer.verified_bytes,

@@ -46,7 +46,8 @@ LOG_EVERY = 0.25  # a progress line each time a quarter more of the transfer is 
 class Transfer:
     """One worker's transfer of a slice, as the worker's answers report it."""
 
-    worker: str
+    worker: str  # its name
+    address: str
     layers: LayerRange
     total_bytes: int  # of every file of the slice
     verified: dict[str, int] = field(default_factory=dict)  # file -> bytes the worker holds
@@ -79,7 +80,7 @@ class WeightSender:
         self.model = model
         self.key = model_key(model)  # what the workers load, once they hold the files
         self.chunk_bytes = chunk_bytes
-        self.transfers: dict[str, Transfer] = {}  # by worker name, the latest of each
+        self.transfers: dict[str, Transfer] = {}  # by worker address, the latest of each
         self._on_progress = on_progress
         self._digests = digests
         self._files: dict[tuple[int, int, int], list[tuple[FileSource, FileSpec]]] = {}
@@ -110,12 +111,12 @@ class WeightSender:
             reply = await stub.HaveWeights(request, timeout=INFO_DEADLINE_S, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, client.name) from exc
-        transfer = Transfer(client.name, layers, sum(s.size for _, s in files))
+        transfer = Transfer(client.name, client.address, layers, sum(s.size for _, s in files))
         transfer.verified = {held.name: held.verified_bytes for held in reply.files}
         missing = [
             (src, s, h) for (src, s), h in zip(files, reply.files, strict=True) if not h.complete
         ]
-        self.transfers[client.name] = transfer
+        self.transfers[client.address] = transfer
         if not missing:
             log.info(
                 "worker %s holds the %d files of layers %s of %s already (same sha256)",
