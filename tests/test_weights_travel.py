@@ -8,6 +8,7 @@ edges are a transfer cancelled half-way and a chunk corrupted after its checksum
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,9 +28,15 @@ from mlx_cluster.coordinator.engine.cluster import Cluster
 from mlx_cluster.coordinator.engine.weights import Transfer, WeightSender
 from mlx_cluster.local import local_workers
 from mlx_cluster.models.inspect import read_safetensors_header
-from mlx_cluster.models.slice_files import SLICE_FILE, DigestCache, model_key, stage_sources
+from mlx_cluster.models.slice_files import (
+    SLICE_FILE,
+    DigestCache,
+    FileSpec,
+    model_key,
+    stage_sources,
+)
 from mlx_cluster.models.slicing import load_stage
-from mlx_cluster.models.weight_store import store_root
+from mlx_cluster.models.weight_store import WeightStore, Written, store_root
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import RunningWorker, create_server
 
@@ -215,3 +222,24 @@ async def test_workers_sent_their_slices_answer_as_mlx_lm(
     key = model_key(model)
     assert layer_numbers(homes[0] / "received" / key / SLICE_FILE) == {0, 1}
     assert layer_numbers(homes[1] / "received" / key / SLICE_FILE) == {2, 3}
+
+
+def test_store_drops_bytes_a_kill_left_unverified(tmp_path: Path) -> None:
+    store, data = WeightStore(tmp_path), bytes(range(256)) * 4
+    spec = FileSpec("w.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    written = store.write("m-1", spec, 0, data[:512], hashlib.sha256(data[:512]).hexdigest())
+    assert written == Written(512, complete=False)
+    with (tmp_path / "m-1" / "w.safetensors.partial").open("ab") as f:
+        f.write(b"torn")  # killed after writing, before recording
+    assert store.held("m-1", spec) == Written(512, complete=False)
+    done = store.write("m-1", spec, 512, data[512:], hashlib.sha256(data[512:]).hexdigest())
+    assert done == Written(len(data), complete=True)
+    assert (tmp_path / "m-1" / "w.safetensors").read_bytes() == data
+
+
+def test_store_refuses_a_file_whose_whole_digest_differs(tmp_path: Path) -> None:
+    store, data = WeightStore(tmp_path), b"x" * 100
+    spec = FileSpec("config.json", len(data), "0" * 64)
+    written = store.write("m-1", spec, 0, data, hashlib.sha256(data).hexdigest())
+    assert written.verified_bytes == 0 and "sha256 does not match" in written.refused
+    assert not (tmp_path / "m-1" / "config.json").exists()
