@@ -111,6 +111,11 @@ class WeightSender:
             reply = await stub.HaveWeights(request, timeout=INFO_DEADLINE_S, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, client.name) from exc
+        if len(reply.files) != len(files):
+            raise ClusterError(
+                f"worker {client.name} answered HaveWeights for {len(reply.files)} files, "
+                f"asked about {len(files)}"
+            )
         transfer = Transfer(client.name, client.address, layers, sum(s.size for _, s in files))
         transfer.verified = {held.name: held.verified_bytes for held in reply.files}
         missing = [
