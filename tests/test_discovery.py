@@ -13,6 +13,7 @@ from mlx_cluster.contract.discovery import Advert
 from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.coordinator.engine.discovery import Browser, Discovery
 from mlx_cluster.coordinator.engine.startup import worker_client
+from mlx_cluster.worker import advertise
 from mlx_cluster.worker.advertise import advertisable
 from mlx_cluster.worker.runtime import WorkerSettings
 from mlx_cluster.worker.server import create_server
@@ -86,3 +87,13 @@ async def test_no_usable_worker_is_a_clear_error(caplog: pytest.LogCaptureFixtur
     with pytest.raises(ClusterError, match="no usable worker found on the local network"):
         await discovery.find()
     assert "it requires a cluster token and this coordinator has none" in caplog.text
+
+
+async def test_a_worker_that_cannot_advertise_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(advertise.psutil, "net_if_addrs", dict)  # loopback only, say
+    advertiser = advertise.Advertiser(advert("lonely", "0.0.0.0:50051"))
+    await advertiser.start()
+    await advertiser.close()
+    assert "not advertised: this host has no IPv4 address beyond loopback" in caplog.text

@@ -9,11 +9,13 @@ could reach it).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
 
 import psutil
+import zeroconf
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
@@ -60,8 +62,18 @@ class Advertiser:
         self._zeroconf: AsyncZeroconf | None = None
 
     async def start(self) -> None:
-        self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
-        await self._zeroconf.async_register_service(self._info, allow_name_change=True)
+        """Put the record on the network; a host where that fails (no multicast, no
+        address) still serves, with a warning: coordinators must list it."""
+        if not self._info.parsed_addresses():
+            log.warning("not advertised: this host has no IPv4 address beyond loopback")
+            return
+        try:
+            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
+            await self._zeroconf.async_register_service(self._info, allow_name_change=True)
+        except (OSError, zeroconf.Error) as exc:
+            log.warning("not advertised on the local network (%s): list this worker", exc)
+            await self.close()
+            return
         log.info(
             "advertising %s on the local network (%s at %s)",
             self._info.name,
@@ -71,6 +83,7 @@ class Advertiser:
 
     async def close(self) -> None:
         if self._zeroconf is not None:
-            await self._zeroconf.async_unregister_service(self._info)
+            with contextlib.suppress(OSError, zeroconf.Error):  # withdrawn as far as it can be
+                await self._zeroconf.async_unregister_service(self._info)
             await self._zeroconf.async_close()
             self._zeroconf = None
