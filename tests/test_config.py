@@ -173,6 +173,10 @@ WORKERS_2 = "model: m\nworkers:\n  - {address: 'a:1'%s}\n  - {address: 'b:1'%s}\
         ),
         ("workers: ['a:1']\n", "model: Field required"),
         ("model: m\nworkers: []\n", "workers: list at least one worker, or give `workers: auto`"),
+        (
+            "model: m\nworkers: auto\nweights: {chunk_kb: 4096}\nlimits: {max_message_mb: 4}\n",
+            "weights.chunk_kb (4096 KiB) plus 1 MiB must fit in limits.max_message_mb (4 MiB)",
+        ),
     ],
 )
 def test_validation_messages_name_field_and_value(tmp_path, text, message):

@@ -324,6 +324,16 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _chunks_fit_messages(self) -> ClusterConfig:
+        chunk, limit = self.weights.chunk_kb * 1024, self.limits.max_message_mb * MIB
+        if chunk + MIB > limit:  # a MiB for the chunk's other fields, and to spare
+            raise ValueError(
+                f"weights.chunk_kb ({self.weights.chunk_kb} KiB) plus 1 MiB must fit in "
+                f"limits.max_message_mb ({self.limits.max_message_mb} MiB)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _standby_apart(self) -> ClusterConfig:
         active = {w.address for w in self.workers}
         shared = sorted(active & {w.address for w in self.standby})
