@@ -172,7 +172,11 @@ WORKERS_2 = "model: m\nworkers:\n  - {address: 'a:1'%s}\n  - {address: 'b:1'%s}\
             "modle: unknown setting; expected one of: model, coordinator, workers",
         ),
         ("workers: ['a:1']\n", "model: Field required"),
-        ("model: m\nworkers: []\n", "workers: List should have at least 1 item"),
+        ("model: m\nworkers: []\n", "workers: list at least one worker, or give `workers: auto`"),
+        (
+            "model: m\nworkers: auto\nweights: {chunk_kb: 4096}\nlimits: {max_message_mb: 4}\n",
+            "weights.chunk_kb (4096 KiB) plus 1 MiB must fit in limits.max_message_mb (4 MiB)",
+        ),
     ],
 )
 def test_validation_messages_name_field_and_value(tmp_path, text, message):
@@ -276,3 +280,11 @@ def test_tool_variables_are_not_settings(tmp_path):
     path.write_text("model: /m\nworkers: [127.0.0.1:50051]\n")
     env = {"MLX_CLUSTER_HOME": "/cache", "MLX_CLUSTER_RUN_DIR": "/run"}
     assert load_config(path, env=env, dotenv=None).config.model == "/m"
+
+
+def test_workers_auto_turns_discovery_and_sent_weights_on(tmp_path):
+    config = load(tmp_path, "model: m\nworkers: auto\ndiscovery: {expected_workers: 2}\n").config
+    assert config.workers == [] and config.discovery.enabled
+    assert config.discovery.expected_workers == 2 and config.sends_weights
+    listed = load(tmp_path, MINIMAL).config
+    assert not listed.discovery.enabled and not listed.sends_weights

@@ -201,6 +201,25 @@ class LivenessConfig(_Strict):
     end_wait_s: float = Field(default=0.5, ge=0)  # a finished request waits for EndSession
 
 
+class DiscoveryConfig(_Strict):
+    """Workers found on the local network (DNS-SD over multicast DNS) instead of listed:
+    `workers: auto` in the file, or `mlx-cluster coordinator --discover`. Those found are
+    asked for Info with the cluster token; those that refuse it are not used."""
+
+    enabled: bool = False  # find workers instead of taking `workers` from the file
+    expected_workers: int | None = Field(default=None, ge=1)  # start once this many answer
+    timeout_s: float = Field(default=10.0, gt=0)  # wait at most this long, then use those found
+
+
+class WeightsConfig(_Strict):
+    """Weights that travel: the coordinator sends each worker the files of its slice (only
+    its layers' tensors, plus the embedding or head of the first or last stage) into the
+    worker's model cache, so only the coordinator's host needs the model."""
+
+    send: bool | None = None  # None: when workers are discovered; False: workers have the model
+    chunk_kb: int = Field(default=4096, ge=1, le=65536)  # bytes per chunk, each checksummed
+
+
 class LoggingConfig(_Strict):
     """Where and how processes log."""
 
@@ -247,8 +266,11 @@ class ClusterConfig(_Strict):
 
     model: str = Field(min_length=1)  # local model directory or Hugging Face model id
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)  # the HTTP side
-    workers: list[WorkerEntry] = Field(min_length=1)  # in chain order: first runs layer 0
+    # In chain order: first runs layer 0. `auto`: found on the network (the discovery section).
+    workers: list[WorkerEntry] = []
     standby: list[WorkerEntry] = []  # spare workers that take over a failed worker's layers
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)  # workers: auto
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)  # weights sent to workers
     kv: KVConfig = Field(default_factory=KVConfig)  # KV cache sizing
     limits: LimitsConfig = Field(default_factory=LimitsConfig)  # per-request limits
     batching: BatchingConfig = Field(default_factory=BatchingConfig)  # continuous batching
@@ -257,6 +279,21 @@ class ClusterConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # level, format, file
     auth: AuthConfig = Field(default_factory=AuthConfig)  # cluster token, TLS, HTTP API keys
     reserve_gb: float = Field(default=1.0, ge=0)  # memory left free on every worker
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_auto(cls, data: Any) -> Any:
+        """`workers: auto` turns discovery on."""
+        if isinstance(data, dict) and data.get("workers") in ("auto", ["auto"]):
+            discovery = data.get("discovery") or {}
+            if isinstance(discovery, dict):
+                data = {**data, "workers": [], "discovery": {**discovery, "enabled": True}}
+        return data
+
+    @property
+    def sends_weights(self) -> bool:
+        """Whether the coordinator sends workers their slices' files."""
+        return self.discovery.enabled if self.weights.send is None else self.weights.send
 
     @field_validator("workers", "standby", mode="before")
     @classmethod
@@ -276,6 +313,25 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"each worker needs its own {attr}, {dupes} appear twice")
         _check_manual_layers(workers)
         return workers
+
+    @model_validator(mode="after")
+    def _workers_given(self) -> ClusterConfig:
+        if not self.workers and not self.discovery.enabled:
+            raise ValueError(
+                "workers: list at least one worker, or give `workers: auto` (or "
+                "`coordinator --discover`) to find them on the network"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _chunks_fit_messages(self) -> ClusterConfig:
+        chunk, limit = self.weights.chunk_kb * 1024, self.limits.max_message_mb * MIB
+        if chunk + MIB > limit:  # a MiB for the chunk's other fields, and to spare
+            raise ValueError(
+                f"weights.chunk_kb ({self.weights.chunk_kb} KiB) plus 1 MiB must fit in "
+                f"limits.max_message_mb ({self.limits.max_message_mb} MiB)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _standby_apart(self) -> ClusterConfig:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 # 5: sessions end kept as prefixes, and open from them (prefix cache).
 # 6: prompt chunks relay from worker to worker, pipelined; failures may come in band;
 #    sessions may sample under a grammar (SamplingSpec.grammar, constrained decoding).
-PROTOCOL_VERSION = 6
+# 7: weights travel to workers (WeightService: HaveWeights, PutWeights).
+PROTOCOL_VERSION = 7
 
 try:  # the package's version, which Info (and Ollama's /api/version) report
     from importlib.metadata import version as _dist_version

@@ -24,6 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="worker HOST:PORT in layer order, repeated (overrides `workers`)",
     )
     p.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the workers on the local network (mDNS) instead of `workers`; they are "
+        "sent the weights of their slices (as `workers: auto`)",
+    )
+    p.add_argument(
+        "--expect",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --discover: start once N workers answer (discovery.expected_workers)",
+    )
+    p.add_argument(
         "--listen", default=None, help="HTTP HOST:PORT (overrides coordinator.http_listen)"
     )
     p.add_argument(
@@ -46,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         overrides = cli_overrides(args)  # a malformed --set is a ConfigError too
         if args.workers:
             overrides["workers"] = ",".join(args.workers)
+        if args.discover:
+            overrides["discovery.enabled"] = "true"
+        if args.expect is not None:
+            overrides["discovery.expected_workers"] = str(args.expect)
         if args.listen:
             overrides["coordinator.http_listen"] = args.listen
         config = load_config(args.config, cli=overrides).config

@@ -88,6 +88,11 @@ def _plan(loaded: LoadedConfig, as_json: bool) -> str:
     from mlx_cluster.models.inspect import model_facts
     from mlx_cluster.models.sources import resolve_model
 
+    if loaded.config.discovery.enabled:
+        raise PlanError(
+            "workers: auto finds the workers when the coordinator starts, which logs its plan; "
+            "to plan ahead, list the workers with their memory_gb"
+        )
     facts = model_facts(resolve_model(loaded.config.model, edges=True))
     plan = plan_for_config(facts, loaded.config, capacities_from_config(loaded.config))
     return render_plan(plan, json=as_json)

@@ -121,6 +121,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tls-ca", default=None, help="require client certificates signed by this CA (mutual TLS)"
     )
+    p.add_argument(
+        "--advertise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="advertise this worker on the local network (mDNS) for `coordinator --discover` "
+        "(default: unless it listens on loopback or a Unix socket)",
+    )
     add_logging_flags(p)
 
 
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
         token = load_secret(os.environ.get(TOKEN_ENV), args.token_file, "--token-file")
-        asyncio.run(serve(args.listen, settings, token=token, tls=_tls(args)))
+        asyncio.run(serve(args.listen, settings, token, _tls(args), args.advertise))
     except ConfigError as exc:  # bad settings, unreadable token or TLS files, too long a path
         print(f"mlx-cluster worker: {exc}", file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -91,12 +91,12 @@ def _text_config(path: Path) -> dict[str, Any]:
 
 def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         table.update(read_safetensors_header(file))
     return table
 
 
-def _edge_part(name: str) -> str:
+def edge_part(name: str) -> str:
     """Which part of the model's ends a tensor outside the decoder layers belongs to."""
     if "embed_tokens" in name:
         return "embedding"  # the token embedding matrix (and a quantized one's scales, biases)
@@ -110,7 +110,7 @@ def _edge_part(name: str) -> str:
 def _bytes_per_part(
     table: dict[str, dict[str, Any]], num_layers: int
 ) -> tuple[list[int], dict[str, int]]:
-    """(bytes of each layer, bytes of each `_edge_part`) over the tensors a text model loads."""
+    """(bytes of each layer, bytes of each `edge_part`) over the tensors a text model loads."""
     layers = [0] * num_layers
     parts = dict.fromkeys(("embedding", "lm_head", "norm", "other"), 0)
     for name, info in table.items():
@@ -119,7 +119,7 @@ def _bytes_per_part(
         start, end = info["data_offsets"]
         match = LAYER_KEY.search(name)
         if match is None:
-            parts[_edge_part(name)] += end - start
+            parts[edge_part(name)] += end - start
         elif int(match.group(1)) < num_layers:  # mlx-lm drops extra (MTP) layers
             layers[int(match.group(1))] += end - start
     return layers, parts

@@ -196,7 +196,8 @@ def resolve_model(
 ) -> Path:
     """A local directory holding what this host needs of model `ref`.
 
-    `ref` is tried, in order, as: a directory; a name `mlx-cluster models list` shows (a
+    `ref` is tried, in order, as: a directory; the key of a model whose slice a coordinator
+    sent this worker (models/weight_store.py); a name `mlx-cluster models list` shows (a
     model imported into our cache, or a Hugging Face id); the demo model's name, which
     prepares it on first use; a Hugging Face id to fetch; the last part of exactly one
     cached Hugging Face id ("SmolLM2-135M" for "HuggingFaceTB/SmolLM2-135M").
@@ -214,10 +215,13 @@ def resolve_model(
             ambiguous name, listing the models there are.
     """
     from mlx_cluster.models.demo import DEMO_MODEL_NAME
+    from mlx_cluster.models.weight_store import received_model
 
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
+    if (received := received_model(ref)) is not None:  # a slice a coordinator sent here
+        return received
     hub = hub or HuggingFaceHub()
     models = local_models(hub)
     imported = {m.name: m.path for m in models if "/" not in m.name}

@@ -15,21 +15,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlx_cluster.contract.auth import TOKEN_ENV, TlsFiles, is_loopback
 from mlx_cluster.contract.config import ConfigError
+from mlx_cluster.contract.discovery import Advert
 from mlx_cluster.contract.proto import layer_service_pb2_grpc as pb_grpc
 from mlx_cluster.contract.rpc import (
     LAYER_SERVICE_NAME,
     MAX_UNIX_PATH_BYTES,
+    PACKAGE_VERSION,
+    PROTOCOL_VERSION,
     is_unix_address,
     server_options,
     unix_socket_path,
 )
+from mlx_cluster.models.weight_store import WeightStore
 from mlx_cluster.tensor.shared import Probe
+from mlx_cluster.worker.advertise import Advertiser, advertisable
 from mlx_cluster.worker.auth import TokenInterceptor
 from mlx_cluster.worker.capabilities import detect
 from mlx_cluster.worker.relay import Peers
 from mlx_cluster.worker.runtime import WorkerRuntime
 from mlx_cluster.worker.servicer import LayerServicer
 from mlx_cluster.worker.settings import WorkerSettings
+from mlx_cluster.worker.weights import WeightServicer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,8 @@ async def create_server(
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_LayerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Files a coordinator sends go beside the model cache (MLX_CLUSTER_HOME).
+    pb_grpc.add_WeightServiceServicer_to_server(WeightServicer(WeightStore()), server)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -143,14 +151,22 @@ def _warn_if_open(name: str, address: str, token: str | None, tls: TlsFiles | No
 
 
 async def serve(
-    address: str, settings: WorkerSettings, token: str | None = None, tls: TlsFiles | None = None
+    address: str,
+    settings: WorkerSettings,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+    advertise: bool | None = None,
 ) -> None:
     """Run a worker until SIGINT/SIGTERM (`token` and `tls` as for create_server).
 
+    With `advertise` (None: unless it listens on loopback or a Unix socket) the worker's
+    record goes on the local network for coordinators that discover workers.
     Prints one JSON line `{"event": "ready", "name": ..., "address": ...}` on stdout
     once it accepts calls, so that launchers wait on readiness rather than sleep;
     `address` is the one clients dial ("host:port" with the port picked, or "unix:PATH").
     """
+    if advertise and is_unix_address(address):
+        raise ConfigError(f"--advertise needs a TCP address to advertise, not {address}")
     worker = await create_server(address, settings, token=token, tls=tls)
     security = ("mutual TLS" if tls.ca else "TLS") if tls else "plaintext"
     log.info(
@@ -160,6 +176,10 @@ async def serve(
         security,
         "cluster token required" if token else "no cluster token",
     )
+    advertiser = None
+    if advertise or (advertise is None and advertisable(worker.address)):
+        advertiser = Advertiser(_advert(worker, token is not None, tls is not None))
+        await advertiser.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,5 +190,22 @@ async def serve(
     print(json.dumps(ready), flush=True)
     await stop.wait()
     log.info("worker %s stopping", settings.name)
+    if advertiser is not None:
+        await advertiser.close()
     await worker.stop(grace=5.0)
     sys.stdout.flush()
+
+
+def _advert(worker: RunningWorker, token_required: bool, tls: bool) -> Advert:
+    runtime = worker.servicer.runtime
+    capabilities = runtime.capabilities
+    return Advert(
+        name=runtime.settings.name,
+        address=worker.address,
+        version=PACKAGE_VERSION,
+        protocol=PROTOCOL_VERSION,
+        token_required=token_required,
+        tls=tls,
+        device=f"{capabilities.device_kind} {capabilities.device_name}",
+        memory_gb=capabilities.memory_available_bytes / 1e9,
+    )

@@ -382,3 +382,63 @@ class LeaseRequest(_message.Message):
 class LeaseEvent(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WeightFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class HaveWeightsRequest(_message.Message):
+    __slots__ = ("model_key", "files")
+    MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    model_key: str
+    files: _containers.RepeatedCompositeFieldContainer[WeightFile]
+    def __init__(self, model_key: _Optional[str] = ..., files: _Optional[_Iterable[_Union[WeightFile, _Mapping]]] = ...) -> None: ...
+
+class HeldFile(_message.Message):
+    __slots__ = ("name", "verified_bytes", "complete")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    verified_bytes: int
+    complete: bool
+    def __init__(self, name: _Optional[str] = ..., verified_bytes: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class HaveWeightsResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[HeldFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[HeldFile, _Mapping]]] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("model_key", "file", "offset", "data", "sha256")
+    MODEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    model_key: str
+    file: WeightFile
+    offset: int
+    data: bytes
+    sha256: str
+    def __init__(self, model_key: _Optional[str] = ..., file: _Optional[_Union[WeightFile, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class WeightAck(_message.Message):
+    __slots__ = ("file", "verified_bytes", "complete", "refused")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    verified_bytes: int
+    complete: bool
+    refused: str
+    def __init__(self, file: _Optional[str] = ..., verified_bytes: _Optional[int] = ..., complete: _Optional[bool] = ..., refused: _Optional[str] = ...) -> None: ...

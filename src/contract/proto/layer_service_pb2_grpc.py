@@ -409,3 +409,122 @@ class LayerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WeightServiceStub:
+    """Kept apart from LayerService: moving files is not running layers.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.HaveWeights = channel.unary_unary(
+                '/mlx_cluster.v1.WeightService/HaveWeights',
+                request_serializer=layer__service__pb2.HaveWeightsRequest.SerializeToString,
+                response_deserializer=layer__service__pb2.HaveWeightsResponse.FromString,
+                _registered_method=True)
+        self.PutWeights = channel.stream_stream(
+                '/mlx_cluster.v1.WeightService/PutWeights',
+                request_serializer=layer__service__pb2.WeightChunk.SerializeToString,
+                response_deserializer=layer__service__pb2.WeightAck.FromString,
+                _registered_method=True)
+
+
+class WeightServiceServicer:
+    """Kept apart from LayerService: moving files is not running layers.
+    """
+
+    def HaveWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutWeights(self, request_iterator, context):
+        """One ack per chunk, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WeightServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'HaveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.HaveWeights,
+                    request_deserializer=layer__service__pb2.HaveWeightsRequest.FromString,
+                    response_serializer=layer__service__pb2.HaveWeightsResponse.SerializeToString,
+            ),
+            'PutWeights': grpc.stream_stream_rpc_method_handler(
+                    servicer.PutWeights,
+                    request_deserializer=layer__service__pb2.WeightChunk.FromString,
+                    response_serializer=layer__service__pb2.WeightAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mlx_cluster.v1.WeightService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mlx_cluster.v1.WeightService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WeightService:
+    """Kept apart from LayerService: moving files is not running layers.
+    """
+
+    @staticmethod
+    def HaveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_cluster.v1.WeightService/HaveWeights',
+            layer__service__pb2.HaveWeightsRequest.SerializeToString,
+            layer__service__pb2.HaveWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mlx_cluster.v1.WeightService/PutWeights',
+            layer__service__pb2.WeightChunk.SerializeToString,
+            layer__service__pb2.WeightAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

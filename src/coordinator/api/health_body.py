@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_cluster.coordinator.engine.health import ClusterHealth, StageHealth
+from mlx_cluster.coordinator.engine.weights import Transfer
 
 
 def health_body(report: ClusterHealth) -> dict[str, Any]:
@@ -15,6 +16,21 @@ def health_body(report: ClusterHealth) -> dict[str, Any]:
         "model": report.model,
         "workers": [_stage_entry(s) for s in report.stages],
         "standby": [{"name": s.name, "address": s.address} for s in report.standbys],
+        "weight_transfers": [_transfer_entry(t) for t in report.transfers],
+    }
+
+
+def _transfer_entry(transfer: Transfer) -> dict[str, Any]:
+    """A worker's latest transfer of its slice's files (weights that travel)."""
+    return {
+        "worker": transfer.worker,
+        "address": transfer.address,
+        "layers": [transfer.layers.start, transfer.layers.end],
+        "total_bytes": transfer.total_bytes,
+        "verified_bytes": transfer.verified_bytes,
+        "sent_bytes": transfer.sent_bytes,
+        "refused_chunks": transfer.refused_chunks,
+        "done": transfer.done,
     }
 
 

@@ -49,6 +49,8 @@ from mlx_cluster.coordinator.engine.forward_stream import ForwardStream, error_f
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+S = TypeVar("S")
+Metadata = tuple[tuple[str, str], ...]
 
 # A failed EndSession is tried again after this, then twice as long each time, up to the max.
 END_RETRY_FIRST_S = 0.5
@@ -117,6 +119,11 @@ class WorkerClient:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC metadata of every call: the request id (for worker logs), the cluster token."""
         return ((REQUEST_ID_HEADER, request_id.get()), *self._auth)
+
+    def service(self, stub_class: Callable[[grpc.aio.Channel], S]) -> tuple[S, Metadata]:
+        """A stub of another of the worker's services on this client's channel (same TLS),
+        and the metadata its calls must carry (the cluster token)."""
+        return stub_class(self._channel), self._metadata()
 
     async def _call(self, call: Callable[[], Awaitable[R]]) -> R:
         try:

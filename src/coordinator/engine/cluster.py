@@ -25,6 +25,7 @@ from mlx_cluster.contract.plan import ClusterPlan
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.contract.speculation import Speculation
 from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.discovery import Discovery
 from mlx_cluster.coordinator.engine.events import EventBus
 from mlx_cluster.coordinator.engine.generation import TextChunk, generate_text
 from mlx_cluster.coordinator.engine.health import ClusterHealth
@@ -42,6 +43,7 @@ class Cluster:
     tokenizer: TokenizerWrapper
     plan: ClusterPlan
     config: ClusterConfig
+    discovery: Discovery | None = None  # finds workers that appear later (standbys)
 
     @property
     def model_id(self) -> str:
@@ -144,5 +146,7 @@ class Cluster:
         await self.engine.keep_prompt(prompt, timeout)
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.engine.close()
         await self.stage_manager.close()

@@ -7,11 +7,12 @@ failover all ask it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mlx_cluster.contract.layers import LayerRange
 from mlx_cluster.contract.worker_info import WorkerInfo
+from mlx_cluster.coordinator.engine.weights import Transfer
 
 INFO_TIMEOUT_S = 2.0
 
@@ -53,6 +54,7 @@ class ClusterHealth:
     model: str
     stages: list[StageHealth]
     standbys: list[Standby]
+    transfers: list[Transfer] = field(default_factory=list)  # weights sent, the latest a worker
 
     @property
     def serving(self) -> bool:

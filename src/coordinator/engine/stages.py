@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from mlx_cluster.coordinator.engine.health import (
     cluster_status,
     serves,
 )
+from mlx_cluster.coordinator.engine.weights import WeightSender
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,12 @@ class StageManager:
         liveness: LivenessConfig | None = None,
         draft_model: str = "",
         prefix_cache_bytes: int = 0,
+        weights: WeightSender | None = None,
     ) -> None:
+        """With `weights`, each worker is sent its slice's files before it loads them (and
+        `model_ref` is the key they are kept under)."""
         self.model_ref = model_ref  # what workers are told to load
+        self.weights = weights
         self.draft_model = draft_model  # the first stage's, for speculative decoding
         self.prefix_cache_bytes = prefix_cache_bytes  # each worker's, for ended sessions
         self.stages = stages
@@ -113,8 +119,15 @@ class StageManager:
         )
         return info
 
+    def add_standby(self, client: WorkerClient) -> None:
+        """A worker that may take over a failed stage (e.g. one discovered later)."""
+        self.standbys.append(client)
+        log.info("worker %s at %s is a standby", client.name, client.address)
+
     async def _send_slice(self, client: WorkerClient, stage: Stage) -> LoadedSlice:
         r = stage.layers
+        if self.weights is not None:
+            await self.weights.send(client, r)
         return await client.load_layers(
             self.model_ref,
             r.start,
@@ -273,7 +286,12 @@ class StageManager:
         """Every stage's worker asked now, concurrently, with a short deadline."""
         stages = await asyncio.gather(*(self._stage_health(s) for s in self.stages))
         standbys = [Standby(c.name, c.address) for c in self.standbys]
-        return ClusterHealth(cluster_status(stages), model_id, stages, standbys)
+        transfers = (
+            [dataclasses.replace(t) for t in self.weights.transfers.values()]
+            if self.weights
+            else []
+        )
+        return ClusterHealth(cluster_status(stages), model_id, stages, standbys, transfers)
 
     async def _stage_health(self, stage: Stage) -> StageHealth:
         client = stage.client

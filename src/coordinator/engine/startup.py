@@ -33,10 +33,14 @@ from mlx_cluster.coordinator.engine.chain import Chain
 from mlx_cluster.coordinator.engine.client import WorkerClient
 from mlx_cluster.coordinator.engine.cluster import READY_TIMEOUT_S, Cluster
 from mlx_cluster.coordinator.engine.core import Engine
+from mlx_cluster.coordinator.engine.discovery import Discovery
 from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
+from mlx_cluster.coordinator.engine.weights import WeightSender
+from mlx_cluster.models.demo import model_cache_dir
 from mlx_cluster.models.inspect import model_facts
-from mlx_cluster.models.sources import resolve_model
+from mlx_cluster.models.slice_files import DigestCache
+from mlx_cluster.models.sources import EVERY_LAYER, resolve_model
 from mlx_cluster.models.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
@@ -122,15 +126,25 @@ async def start_from_config(
 ) -> Cluster:
     """Connect to the spec's workers, plan, check, load every slice; returns the Cluster."""
     # The coordinator needs only config and tokenizer; the planner reads the sizes of the
-    # edges (the first and last stage's) from their shards' headers.
-    model = resolve_model(config.model, edges=True)
-    clients = [worker_client(w, config) for w in config.workers]
-    standbys = [worker_client(w, config) for w in config.standby]
+    # edges (the first and last stage's) from their shards' headers. Workers sent their
+    # weights need the whole model here.
+    sends = config.sends_weights
+    model = resolve_model(config.model, layers=EVERY_LAYER if sends else None, edges=True)
+    weights = _weight_sender(config, model) if sends else None
+    discovery = None
+    if config.discovery.enabled:
+        discovery = Discovery(config, lambda entry: worker_client(entry, config))
+    clients: list[WorkerClient] = []
+    standbys: list[WorkerClient] = []
     try:
+        if discovery is not None:
+            config = await discovery.find()
+        clients = [worker_client(w, config) for w in config.workers]
+        standbys = [worker_client(w, config) for w in config.standby]
         plan = await plan_cluster(config, model, clients, ready_timeout)
         model_config = load_config(model)
         stages = StageManager(
-            config.model,
+            weights.key if weights else config.model,
             [
                 Stage(client, wp.layers, wp.kv_tokens, config.kv.session_ttl_s or 0.0)
                 for client, wp in zip(clients, plan.workers, strict=True)
@@ -139,6 +153,7 @@ async def start_from_config(
             config.liveness,
             config.speculative.draft_model or "",
             int(config.kv.prefix_cache_gb * GB),
+            weights,
         )
         await _load_with_bars(stages)
         tokenizer = await asyncio.to_thread(load_model_tokenizer, model)
@@ -148,9 +163,17 @@ async def start_from_config(
             vocab_size(model_config), stages, admission, liveness=config.liveness, prefixes=prefixes
         )
         engine = Engine(chain, config.batching, speculative=config.speculative.speculation())
-        return Cluster(model, engine, tokenizer, plan, config)
+        if discovery is not None:
+
+            async def add_standby(entry: WorkerEntry) -> None:
+                stages.add_standby(worker_client(entry, config))
+
+            discovery.watch(add_standby)
+        return Cluster(model, engine, tokenizer, plan, config, discovery)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients + standbys), return_exceptions=True)
+        if discovery is not None:
+            await discovery.close()
         raise
 
 
@@ -172,6 +195,16 @@ async def _load_with_bars(stages: StageManager) -> None:
             loading[id(stage)].finish(note=f"loaded, {info.weight_bytes / 1e6:.1f} MB")
 
         await stages.load_all(loaded)
+
+
+def _weight_sender(config: ClusterConfig, model: Path) -> WeightSender:
+    if config.speculative.draft_model:
+        raise StartupError(
+            "a draft model is not sent to workers yet: give the first worker the draft model "
+            "and set weights.send to false, or turn speculative.draft_model off"
+        )
+    digests = DigestCache(model_cache_dir().parent / "digests.json")
+    return WeightSender(model, config.weights.chunk_kb * 1024, digests=digests)
 
 
 def vocab_size(model_config: dict[str, Any]) -> int:
