@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from mlx_cluster.coordinator.api.app import create_app
 from mlx_cluster.coordinator.api.server import HttpServer
@@ -71,8 +72,11 @@ async def test_a_snapshot_has_the_map_and_the_figures(serve_cluster):
     assert sum(p["tokens_per_s"] for p in perf["points"]) * perf["bucket_s"] >= 1
     assert any(p["ttft_ms"] for p in perf["points"])
     split = perf["token_split_ms"]
-    assert split is not None and set(split) == {"compute", "hop", "coordinator"}
+    assert split is not None and set(split) == {"compute", "hop", "coordinator", "stages"}
     assert split["compute"] > 0
+    # Each stage's compute, in chain order, adds up to the step's.
+    assert len(split["stages"]) == 2 and all(ms > 0 for ms in split["stages"])
+    assert sum(split["stages"]) == pytest.approx(split["compute"], rel=0.01, abs=0.01)
 
 
 async def test_events_need_a_key_when_keys_are_on_and_the_page_does_not(serve_cluster):

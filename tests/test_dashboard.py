@@ -84,6 +84,8 @@ async def test_a_chat_message_streams_an_answer_and_stop_ends_one(serve_cluster,
     assert not await page.locator("#send").is_disabled()
     # The next snapshots chart the answer's decode steps.
     await page.locator("#split-legend", has_text="compute").wait_for(timeout=5 * SECONDS)
+    stages = await page.locator("#split-stages").inner_text()
+    assert "worker-0" in stages and "worker-1" in stages, stages  # each stage's compute
     await screenshot(page, "chat")
 
     # A long answer to stop. The random model may end one early (its end-of-text token),

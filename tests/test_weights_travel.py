@@ -21,6 +21,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_cluster.contract.errors import Unauthenticated
 from mlx_cluster.contract.layers import LayerRange
+from mlx_cluster.contract.progress import PROGRESS_ENV
 from mlx_cluster.contract.sampling import SamplingParams
 from mlx_cluster.coordinator.engine import weights
 from mlx_cluster.coordinator.engine.client import WorkerClient
@@ -196,9 +197,11 @@ def test_digests_are_kept_from_one_start_to_the_next(model: Path, tmp_path: Path
 
 @pytest.mark.slow
 async def test_workers_sent_their_slices_answer_as_mlx_lm(
-    model_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """Two worker processes with empty caches of their own, given only the model's key."""
+    """Two worker processes with empty caches of their own, given only the model's key;
+    the coordinator draws a bar of each slice's bytes as they arrive (asked for here)."""
+    monkeypatch.setenv(PROGRESS_ENV, "1")
     untied = {"tie_word_embeddings": False}
     model = model_factory(
         "llama", num_layers=4, quantize_bits=4, max_shard_bytes=60_000, config_overrides=untied
@@ -219,6 +222,8 @@ async def test_workers_sent_their_slices_answer_as_mlx_lm(
         finally:
             await cluster.close()
     assert got == want
+    drawn = capsys.readouterr().err
+    assert drawn.count("worker-0 weights") >= 2 and drawn.count("received") >= 2, drawn
     key = model_key(model)
     assert layer_numbers(homes[0] / "received" / key / SLICE_FILE) == {0, 1}
     assert layer_numbers(homes[1] / "received" / key / SLICE_FILE) == {2, 3}

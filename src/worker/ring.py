@@ -43,8 +43,13 @@ class StepResult:
     where the time went."""
 
     rows: list[list[pb.Sampled]]
-    compute_s: float  # every stage's compute, summed
+    stage_compute_s: list[float]  # each stage's compute, in chain order
     relay_s: float  # the rest of the time after this stage's compute
+
+    @property
+    def compute_s(self) -> float:
+        """Every stage's compute, summed."""
+        return sum(self.stage_compute_s)
 
 
 # (session ids, offsets, tokens to feed, ahead) -> the step's result. Row b feeds
@@ -169,6 +174,7 @@ class DecodeLoop:
                 drafted=[len(d) for d in drafts] if length > 1 else [],
                 left=self._take_left(),
                 compute_seconds=result.compute_s,
+                stage_compute_seconds=result.stage_compute_s,
                 relay_seconds=result.relay_s,
             )
 

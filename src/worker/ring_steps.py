@@ -48,11 +48,8 @@ class RingSteps:
         except ValueError as exc:  # bytes that are no tensor, say
             raise InvalidArgument(str(exc)) from exc
         reply, relay_s = await self._next_stage.step(onward)
-        return StepResult(
-            steps.split_rows(reply),
-            compute_s + reply.compute_seconds,
-            relay_s - reply.compute_seconds,
-        )
+        stages = list(reply.stage_compute_seconds) or [reply.compute_seconds]
+        return StepResult(steps.split_rows(reply), [compute_s, *stages], relay_s - sum(stages))
 
     async def _alone(
         self, ids: list[str], offsets: list[int], tokens: list[list[int]], ahead: bool
@@ -63,11 +60,11 @@ class RingSteps:
             rows, compute_s = await self._compute.submit(
                 self._lookahead.verify, ids, offsets, tokens
             )
-            return StepResult(rows, compute_s, 0.0)
+            return StepResult(rows, [compute_s], 0.0)
         sampled, compute_s = await self._compute.submit(
             self._lookahead.step, ids, offsets, [row[0] for row in tokens], ahead
         )
-        return StepResult([[token.to_message()] for token in sampled], compute_s, 0.0)
+        return StepResult([[token.to_message()] for token in sampled], [compute_s], 0.0)
 
     def model_drafts(self) -> ModelDrafts | None:
         """Drafts from this stage's draft model, on the compute thread; None without one."""

@@ -314,7 +314,7 @@ class DecodeCommand(_message.Message):
     def __init__(self, add: _Optional[_Iterable[_Union[DecodeRow, _Mapping]]] = ..., drop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
-    __slots__ = ("session_ids", "sampled", "left", "compute_seconds", "relay_seconds", "counts", "drafted")
+    __slots__ = ("session_ids", "sampled", "left", "compute_seconds", "relay_seconds", "counts", "drafted", "stage_compute_seconds")
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class DecodeEvent(_message.Message):
     RELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    STAGE_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     sampled: _containers.RepeatedCompositeFieldContainer[Sampled]
     left: _containers.RepeatedScalarFieldContainer[str]
@@ -329,7 +330,8 @@ class DecodeEvent(_message.Message):
     relay_seconds: float
     counts: _containers.RepeatedScalarFieldContainer[int]
     drafted: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., drafted: _Optional[_Iterable[int]] = ...) -> None: ...
+    stage_compute_seconds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., sampled: _Optional[_Iterable[_Union[Sampled, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ..., relay_seconds: _Optional[float] = ..., counts: _Optional[_Iterable[int]] = ..., drafted: _Optional[_Iterable[int]] = ..., stage_compute_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class KeepPrefix(_message.Message):
     __slots__ = ("session_id", "prefix_id", "length")

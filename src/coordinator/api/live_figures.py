@@ -70,18 +70,25 @@ class LiveFigures:
             )
         return {"bucket_s": BUCKET_S, "points": points, "token_split_ms": self._split()}
 
-    def _split(self) -> dict[str, float] | None:
-        """A decode step's mean time, per part (ms); None before any step."""
+    def _split(self) -> dict[str, Any] | None:
+        """A decode step's mean time, per part (ms), and each stage's compute in chain
+        order (of the steps through as many stages as the latest); None before any step."""
         steps = list(self._steps)
         if not steps:
             return None
         compute = sum(s.compute_s for s in steps) / len(steps)
         hops = sum(s.hops_s for s in steps) / len(steps)
         wall = sum(s.wall_s for s in steps) / len(steps)
+        chained = [
+            s.stage_compute_s
+            for s in steps
+            if len(s.stage_compute_s) == len(steps[-1].stage_compute_s)
+        ]
         return {
             "compute": _ms(compute),
             "hop": _ms(hops),
             "coordinator": _ms(max(wall - compute - hops, 0.0)),
+            "stages": [_ms(sum(part) / len(chained)) for part in zip(*chained, strict=True)],
         }
 
     def _bucket(self) -> _Bucket:

@@ -51,6 +51,7 @@ class StepEvent:
     wall_s: float  # since the lane's previous step arrived (or its rows were sent)
     hops_s: float  # the step's time on the ring beyond the stages' compute
     compute_s: float  # the workers' own compute (the last stage's sampling too), summed
+    stage_compute_s: tuple[float, ...] = ()  # each stage's part of it, in chain order
 
 
 Event = HopEvent | StepEvent

@@ -240,8 +240,9 @@ class Lane:
         profile.wall += wall
         profile.hops += event.relay_seconds
         profile.compute += event.compute_seconds
+        stages = tuple(event.stage_compute_seconds)
         self.chain.events.publish(
-            StepEvent(self.index, rows, wall, event.relay_seconds, event.compute_seconds)
+            StepEvent(self.index, rows, wall, event.relay_seconds, event.compute_seconds, stages)
         )
 
     async def _recover(self, failure: RingFailed) -> None:

@@ -25,7 +25,7 @@ from mlx_cluster.contract.errors import ClusterError
 from mlx_cluster.contract.layers import split_by_counts, split_evenly
 from mlx_cluster.contract.plan import GB, ClusterPlan, WorkerCapacity, plan_for_config
 from mlx_cluster.contract.plan_report import render_plan
-from mlx_cluster.contract.progress import bars
+from mlx_cluster.contract.progress import Bar, bars
 from mlx_cluster.contract.rpc import MIB
 from mlx_cluster.contract.worker_info import WorkerInfo
 from mlx_cluster.coordinator.engine.admission import Admission
@@ -36,7 +36,7 @@ from mlx_cluster.coordinator.engine.core import Engine
 from mlx_cluster.coordinator.engine.discovery import Discovery
 from mlx_cluster.coordinator.engine.prefixes import PrefixIndex
 from mlx_cluster.coordinator.engine.stages import Stage, StageManager
-from mlx_cluster.coordinator.engine.weights import WeightSender
+from mlx_cluster.coordinator.engine.weights import Transfer, WeightSender
 from mlx_cluster.models.demo import model_cache_dir
 from mlx_cluster.models.inspect import model_facts
 from mlx_cluster.models.slice_files import DigestCache
@@ -178,8 +178,20 @@ async def start_from_config(
 
 
 async def _load_with_bars(stages: StageManager) -> None:
-    """Load every stage's slice, with a bar a worker (drawn where contract.progress says)."""
+    """Load every stage's slice, with a bar a worker, and one for the bytes of each slice
+    sent to a worker (drawn where contract.progress says)."""
     with bars() as shown:
+        sending: dict[str, Bar] = {}  # by worker address
+
+        def sent(transfer: Transfer) -> None:
+            if transfer.address not in sending:
+                label = f"{transfer.worker} weights"
+                sending[transfer.address] = shown.add(label, transfer.total_bytes, "bytes")
+            bar = sending[transfer.address]
+            bar.set(completed=transfer.verified_bytes, note="received" if transfer.done else "")
+
+        if stages.weights is not None:
+            stages.weights.on_progress = sent
         loading = {
             id(stage): shown.add(
                 f"{stage.client.name} layers [{stage.layers.start}, {stage.layers.end})",

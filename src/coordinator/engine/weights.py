@@ -81,7 +81,7 @@ class WeightSender:
         self.key = model_key(model)  # what the workers load, once they hold the files
         self.chunk_bytes = chunk_bytes
         self.transfers: dict[str, Transfer] = {}  # by worker address, the latest of each
-        self._on_progress = on_progress
+        self.on_progress = on_progress
         self._digests = digests
         self._files: dict[tuple[int, int, int], list[tuple[FileSource, FileSpec]]] = {}
 
@@ -204,8 +204,8 @@ class WeightSender:
                     )
             else:
                 refusals = 0
-            if self._on_progress is not None:
-                self._on_progress(transfer)
+            if self.on_progress is not None:
+                self.on_progress(transfer)
             done = transfer.verified_bytes / transfer.total_bytes
             if done >= transfer.logged + LOG_EVERY:
                 transfer.logged = done

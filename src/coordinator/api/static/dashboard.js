@@ -96,7 +96,16 @@ function render(snapshot) {
   $("workers").replaceChildren(...snapshot.workers.map(workerCard));
   $("standbys").textContent = snapshot.standby.length
     ? `standby: ${snapshot.standby.map((s) => `${s.name} (${s.address})`).join(", ")}` : "";
-  renderPerformance(snapshot.performance);
+  $("transfers").textContent = (snapshot.weight_transfers || [])
+    .filter((t) => t.total_bytes > 0)
+    .map((t) => `${t.worker}: weights ${megabytes(t.verified_bytes)} of ` +
+      `${megabytes(t.total_bytes)} MB ${t.done ? "received" : "arriving"}`)
+    .join(" · ");
+  renderPerformance(snapshot.performance, snapshot.workers);
+}
+
+function megabytes(bytes) {
+  return (bytes / 1e6).toFixed(1);
 }
 
 function renderDepthBar(workers, total) {
@@ -137,7 +146,7 @@ function workerCard(w) {
   return card;
 }
 
-function renderPerformance(perf) {
+function renderPerformance(perf, workers) {
   const points = perf.points;
   drawChart($("tps-chart"), points.map((p) => p.tokens_per_s), "#2b6cb0");
   drawChart($("ttft-chart"), points.map((p) => p.ttft_ms), "#805ad5");
@@ -156,6 +165,9 @@ function renderPerformance(perf) {
   }));
   $("split-legend").textContent = `compute ${split.compute.toFixed(2)} ms · hops ` +
     `${split.hop.toFixed(2)} ms · coordinator ${split.coordinator.toFixed(2)} ms`;
+  const names = workers.map((w) => w.name);
+  $("split-stages").textContent = split.stages.length ? "compute by stage: " + split.stages
+    .map((ms, i) => `${names[i] ?? `stage ${i}`} ${ms.toFixed(2)} ms`).join(" · ") : "";
 }
 
 function drawChart(canvas, values, color) {
