@@ -20,7 +20,7 @@ import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import load_model
 
 from mlx_cluster.contract.errors import PrefixNotFound
@@ -79,6 +79,32 @@ def test_a_branch_starts_from_the_prefix_and_never_changes_it():
         store.branch("q", 1)
 
 
+def windowed(length: int, window: int = 8) -> RotatingKVCache:
+    """A sliding window's cache fed `length` positions, position i holding i."""
+    cache = RotatingKVCache(max_size=window)
+    for i in range(length):
+        cache.update_and_fetch(mx.full((1, 2, 1, 4), float(i)), mx.full((1, 2, 1, 4), float(i)))
+    return cache
+
+
+def test_a_sliding_windows_prefix_is_cut_back_only_while_it_holds_every_token():
+    store = PrefixStore(capacity_bytes=10 * MIB)
+    assert store.keep("short", [windowed(6)], 6)  # within the window: any length
+    (branch,) = store.branch("short", 4)
+    assert branch.offset == 4 and branch.keys[0, 0, :4, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    branch.update_and_fetch(mx.full((1, 2, 1, 4), 9.0), mx.full((1, 2, 1, 4), 9.0))
+    assert branch.keys[0, 0, :5, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 9.0]  # after token 3
+    assert store.whole_only(["short"]) == []
+    assert not store.keep("cut", [windowed(12)], 10)  # the window moved past token 10
+    assert store.keep("long", [windowed(12)], 12)
+    assert store.whole_only(["short", "long"]) == ["long"]
+    (whole,) = store.branch("long", 12)
+    window = sorted(whole.keys[0, 0, :, 0].tolist())
+    assert whole.offset == 12 and window == list(map(float, range(4, 12)))  # the last 8
+    with pytest.raises(PrefixNotFound, match="only at its 12 tokens"):
+        store.branch("long", 11)
+
+
 def test_prefixes_never_exceed_their_bytes_and_the_least_recently_used_go_first():
     one = filled(10).nbytes  # a cache's buffer: 256 positions
     store = PrefixStore(capacity_bytes=2 * one + one // 2)
@@ -122,6 +148,34 @@ def test_the_index_finds_the_longest_common_prefix_not_only_an_exact_one():
     short = PrefixIndex()
     short.add(KeptPrefix("s", tuple(range(BLOCK // 2)), (BLOCK // 2,)))
     assert short.match(list(range(BLOCK))).length == BLOCK // 2  # no whole block in common
+    windowed = PrefixIndex()  # a sliding window moved on: only the whole prefix serves
+    windowed.add(KeptPrefix("w", first, (300,), whole_only=True))
+    assert windowed.match(rewritten) is None
+    assert windowed.match([*first, 5]).length == 300
+
+
+async def test_a_sliding_window_model_reuses_its_whole_prefix_next_turn(
+    model_factory, start_workers
+):
+    """gemma3's local layers keep a window of 8 positions: the next turn starts from the
+    whole first turn; a prompt sharing only its beginning is prefilled in full. Tokens as
+    mlx-lm's either way."""
+    model = model_factory("gemma3_text")
+    workers = await start_workers(2)
+    engine = await make_engine(model, workers, [3, 5], prefix_cache_bytes=64 * MIB)
+    turn1 = [*SYSTEM, 11, 52, 7]
+    got1, _ = await run(engine, turn1)
+    assert_same(got1, reference(model, turn1, PARAMS))
+    await engine.chain.ends_done()
+    turn2 = [*turn1, *(s.token for s in got1), 99, 23]
+    got2, cached2 = await run(engine, turn2)
+    assert cached2 == len(turn1) + NEW_TOKENS - 1
+    assert_same(got2, reference(model, turn2, PARAMS))
+    await engine.chain.ends_done()
+    other = [*SYSTEM, 40, 41]  # shares 150 tokens with both turns: not whole, not reused
+    got3, cached3 = await run(engine, other)
+    assert cached3 == 0
+    assert_same(got3, reference(model, other, PARAMS))
 
 
 # --- through the cluster -------------------------------------------------------------------

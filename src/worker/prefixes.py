@@ -13,9 +13,12 @@ branch from one prefix at once.
 
 Prefixes live inside the worker's KV budget (tokens) and under their own cap in
 bytes. They always yield to live sessions: the session store evicts the least
-recently used prefixes before it refuses a session room. Only models whose
-caches trim exactly (KVCache, QuantizedKVCache) keep prefixes: a branch may start
-at any length up to the prefix's.
+recently used prefixes before it refuses a session room. Caches that trim exactly
+(KVCache, QuantizedKVCache) let a branch start at any length up to the prefix's. A
+sliding window's cache (RotatingKVCache, e.g. gemma3's local layers) does so while
+it holds every token; once the window has moved on, the positions it dropped cannot
+come back, and the prefix can be started from only at its whole length (`whole_only`,
+which the coordinator is told when the prefix is kept). Other kinds keep no prefixes.
 
 Only the compute thread changes the store; `totals()` is a snapshot for Info.
 """
@@ -28,11 +31,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from mlx_cluster.contract.errors import PrefixNotFound
 
-BRANCHABLE = (KVCache, QuantizedKVCache)
+KEPT_KINDS = (KVCache, QuantizedKVCache, RotatingKVCache)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Prefix:
     caches: list[Any]
     length: int
     nbytes: int
+    whole_only: bool  # a sliding window moved on: it can be started from at `length` only
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,20 @@ class PrefixTotals:
 
 
 def can_keep(caches: list[Any]) -> bool:
-    """Whether caches of these kinds can be kept and branched from at any length."""
-    return all(type(c) in BRANCHABLE for c in caches)
+    """Whether caches of these kinds can be kept as prefixes."""
+    return all(type(c) in KEPT_KINDS for c in caches)
+
+
+def _holds_all(cache: Any) -> bool:
+    """Whether `cache` still holds every token it was fed (a sliding window's until it
+    has filled), so that it can be cut back to fewer."""
+    return not isinstance(cache, RotatingKVCache) or cache.offset < cache.max_size
 
 
 def _branch(cache: Any, length: int) -> Any:
-    """A new cache of `cache`'s kind holding its first `length` tokens, sharing its arrays
-    through new array objects (a write to one never shows in the other)."""
+    """A new cache of `cache`'s kind holding its first `length` tokens (all it holds, or
+    fewer where `_holds_all`), sharing its arrays through new array objects (a write to
+    one never shows in the other)."""
     copy = copy_module.copy(cache)
     if isinstance(cache, QuantizedKVCache):
         keys, values = cast(tuple, cache.keys), cast(tuple, cache.values)
@@ -68,7 +79,8 @@ def _branch(cache: Any, length: int) -> Any:
         copy.values = tuple(a[...] for a in values)
     else:
         copy.keys, copy.values = cache.keys[...], cache.values[...]
-    copy.offset = length
+    if length < cache.offset:
+        copy.trim(cache.offset - length)
     return copy
 
 
@@ -112,13 +124,17 @@ class PrefixStore:
         the cap alone."""
         if not can_keep(caches) or length <= 0:
             return False
+        if any(length < c.offset and not _holds_all(c) for c in caches):
+            return False  # a sliding window moved past what would be kept
         nbytes = _nbytes(caches)
         if nbytes > self.capacity_bytes:
             return False
         self.drop(prefix_id)
         while self._nbytes + nbytes > self.capacity_bytes:
             self._evict_one()
-        prefix = Prefix(prefix_id, [_branch(c, length) for c in caches], length, nbytes)
+        kept = [_branch(c, length) for c in caches]
+        whole_only = not all(_holds_all(c) for c in kept)
+        prefix = Prefix(prefix_id, kept, length, nbytes, whole_only)
         with self._lock:
             self._prefixes[prefix_id] = prefix
             self._tokens += length
@@ -140,8 +156,18 @@ class PrefixStore:
             )
         if length > prefix.length:
             raise PrefixNotFound(f"prefix {prefix_id!r} holds {prefix.length} tokens, not {length}")
+        if prefix.whole_only and length != prefix.length:
+            raise PrefixNotFound(
+                f"prefix {prefix_id!r} can be started from only at its {prefix.length} tokens: "
+                f"a sliding window has moved past the first {length}"
+            )
         self._prefixes.move_to_end(prefix_id)  # the most recently used
         return [_branch(c, length) for c in prefix.caches]
+
+    def whole_only(self, prefix_ids: list[str]) -> list[str]:
+        """Those of `prefix_ids` kept here that can be started from only whole."""
+        with self._lock:
+            return [p for p in prefix_ids if p in self._prefixes and self._prefixes[p].whole_only]
 
     def drop(self, prefix_id: str) -> bool:
         with self._lock:

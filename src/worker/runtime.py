@@ -200,6 +200,10 @@ class WorkerRuntime:
         store = self.loaded.sessions if self.loaded else None
         return store.end_keeping(session_ids, keep, drop_prefixes) if store else (0, [])
 
+    def whole_only(self, prefix_ids: list[str]) -> list[str]:
+        """Those kept prefixes that can be started from only whole (PrefixStore)."""
+        return self.loaded.sessions.prefixes.whole_only(prefix_ids) if self.loaded else []
+
     def end_lease(self, lease_id: str) -> list[str]:
         """End the sessions of a lease no Lease call holds any more; returns their ids."""
         ended = self.loaded.sessions.end_lease(lease_id) if self.loaded else []

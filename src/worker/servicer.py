@@ -225,7 +225,8 @@ class LayerServicer(pb_grpc.LayerServiceServicer):
         drop = await self._check(context, _check_ids, request.drop_prefixes, "prefix id")
         ended, kept = await self._run(context, self.runtime.end_sessions, session_ids, keep, drop)
         log.info("ended %d of sessions %s; kept as prefixes %s", ended, session_ids, kept)
-        return pb.EndSessionResponse(ended=ended, kept=kept)
+        whole_only = self.runtime.whole_only(kept)
+        return pb.EndSessionResponse(ended=ended, kept=kept, kept_whole_only=whole_only)
 
     async def TruncateSession(
         self, request: pb.TruncateSessionRequest, context: grpc.aio.ServicerContext

@@ -354,12 +354,14 @@ class EndSessionRequest(_message.Message):
     def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., keep: _Optional[_Iterable[_Union[KeepPrefix, _Mapping]]] = ..., drop_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
-    __slots__ = ("ended", "kept")
+    __slots__ = ("ended", "kept", "kept_whole_only")
     ENDED_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    KEPT_WHOLE_ONLY_FIELD_NUMBER: _ClassVar[int]
     ended: int
     kept: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ended: _Optional[int] = ..., kept: _Optional[_Iterable[str]] = ...) -> None: ...
+    kept_whole_only: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ended: _Optional[int] = ..., kept: _Optional[_Iterable[str]] = ..., kept_whole_only: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TruncateSessionRequest(_message.Message):
     __slots__ = ("session_id", "length")

@@ -246,10 +246,13 @@ class WorkerClient:
                 self._end_retry = asyncio.create_task(self._retry_ends())
             raise
 
-    async def keep_prefixes(self, keep: list[tuple[str, str, int]], drop: list[str]) -> list[str]:
+    async def keep_prefixes(
+        self, keep: list[tuple[str, str, int]], drop: list[str]
+    ) -> tuple[list[str], list[str]]:
         """End sessions kept as prefixes (session id, prefix id, length) where the worker
-        has room, and forget the prefixes `drop`; returns the prefixes kept. A failed call
-        ends the sessions later, as `end_sessions` does."""
+        has room, and forget the prefixes `drop`; returns the prefixes kept, and those of
+        them that can be started from only whole. A failed call ends the sessions later,
+        as `end_sessions` does."""
         request = pb.EndSessionRequest(drop_prefixes=drop)
         for session_id, prefix_id, length in keep:
             request.keep.add(session_id=session_id, prefix_id=prefix_id, length=length)
@@ -263,7 +266,7 @@ class WorkerClient:
             if keep:
                 await self.end_sessions([k[0] for k in keep])
             raise
-        return list(reply.kept)
+        return list(reply.kept), list(reply.kept_whole_only)
 
     async def _end(self, session_ids: list[str]) -> int:
         request = pb.EndSessionRequest(session_ids=session_ids)

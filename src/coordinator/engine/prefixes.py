@@ -48,11 +48,13 @@ class PromptReuse:
 @dataclass(frozen=True)
 class KeptPrefix:
     """A prefix every stage keeps under `prefix_id`: its tokens, and the lengths of the
-    steps that cached them, in order."""
+    steps that cached them, in order. `whole_only`: a session may start from it only at
+    all its tokens (a stage's sliding window has moved past the first ones)."""
 
     prefix_id: str
     tokens: tuple[int, ...]
     chunks: tuple[int, ...]
+    whole_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class PrefixIndex:
         for prefix_id in candidates:
             kept = self._prefixes[prefix_id]
             length = min(_common(kept.tokens, prompt, shared), usable)
+            if kept.whole_only and length < len(kept.tokens):
+                continue
             if length >= MIN_REUSE and (best is None or length > best.length):
                 best = PrefixMatch(kept, length)
         if best is None or best.prefix.tokens[: best.length] != tuple(prompt[: best.length]):
@@ -178,7 +182,9 @@ async def keep_prefix(
         *(c.keep_prefixes(keep, []) for c in clients), return_exceptions=True
     )
     drop = [prefix_id]
-    if all(isinstance(k, list) and prefix_id in k for k in kept):
-        drop = index.add(KeptPrefix(prefix_id, tokens, tuple(c.shape[0] for c in history)))
+    if all(isinstance(k, tuple) and prefix_id in k[0] for k in kept):
+        whole_only = any(prefix_id in k[1] for k in kept if isinstance(k, tuple))
+        chunks = tuple(c.shape[0] for c in history)
+        drop = index.add(KeptPrefix(prefix_id, tokens, chunks, whole_only))
     if drop:
         await asyncio.gather(*(c.keep_prefixes([], drop) for c in clients), return_exceptions=True)
