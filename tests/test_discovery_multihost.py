@@ -15,8 +15,6 @@ Needs root and iproute2 (tests/test_multihost.py builds the namespaces); skipped
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -35,8 +33,8 @@ from tests.test_multihost import (
     PROBE_SOURCE,
     Hosts,
     Process,
+    built,
     ready_address,
-    require_namespaces,
 )
 
 PROMPT, NEW_TOKENS = "hello", 8
@@ -60,14 +58,8 @@ class LanHosts(Hosts):
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[LanHosts]:
-    tag = f"{os.getpid():x}{secrets.token_hex(1)}"
-    require_namespaces(tag)
-    hosts = LanHosts(tag, tmp_path)
-    try:
-        hosts.build()
-        yield hosts
-    finally:
-        hosts.close()
+    with built(LanHosts, tmp_path) as made:
+        yield made
 
 
 def mlx_lm_text(model: Path) -> str:

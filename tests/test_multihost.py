@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
-from typing import IO
+from typing import IO, TypeVar
 
 import pytest
 
@@ -273,16 +273,26 @@ class Hosts:
             ip(f"netns del {ns}", check=False)
 
 
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Hosts]:
+HostsT = TypeVar("HostsT", bound=Hosts)
+
+
+@contextlib.contextmanager
+def built(kind: Callable[[str, Path], HostsT], tmp_path: Path) -> Iterator[HostsT]:
+    """Hosts of `kind` built in namespaces of their own, removed whatever happens."""
     tag = f"{os.getpid():x}{secrets.token_hex(1)}"  # interface names stay <= 15 characters
     require_namespaces(tag)
-    hosts = Hosts(tag, tmp_path)
+    hosts = kind(tag, tmp_path)
     try:
         hosts.build()
         yield hosts
     finally:
         hosts.close()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with built(Hosts, tmp_path) as made:
+        yield made
 
 
 def start_worker(hosts: Hosts, name: str) -> Process:
