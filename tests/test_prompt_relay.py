@@ -25,6 +25,7 @@ from mlx_cluster.coordinator.engine.prompt_relay import PromptRelay
 from mlx_cluster.coordinator.engine.ring import RingFailed
 from mlx_cluster.worker.relay import Peers
 from mlx_cluster.worker.relayed_steps import relay_steps
+from tests.test_leases import wait_until
 from tests.test_ring import load_ring
 
 STEP_TIMEOUT_S = 30.0
@@ -149,7 +150,11 @@ async def test_a_failed_relayed_step_is_answered_in_band_only_when_asked(
                 await call.read()
             assert failed.value.code() == grpc.StatusCode.NOT_FOUND
             assert (STAGE_KEY, "1") in tuple(failed.value.trailing_metadata())
-    assert (await first.info()).sessions_open == 0  # the failed call ended its sessions
+
+    async def ended() -> bool:  # the failed call ends its sessions, just after it answers
+        return (await first.info()).sessions_open == 0
+
+    await wait_until(ended, within_s=5.0)
 
 
 async def test_a_prompt_cut_short_leaves_the_relay_to_the_next_one(tiny_llama, start_workers):

@@ -65,7 +65,7 @@ class FakeRing:
         self.started.set()
         await self.gate.wait()
         sampled = [[pb.Sampled(token=self.token(o))] for o in offsets]
-        return StepResult(sampled, compute_s=0.5, relay_s=0.25)
+        return StepResult(sampled, stage_compute_s=[0.3, 0.2], relay_s=0.25)
 
 
 def row(session_id: str, offset: int = 10, token: int = 7, max_tokens: int = 100, stop=()):
@@ -99,6 +99,7 @@ async def test_a_row_steps_with_the_token_it_was_given_then_each_sampled_one():
     assert [list(e.left) for e in got] == [[], [], ["a"]]
     assert ring.aheads == [True, True, False]  # no step is started ahead of its last
     assert (got[0].compute_seconds, got[0].relay_seconds) == (0.5, 0.25)
+    assert list(got[0].stage_compute_seconds) == [0.3, 0.2]  # each stage's, in order
     loop.close()
     with pytest.raises(StopAsyncIteration):
         await next_event(events)

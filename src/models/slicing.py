@@ -100,6 +100,7 @@ class LayerSlice:
         if self.short_steps == "padded" and mx.default_device() == mx.gpu:
             started = time.perf_counter()
             self.rehearse()
+            mx.clear_cache()  # the rehearsal's buffers go back to the device, not MLX's pool
             log.info("short steps rehearsed in %.2f s", time.perf_counter() - started)
 
     def rehearse(self, prefixes: Sequence[int] = WARM_PREFIXES, chunk: int = 512) -> None:
