@@ -25,7 +25,8 @@ and attends with MLX's composed operations through a `ComposedView` (no plan at 
 width). The padding comes after the real positions, so causal attention keeps it from
 them; its keys and values are cut from the cache again after the step, and its
 outputs dropped (`PaddedStep`). A verification still attends over whole buffers on
-`padded` workers (LayerSlice.__call__): its shapes come back, so cuDNN's plans pay.
+`padded` workers (LayerSlice.__call__), as before: its shapes come back step after step
+(which of the two costs a verification less on CUDA, RESULTS' runs do not settle).
 
 Only plain `KVCache`s are viewed; other kinds (rotating, quantized, batch,
 state-space) are used as they are, and a step is padded only when every cache is a

@@ -86,8 +86,8 @@ class LayerSlice:
 
     def __call__(self, hidden: mx.array, caches: list[Any], verifying: bool = False) -> mx.array:
         """`verifying`: a step that verifies drafts. On `padded` workers it attends over
-        whole buffers instead: a verification's shapes come back step after step, and
-        cuDNN's plans for them make it cheaper (benchmarks/RESULTS.md, session 9)."""
+        whole buffers instead, as before: a verification's shapes come back step after
+        step, so cuDNN's plans for them are kept (benchmarks/RESULTS.md, sessions 7, 9)."""
         how = self.short_steps
         if verifying and how == "padded":
             how = "whole_buffer"
