@@ -270,7 +270,7 @@ async function send(text) {
 
 // The figures under an answer: the server's when it sent them, else measured here.
 function describe(server, firstTokenMs, pieces, started) {
-  if (server) {
+  if (server && server.ttft_ms != null) {
     return `TTFT ${server.ttft_ms.toFixed(0)} ms · ${server.tokens_per_second.toFixed(1)} tokens/s · ` +
       `${server.total_ms.toFixed(0)} ms in all`;
   }
