@@ -133,7 +133,7 @@ def run_layers(
         short_steps: how a step of a few positions attends (models/short_steps.py).
     """
     step = PaddedStep(caches, hidden.shape[1], short_steps)
-    if short_steps == "padded":
+    if step.composed:  # a short step, not every decode step: routing walks the modules
         route_attention(layers)
     caches = step.views
     masks: dict[int | None, Any] = {}

@@ -209,7 +209,8 @@ class PaddedStep:
     def __init__(self, caches: Sequence[Any], positions: int, how: ShortStepAttention) -> None:
         self.positions = positions
         self.views = short_step_views(caches, positions, how)
-        padded = how == "padded" and all(isinstance(v, ComposedView) for v in self.views)
+        self.composed = any(isinstance(v, ComposedView) for v in self.views)
+        padded = self.composed and all(isinstance(v, ComposedView) for v in self.views)
         self.width = _pad_to(positions) if padded else positions
         self._caches = caches
 

@@ -206,7 +206,11 @@ async def _load_with_bars(stages: StageManager) -> None:
         def loaded(stage: Stage, info: WorkerInfo) -> None:
             loading[id(stage)].finish(note=f"loaded, {info.weight_bytes / 1e6:.1f} MB")
 
-        await stages.load_all(loaded)
+        try:
+            await stages.load_all(loaded)
+        finally:  # later transfers (to a standby) are logged, with no bars drawn
+            if stages.weights is not None:
+                stages.weights.on_progress = None
 
 
 def _weight_sender(config: ClusterConfig, model: Path) -> WeightSender:
